@@ -1,0 +1,3 @@
+from orpo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Batch layouts: turn tokenized pairs into model inputs plus a layout-independent list of scored tokens.
+
+Every layout produces the same description of what to score, so the loss never knows which
+layout made the log-probs:
+
+- ``score_positions [N]``: flat index (``row * seq_len + t``) of the hidden state that predicts
+  the token;
+- ``score_targets [N]``: the token id to predict;
+- ``score_pair [N]``: the pair (row of preference data) in this batch it belongs to;
+- ``score_chosen [N]``: chosen (True) or rejected (False) sequence;
+- ``score_response [N]``: response token (True) or chosen prompt token (False, scored only for
+  the NLL term when ``nll_include_prompt``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PaddedPairCollator:
+    """Chosen and rejected sequences of B pairs stacked as ``2B`` right-padded rows:
+    rows ``0..B-1`` are ``prompt + chosen``, rows ``B..2B-1`` are ``prompt + rejected``, so one
+    forward pass serves both."""
+
+    pad_token_id: int
+    nll_include_prompt: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        num_pairs = len(features)
+        rows = []  # (prompt ids, response ids, pair, chosen)
+        for chosen in (True, False):
+            key = "chosen_input_ids" if chosen else "rejected_input_ids"
+            for pair, feature in enumerate(features):
+                rows.append((list(feature["prompt_input_ids"]), list(feature[key]), pair, chosen))
+        seq_len = max(len(p) + len(r) for p, r, _, _ in rows)
+        if self.pad_to_multiple_of:
+            seq_len = -(-seq_len // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        input_ids = torch.full((len(rows), seq_len), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+        positions, targets, pairs, is_chosen, is_response = [], [], [], [], []
+        for row, (prompt, response, pair, chosen) in enumerate(rows):
+            tokens = torch.tensor(prompt + response, dtype=torch.long)
+            input_ids[row, : len(tokens)] = tokens
+            attention_mask[row, : len(tokens)] = 1
+            # Token t is predicted by the hidden state at t - 1; position 0 has no predictor.
+            first = 1 if (chosen and self.nll_include_prompt) else max(len(prompt), 1)
+            scored = torch.arange(first, len(tokens))
+            positions.append(row * seq_len + scored - 1)
+            targets.append(tokens[first:])
+            pairs.append(torch.full_like(scored, pair))
+            is_chosen.append(torch.full(scored.shape, chosen, dtype=torch.bool))
+            is_response.append(scored >= len(prompt))
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "score_positions": torch.cat(positions),
+            "score_targets": torch.cat(targets),
+            "score_pair": torch.cat(pairs),
+            "score_chosen": torch.cat(is_chosen),
+            "score_response": torch.cat(is_response),
+            "num_pairs": torch.tensor(num_pairs, dtype=torch.long),
+        }

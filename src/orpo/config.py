@@ -1,0 +1,125 @@
+"""``ORPOConfig``: ``transformers.TrainingArguments`` plus the ORPO knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from orpo.errors import OrpoError
+from orpo.logprobs import DEFAULT_CHUNK_SIZE
+
+DEFAULT_ALPHA = 0.1
+
+
+def bf16_supported() -> bool:
+    """True on hardware where bf16 training is fast and supported (CUDA with bf16, or XPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch, "xpu", None) and torch.xpu.is_available())
+
+
+@dataclass
+class ORPOConfig(TrainingArguments):
+    """Training arguments for :class:`orpo.ORPOTrainer`.
+
+    Everything ``transformers.TrainingArguments`` takes, plus the fields below. ``orpo_alpha`` and
+    ``orpo_beta`` are the canonical names; TRL's ``beta`` (which is ORPO's λ, i.e. our alpha) is
+    accepted as an alias of ``orpo_alpha``. ``bf16`` defaults to on only where the hardware
+    supports it, so the defaults run on a CPU-only machine.
+    """
+
+    orpo_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight λ of the odds-ratio term (default 0.1, the paper's λ; 0 = SFT only). "
+            "TRL calls it `beta`."
+        },
+    )
+    orpo_beta: float = field(
+        default=1.0,
+        metadata={"help": "Temperature on the log odds ratio inside the sigmoid; 1.0 = the paper's loss."},
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "TRL's name for `orpo_alpha` (accepted as an alias; folded into orpo_alpha)."},
+    )
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Maximum tokens of prompt + response; longer rows are truncated."}
+    )
+    max_prompt_length: int | None = field(
+        default=512, metadata={"help": "Maximum prompt tokens; longer prompts keep their end."}
+    )
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "Maximum response tokens; longer responses keep their start."}
+    )
+    nll_include_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the prompt tokens in the NLL term too (TRL's trainer and the paper's reference "
+            "code do); False = the paper's equation, NLL of the chosen response only."
+        },
+    )
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for dataset tokenization."}
+    )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when `model` is a name."},
+    )
+    logprob_chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE,
+        metadata={"help": "Tokens per chunk of the LM head; peak head memory ~ 3 × chunk × vocab × 4 bytes."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision; default: on where the hardware supports it (not on CPU)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: the trainer selects the tokenized columns it needs itself."},
+    )
+
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
+
+    def __post_init__(self):
+        if self.beta is not None:
+            if self.orpo_alpha is not None and self.orpo_alpha != self.beta:
+                raise OrpoError(
+                    f"ORPOConfig got orpo_alpha={self.orpo_alpha} and beta={self.beta}: `beta` is TRL's name "
+                    "for orpo_alpha, so give one of them (or the same value)"
+                )
+            self.orpo_alpha = self.beta
+            self.beta = None
+        if self.orpo_alpha is None:
+            self.orpo_alpha = DEFAULT_ALPHA
+        if self.bf16 is None:
+            self.bf16 = bf16_supported() and not self.fp16 and not getattr(self, "use_cpu", False)
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
+        self._validate_orpo_fields()
+        super().__post_init__()
+
+    def _validate_orpo_fields(self) -> None:
+        if self.orpo_alpha < 0:
+            raise OrpoError(f"orpo_alpha must be >= 0, got {self.orpo_alpha}")
+        if self.orpo_beta <= 0:
+            raise OrpoError(f"orpo_beta must be > 0, got {self.orpo_beta}")
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise OrpoError(f"{name} must be a positive number of tokens, got {value}")
+        if (
+            self.max_length is not None
+            and self.max_prompt_length is not None
+            and self.max_prompt_length >= self.max_length
+        ):
+            raise OrpoError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}), or no response token would fit"
+            )
+        if self.logprob_chunk_size < 1:
+            raise OrpoError(f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")

@@ -1,0 +1,233 @@
+"""Preference rows -> token ids: render, tokenize, truncate, and report what was cut or dropped.
+
+A row is ``{"prompt", "chosen", "rejected"}``, either plain strings (standard format) or lists
+of ``{"role", "content"}`` messages (conversational format, rendered with the tokenizer's chat
+template; the prompt gets the generation prompt). Output rows hold ``prompt_input_ids``,
+``chosen_input_ids`` and ``rejected_input_ids``: the prompt once, the two responses separately,
+so any batch layout (padded pairs, packing, prefix sharing) can be built from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset
+
+from orpo.errors import OrpoError
+
+logger = logging.getLogger("orpo")
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+
+
+@dataclass
+class TruncationLimits:
+    """Token budgets; None means unlimited."""
+
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    max_completion_length: int | None = None
+
+
+@dataclass
+class TokenizeReport:
+    """What tokenization changed, so nothing is lost silently."""
+
+    source: str
+    rows_in: int = 0
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows_out(self) -> int:
+        return self.rows_in - sum(self.dropped.values())
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: {self.rows_out} of {self.rows_in} rows kept"]
+        if self.prompts_truncated:
+            parts.append(f"{self.prompts_truncated} prompts truncated (kept their end)")
+        if self.responses_truncated:
+            parts.append(f"{self.responses_truncated} rows with a response truncated (kept its start)")
+        for reason, count in self.dropped.items():
+            parts.append(f"{count} rows dropped: {reason}")
+        return "; ".join(parts)
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list)
+
+
+def _check_row(row: dict, index: int, source: str) -> None:
+    """Raise an OrpoError naming the row and field for anything the tokenizer cannot take."""
+    where = f"{source}, row {index + 1}"
+    for name in PAIR_FIELDS:
+        if name not in row or row[name] is None:
+            raise OrpoError(f"{where}: missing field '{name}' (expected prompt, chosen and rejected)")
+    conversational = _is_messages(row["prompt"])
+    for name in PAIR_FIELDS:
+        value = row[name]
+        if conversational:
+            if not _is_messages(value):
+                raise OrpoError(
+                    f"{where}: field '{name}' is {type(value).__name__}, but 'prompt' is a list of "
+                    "messages, so every field must be a list of {'role', 'content'} messages"
+                )
+            for k, message in enumerate(value):
+                if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                    raise OrpoError(f"{where}: field '{name}' message {k + 1} needs 'role' and 'content'")
+            if name != "prompt" and not value:
+                raise OrpoError(f"{where}: field '{name}' has no messages")
+        elif not isinstance(value, str):
+            raise OrpoError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+        elif name != "prompt" and not value.strip():
+            raise OrpoError(f"{where}: field '{name}' is empty")
+
+
+class PairTokenizer:
+    """Turns one preference row into prompt / chosen / rejected token ids.
+
+    Standard rows: the prompt is tokenized as is (BOS prepended when the tokenizer normally adds
+    one) and EOS is appended to each response unless it already ends with it. Conversational
+    rows: the chat template renders the prompt with the generation prompt, and each response is
+    what the template adds after it; EOS is appended only if the template put none there. BOS is
+    never doubled. An empty prompt becomes ``[BOS]`` (or ``[EOS]`` if there is no BOS), so the
+    first response token has a context to be predicted from.
+    """
+
+    def __init__(self, tokenizer, source: str = "dataset"):
+        self.tokenizer = tokenizer
+        self.source = source
+        self.eos_id = tokenizer.eos_token_id
+        self.bos_id = tokenizer.bos_token_id
+        if self.eos_id is None:
+            raise OrpoError("the tokenizer has no eos_token; set one (responses must end with EOS)")
+        probe = tokenizer("a").input_ids
+        self.adds_bos = self.bos_id is not None and len(probe) > 0 and probe[0] == self.bos_id
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _dedupe_bos(self, ids: list[int]) -> list[int]:
+        while self.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == self.bos_id:
+            ids = ids[1:]
+        return ids
+
+    def _render_conversation(self, row: dict, index: int) -> tuple[str, str, str]:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise OrpoError(
+                f"{self.source}, row {index + 1}: conversational rows need a tokenizer with a chat "
+                "template; set tokenizer.chat_template or use a chat model's tokenizer"
+            )
+        prompt = self.tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        responses = []
+        for name in ("chosen", "rejected"):
+            full = self.tokenizer.apply_chat_template(row["prompt"] + row[name], tokenize=False)
+            if not full.startswith(prompt):
+                raise OrpoError(
+                    f"{self.source}, row {index + 1}: the chat template does not render the prompt as a "
+                    f"prefix of prompt + {name}; cannot tell where the response starts"
+                )
+            responses.append(full[len(prompt) :])
+        return prompt, responses[0], responses[1]
+
+    def __call__(self, row: dict, index: int) -> dict[str, list[int]]:
+        _check_row(row, index, self.source)
+        if _is_messages(row["prompt"]):
+            prompt, chosen, rejected = self._render_conversation(row, index)
+            prompt_ids = self._dedupe_bos(self._ids(prompt))
+            responses = [self._ids(chosen), self._ids(rejected)]
+            responses = [ids if self.eos_id in ids else ids + [self.eos_id] for ids in responses]
+        else:
+            prompt_ids = self._ids(row["prompt"])
+            if self.adds_bos and (not prompt_ids or prompt_ids[0] != self.bos_id):
+                prompt_ids = [self.bos_id] + prompt_ids
+            prompt_ids = self._dedupe_bos(prompt_ids)
+            responses = [self._ids(row["chosen"]), self._ids(row["rejected"])]
+            responses = [ids if ids and ids[-1] == self.eos_id else ids + [self.eos_id] for ids in responses]
+        if not prompt_ids:
+            # The first response token needs a context to be predicted from.
+            prompt_ids = [self.bos_id if self.bos_id is not None else self.eos_id]
+        return {
+            "prompt_input_ids": prompt_ids,
+            "chosen_input_ids": responses[0],
+            "rejected_input_ids": responses[1],
+        }
+
+
+def truncate_pair(
+    prompt: list[int], chosen: list[int], rejected: list[int], limits: TruncationLimits, bos_id: int | None
+) -> tuple[list[int], list[int], list[int]]:
+    """Prompt keeps its end (and its BOS), responses keep their start; prompt + longer response
+    fits ``max_length``. A response may come out empty: the caller drops such rows."""
+    if limits.max_prompt_length is not None and len(prompt) > limits.max_prompt_length:
+        keep = limits.max_prompt_length
+        if bos_id is not None and prompt and prompt[0] == bos_id and keep > 1:
+            prompt = [bos_id] + prompt[len(prompt) - keep + 1 :]
+        else:
+            prompt = prompt[len(prompt) - keep :]
+    if limits.max_completion_length is not None:
+        chosen = chosen[: limits.max_completion_length]
+        rejected = rejected[: limits.max_completion_length]
+    if limits.max_length is not None:
+        budget = max(limits.max_length - len(prompt), 0)
+        chosen, rejected = chosen[:budget], rejected[:budget]
+    return prompt, chosen, rejected
+
+
+def tokenize_dataset(
+    dataset: Dataset,
+    tokenizer,
+    limits: TruncationLimits,
+    *,
+    source: str = "dataset",
+    num_proc: int | None = None,
+) -> tuple[Dataset, TokenizeReport]:
+    """Tokenize and truncate a preference dataset; drop rows with no response token left.
+
+    Returns the dataset with only ``TOKENIZED_COLUMNS`` and a :class:`TokenizeReport`; the
+    report's summary is logged as a warning whenever anything was truncated or dropped.
+    """
+    pair_tokenizer = PairTokenizer(tokenizer, source)
+    bos_id = tokenizer.bos_token_id
+
+    def encode(row: dict, index: int) -> dict:
+        ids = pair_tokenizer(row, index)
+        prompt, chosen, rejected = ids["prompt_input_ids"], ids["chosen_input_ids"], ids["rejected_input_ids"]
+        new_prompt, new_chosen, new_rejected = truncate_pair(prompt, chosen, rejected, limits, bos_id)
+        return {
+            "prompt_input_ids": new_prompt,
+            "chosen_input_ids": new_chosen,
+            "rejected_input_ids": new_rejected,
+            "_prompt_truncated": len(new_prompt) < len(prompt),
+            "_response_truncated": len(new_chosen) < len(chosen) or len(new_rejected) < len(rejected),
+        }
+
+    report = TokenizeReport(source=source, rows_in=len(dataset))
+    encoded = dataset.map(
+        encode,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc=f"Tokenizing {source}",
+    )
+    report.prompts_truncated = sum(encoded["_prompt_truncated"])
+    report.responses_truncated = sum(encoded["_response_truncated"])
+    empty = [
+        i
+        for i, (c, r) in enumerate(zip(encoded["chosen_input_ids"], encoded["rejected_input_ids"], strict=True))
+        if not c or not r
+    ]
+    if empty:
+        report.dropped["the prompt fills max_length, no response token fits"] = len(empty)
+        drop = set(empty)
+        encoded = encoded.select([i for i in range(len(encoded)) if i not in drop])
+    encoded = encoded.remove_columns(["_prompt_truncated", "_response_truncated"])
+    if report.prompts_truncated or report.responses_truncated or report.dropped:
+        logger.warning(report.summary())
+    if report.rows_out == 0:
+        raise OrpoError(f"{source}: no row is left after tokenization ({report.summary()})")
+    return encoded, report

@@ -1,0 +1,198 @@
+"""The ORPO objective as pure tensor math: per-token log-probs in, loss and statistics out.
+
+ORPO: Monolithic Preference Optimization without Reference Model (Hong, Lee, Thorne 2024),
+https://arxiv.org/abs/2403.07691
+
+    "a minor penalty for the disfavored generation style is sufficient for
+     preference-aligned supervised fine-tuning."
+
+For a pair (x, y_w, y_l)::
+
+    l(y)     = mean_t log P(y_t | x, y_<t)                 (length-normalised, response tokens)
+    log odds = l - log(1 - exp(l))                          (log1mexp, computed stably)
+    log OR   = log odds(y_w) - log odds(y_l)
+    L_OR     = -log sigmoid(beta * log OR)
+    L        = NLL(chosen tokens) + alpha * mean_pairs(L_OR)
+
+Nothing here knows about models, chunks or batch layouts: the caller hands in one flat vector of
+log-probs of the scored tokens and says, for each token, which pair it belongs to, whether it is
+part of the chosen or the rejected sequence and whether it is a response token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from orpo.errors import OrpoError
+
+# ℓ is clamped to at most this before log1mexp: a response whose every token has p ≈ 1 (common in
+# bf16) would otherwise give log(1 - 1) = -inf and a NaN gradient.
+MAX_MEAN_LOGP = -1e-6
+_LOG_HALF = -math.log(2.0)
+
+
+def log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(a))`` for ``a <= 0``, accurate everywhere (Mächler 2012).
+
+    ``log(-expm1(a))`` is exact near 0, ``log1p(-exp(a))`` is exact for very negative ``a``; the
+    switch at ``-ln 2`` keeps both in their accurate range. Never ``log(1 - exp(a))``, which
+    rounds ``1 - exp(a)`` to 0 for ``a`` close to 0.
+    """
+    # Evaluate each branch only where it is accurate (and finite), so neither the value nor the
+    # gradient of the unused branch can poison the result through torch.where.
+    near_zero = a > _LOG_HALF
+    a_near = torch.where(near_zero, a, torch.full_like(a, _LOG_HALF))
+    a_far = torch.where(near_zero, torch.full_like(a, _LOG_HALF), a)
+    return torch.where(near_zero, torch.log(-torch.expm1(a_near)), torch.log1p(-torch.exp(a_far)))
+
+
+def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
+    """``log(p / (1 - p))`` with ``p = exp(mean_logps)``; ``mean_logps`` is clamped to ``<= -1e-6``."""
+    clamped = mean_logps.clamp(max=MAX_MEAN_LOGP)
+    return clamped - log1mexp(clamped)
+
+
+@dataclass
+class ORPOStats:
+    """What one call of :func:`orpo_loss` measured; every tensor is fp32.
+
+    Per pair (shape ``[P]``): ``chosen_logps`` / ``rejected_logps`` (mean response log-prob ℓ),
+    ``log_odds_ratio`` (log OR, before the temperature), ``or_losses`` (``-log σ(β log OR)``).
+    ``nll_sum`` is the summed NLL of the NLL tokens, ``nll_tokens`` their count.
+    """
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    log_odds_ratio: torch.Tensor
+    or_losses: torch.Tensor
+    nll_sum: torch.Tensor
+    nll_tokens: torch.Tensor
+    alpha: float
+
+    def metric_sums(self) -> dict[str, torch.Tensor]:
+        """Detached sums, so callers can add them over micro-batches and processes before
+        dividing: every key but ``nll_loss`` is divided by ``pairs``, ``nll_loss`` by ``nll_tokens``."""
+        chosen_rewards = self.alpha * self.chosen_logps.detach()
+        rejected_rewards = self.alpha * self.rejected_logps.detach()
+        log_or = self.log_odds_ratio.detach()
+        return {
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": self.chosen_logps.detach().sum(),
+            "logps/rejected": self.rejected_logps.detach().sum(),
+            "nll_loss": self.nll_sum.detach(),
+            "log_odds_ratio": F.logsigmoid(log_or).sum(),
+            "log_odds_chosen": log_or.sum(),
+            "pairs": torch.tensor(float(log_or.numel()), device=log_or.device),
+            "nll_tokens": self.nll_tokens.detach().float(),
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """Means under TRL's metric names (``rewards/accuracies``, ``nll_loss``, ...)."""
+        return means_from_sums(self.metric_sums())
+
+
+def means_from_sums(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Turn accumulated :meth:`ORPOStats.metric_sums` (and ``logits/*`` sums, divided by the
+    ``*_tokens`` count next to them) into means."""
+    pairs = max(float(sums["pairs"]), 1.0)
+    out = {}
+    for name, value in sums.items():
+        if name in ("pairs", "nll_tokens") or name.endswith("_tokens"):
+            continue
+        if name == "nll_loss":
+            denom = max(float(sums["nll_tokens"]), 1.0)
+        elif name.startswith("logits/"):
+            denom = max(float(sums[name + "_tokens"]), 1.0)
+        else:
+            denom = pairs
+        out[name] = float(value) / denom
+    return out
+
+
+def sequence_mean_logps(
+    token_logps: torch.Tensor, pair_index: torch.Tensor, num_pairs: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``token_logps [N]`` per pair index (``[N]`` in ``0..num_pairs-1``).
+
+    Returns ``(means [P], counts [P])``. Raises :class:`OrpoError` if a pair has no token:
+    a response with nothing to score has no defined probability (TRL #1473 was exactly this 0/0).
+    """
+    sums = token_logps.new_zeros(num_pairs).index_add_(0, pair_index, token_logps)
+    counts = torch.bincount(pair_index, minlength=num_pairs)[:num_pairs]
+    if num_pairs and bool((counts == 0).any()):
+        empty = (counts == 0).nonzero().flatten().tolist()
+        raise OrpoError(
+            f"pairs {empty} of this batch have a response with no scored token (it was truncated "
+            "away or is empty); the data pipeline should have dropped such rows"
+        )
+    return sums / counts, counts
+
+
+def orpo_loss(
+    token_logps: torch.Tensor,
+    pair_index: torch.Tensor,
+    is_chosen: torch.Tensor,
+    is_response: torch.Tensor,
+    num_pairs: int | None = None,
+    *,
+    alpha: float = 0.1,
+    beta: float = 1.0,
+    nll_normalizer: torch.Tensor | float | None = None,
+    pair_normalizer: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, ORPOStats]:
+    """ORPO loss from the log-probs of the scored tokens.
+
+    Args:
+        token_logps: ``[N]`` log P(target | context) of every scored token, any float dtype
+            (computed in fp32 here).
+        pair_index: ``[N]`` long, the pair (row of preference data) each token belongs to,
+            ``0 <= pair_index < num_pairs``.
+        is_chosen: ``[N]`` bool, True for tokens of the chosen sequence, False for rejected.
+        is_response: ``[N]`` bool, True for response tokens. Only response tokens enter ℓ (and
+            so the odds ratio). The NLL term scores *every chosen token passed in*: pass chosen
+            prompt tokens (``is_response=False``) to score the prompt too, as TRL's trainer and
+            the paper's reference code do (``nll_include_prompt=True``); omit them for the
+            paper's equation. Rejected prompt tokens, if passed, are ignored.
+        num_pairs: number of pairs P; default ``pair_index.max() + 1``.
+        alpha: weight λ of the odds-ratio term (paper: 0.1–0.25 for 2.7B–7B models; 0 = SFT only).
+        beta: temperature on log OR inside the sigmoid; 1.0 is the paper's loss.
+        nll_normalizer: divide the summed NLL by this (default: the NLL token count here). Pass the
+            token count of the whole optimizer step so gradient accumulation and data parallelism
+            give the objective of one big batch.
+        pair_normalizer: likewise for the summed odds-ratio losses (default: P).
+
+    Returns:
+        ``(loss, stats)``: the scalar fp32 loss and an :class:`ORPOStats`.
+    """
+    token_logps = token_logps.float()
+    if num_pairs is None:
+        num_pairs = int(pair_index.max()) + 1 if pair_index.numel() else 0
+    is_chosen = is_chosen.bool()
+    is_response = is_response.bool()
+
+    nll_tokens = is_chosen.sum()
+    nll_sum = -(token_logps * is_chosen).sum()
+
+    def response_means(selected: torch.Tensor) -> torch.Tensor:
+        means, _ = sequence_mean_logps(token_logps[selected], pair_index[selected], num_pairs)
+        return means
+
+    chosen_logps = response_means(is_chosen & is_response)
+    rejected_logps = response_means(~is_chosen & is_response)
+    log_or = log_odds(chosen_logps) - log_odds(rejected_logps)
+    or_losses = -F.logsigmoid(beta * log_or)
+
+    if nll_normalizer is None:
+        nll_normalizer = nll_tokens.clamp(min=1)
+    if pair_normalizer is None:
+        pair_normalizer = max(num_pairs, 1)
+    loss = nll_sum / nll_normalizer + alpha * or_losses.sum() / pair_normalizer
+    stats = ORPOStats(chosen_logps, rejected_logps, log_or, or_losses, nll_sum, nll_tokens, alpha)
+    return loss, stats

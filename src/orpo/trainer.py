@@ -1,0 +1,403 @@
+"""``ORPOTrainer``: a thin ``transformers.Trainer`` that wires model -> hidden states -> log-probs -> loss.
+
+Read top to bottom: ``__init__`` resolves the model, tokenizer and datasets; ``compute_loss``
+runs one forward over chosen and rejected rows together, scores only the positions the loss
+needs (:mod:`orpo.logprobs`), and hands the flat log-probs to :func:`orpo.loss.orpo_loss`;
+``get_batch_samples`` counts the tokens and pairs of the whole optimizer step so gradient
+accumulation and data parallelism never change the objective; ``log`` turns accumulated metric
+sums into TRL-named means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset, DatasetDict
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
+
+from orpo.collator import PaddedPairCollator
+from orpo.config import ORPOConfig
+from orpo.data import TOKENIZED_COLUMNS, TruncationLimits, tokenize_dataset
+from orpo.errors import OrpoError
+from orpo.logprobs import chunked_target_logprobs, full_target_logprobs
+from orpo.loss import means_from_sums, orpo_loss
+
+logger = logging.getLogger("orpo")
+
+# How many tokens of the first batch's first row the one-off head self-check compares.
+_HEAD_CHECK_TOKENS = 64
+
+
+@dataclass
+class HeadPlan:
+    """How to turn the hidden state fed to the LM head into logits, outside the model.
+
+    ``logits = softcap(scale * (hidden @ head.weight.T + head.bias))``. ``None`` as a plan means
+    the head cannot be separated and full logits are used.
+    """
+
+    head: nn.Linear
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def _dtype_from_name(value):
+    if isinstance(value, str) and value != "auto":
+        dtype = getattr(torch, value, None)
+        if not isinstance(dtype, torch.dtype):
+            raise OrpoError(f"model_init_kwargs: unknown dtype '{value}' (use e.g. 'bfloat16', 'float32', 'auto')")
+        return dtype
+    return value
+
+
+def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` with dtype names resolved; ``trust_remote_code``
+    stays off unless the caller passes it."""
+    kwargs = dict(init_kwargs or {})
+    for key in ("dtype", "torch_dtype"):
+        if key in kwargs:
+            kwargs["dtype"] = _dtype_from_name(kwargs.pop(key))
+    kwargs.setdefault("trust_remote_code", False)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise OrpoError(f"could not load a causal LM from '{name_or_path}': {err}") from err
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout: module dropouts and the functional attention dropout rates."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def head_plan_for(model: nn.Module) -> HeadPlan | None:
+    """The separable LM head of ``model``, or None (then full logits are computed).
+
+    Plain ``nn.Linear`` heads (tied or not, with or without bias) are separable; so are the known
+    post-head transforms: Cohere's ``logit_scale``, Granite's ``logits_scaling`` and Gemma-2's
+    ``final_logit_softcapping``. Quantized or adapter-wrapped heads are not.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        return None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:
+        scale /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return HeadPlan(head=head, scale=scale, softcap=float(softcap) if softcap else None)
+
+
+@contextlib.contextmanager
+def capture_head_input(head: nn.Module):
+    """While active, the head's input is recorded and the head is fed zero positions, so the
+    model's own forward computes no logits at all. Yields the dict the input lands in."""
+    captured = {}
+
+    def pre_hook(module, args):
+        captured["hidden"] = args[0]
+        return (args[0][..., :0, :],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+class ORPOTrainer(Trainer):
+    """Odds Ratio Preference Optimization on ``transformers.Trainer``.
+
+    Args:
+        model: a causal LM, or a name/path loaded with ``AutoModelForCausalLM`` (kwargs from
+            ``args.model_init_kwargs``; ``trust_remote_code`` only if set there).
+        args: an :class:`ORPOConfig` (a plain ``TrainingArguments`` is converted).
+        train_dataset / eval_dataset: ``datasets.Dataset`` (or a dict of them for eval) of
+            ``prompt`` / ``chosen`` / ``rejected`` rows, strings or chat messages. Already
+            tokenized datasets (``prompt_input_ids`` ...) are used as they are.
+        tokenizer / processing_class: the tokenizer (both names accepted; TRL uses the second).
+        data_collator: defaults to :class:`orpo.collator.PaddedPairCollator`.
+        peft_config: a ``peft`` config; the model is wrapped with ``get_peft_model``.
+    """
+
+    # compute_loss normalises by the whole optimizer step's counts itself (see get_batch_samples).
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | str | None = None,
+        args: ORPOConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        tokenizer=None,
+        processing_class=None,
+        model_init=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        preprocess_logits_for_metrics=None,
+        peft_config=None,
+    ):
+        args = self._resolve_args(args)
+        if model is None and model_init is None:
+            raise OrpoError("ORPOTrainer needs a model (a model object or a name/path)")
+        tokenizer = self._resolve_tokenizer(tokenizer, processing_class, model)
+        if isinstance(model, str):
+            model = load_causal_lm(model, args.model_init_kwargs)
+        if peft_config is not None:
+            model = self._wrap_peft(model, peft_config)
+        if model is not None and args.disable_dropout:
+            disable_dropout(model)
+        if tokenizer.pad_token_id is None:
+            logger.warning("the tokenizer has no pad token; using its eos token for padding")
+            tokenizer.pad_token = tokenizer.eos_token
+
+        limits = TruncationLimits(args.max_length, args.max_prompt_length, args.max_completion_length)
+        self.tokenize_reports = {}
+        with args.main_process_first(desc="tokenizing datasets"):
+            train_dataset = self._prepare_dataset(train_dataset, tokenizer, limits, args, "train_dataset")
+            if isinstance(eval_dataset, dict | DatasetDict):
+                eval_dataset = {
+                    name: self._prepare_dataset(ds, tokenizer, limits, args, f"eval_dataset[{name}]")
+                    for name, ds in eval_dataset.items()
+                }
+            else:
+                eval_dataset = self._prepare_dataset(eval_dataset, tokenizer, limits, args, "eval_dataset")
+
+        if data_collator is None:
+            data_collator = PaddedPairCollator(tokenizer.pad_token_id, nll_include_prompt=args.nll_include_prompt)
+        self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._head_plan: HeadPlan | None | str = "unresolved"
+        self._eval_prefix = "eval"
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            model_init=model_init,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+
+    # ---- construction helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_args(args) -> ORPOConfig:
+        if args is None:
+            return ORPOConfig(output_dir="orpo-output")
+        if isinstance(args, ORPOConfig):
+            return args
+        if isinstance(args, TrainingArguments):
+            values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+            for key in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):
+                values.pop(key, None)  # mirrors of activation_checkpointing*, resolved again
+            return ORPOConfig(**values)
+        raise OrpoError(f"args must be an ORPOConfig or TrainingArguments, got {type(args).__name__}")
+
+    @staticmethod
+    def _resolve_tokenizer(tokenizer, processing_class, model):
+        if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+            raise OrpoError("pass the tokenizer as `tokenizer=` or `processing_class=`, not two different ones")
+        tokenizer = tokenizer if tokenizer is not None else processing_class
+        if tokenizer is None:
+            if not isinstance(model, str):
+                raise OrpoError("ORPOTrainer needs a tokenizer (`tokenizer=` or `processing_class=`)")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model)
+            except (OSError, ValueError) as err:
+                raise OrpoError(f"could not load a tokenizer from '{model}': {err}") from err
+        return tokenizer
+
+    @staticmethod
+    def _wrap_peft(model, peft_config):
+        try:
+            from peft import get_peft_model
+        except ImportError as err:
+            raise OrpoError("peft_config was given but peft is not installed: pip install 'orpo[peft]'") from err
+        return get_peft_model(model, peft_config)
+
+    def _prepare_dataset(self, dataset, tokenizer, limits, args, name):
+        if dataset is None:
+            return None
+        if all(column in dataset.column_names for column in TOKENIZED_COLUMNS):
+            return dataset.select_columns(list(TOKENIZED_COLUMNS))
+        tokenized, report = tokenize_dataset(
+            dataset, tokenizer, limits, source=name, num_proc=args.dataset_num_proc
+        )
+        self.tokenize_reports[name] = report
+        return tokenized
+
+    # ---- forward: hidden states -> log-probs of the scored tokens --------------------------------
+
+    def _resolve_head(self, model, inputs) -> HeadPlan | None:
+        """Find the separable head once, and check it against the model's own logits on a few
+        tokens of the first batch; any mismatch falls back to full logits with a warning."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        plan = head_plan_for(unwrapped)
+        if plan is None:
+            warnings.warn(
+                "the model's LM head is not a plain nn.Linear (quantized, adapter-wrapped or custom): "
+                "computing full logits, which costs batch x seq x vocab memory",
+                stacklevel=2,
+            )
+            return None
+        length = int(min(inputs["attention_mask"][0].sum(), _HEAD_CHECK_TOKENS))
+        if length < 2:
+            return plan
+        ids = inputs["input_ids"][:1, :length]
+        mask = inputs["attention_mask"][:1, :length]
+        targets = ids[0, 1:]
+        positions = torch.arange(length - 1, device=ids.device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                reference, _ = full_target_logprobs(
+                    model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0, :-1], targets
+                )
+                ours, _ = self._chunked_logprobs(model, plan, ids, mask, positions, targets)
+        finally:
+            model.train(was_training)
+        tolerance = 1e-3 if plan.head.weight.dtype == torch.float32 else 5e-2
+        error = (reference - ours).abs().max().item()
+        if not error <= tolerance:
+            warnings.warn(
+                f"the separated LM head disagrees with the model's own logits (max |Δ log p| = {error:.3g}); "
+                "this architecture transforms logits in a way orpo does not know, so full logits are used",
+                stacklevel=2,
+            )
+            return None
+        return plan
+
+    def _chunked_logprobs(self, model, plan: HeadPlan, input_ids, attention_mask, positions, targets):
+        with capture_head_input(plan.head) as captured:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = captured["hidden"]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        weight, bias = plan.head.weight, plan.head.bias
+        if torch.is_autocast_enabled(hidden.device.type):
+            # The model's own head would run in the autocast dtype; so does ours.
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        hidden = hidden.to(weight.dtype)
+        if plan.scale != 1.0:
+            hidden = hidden * plan.scale
+        return chunked_target_logprobs(
+            hidden, weight, targets, bias, chunk_size=self.args.logprob_chunk_size, softcap=plan.softcap
+        )
+
+    def scored_logprobs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logps [N], mean_logits [N])`` of the batch's scored tokens (``score_*`` fields)."""
+        if self._head_plan == "unresolved":
+            self._head_plan = self._resolve_head(model, inputs)
+        positions, targets = inputs["score_positions"], inputs["score_targets"]
+        if self._head_plan is not None:
+            return self._chunked_logprobs(
+                model, self._head_plan, inputs["input_ids"], inputs["attention_mask"], positions, targets
+            )
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        ).logits
+        return full_target_logprobs(logits.reshape(-1, logits.shape[-1]).index_select(0, positions), targets)
+
+    # ---- loss and its normalisation over the optimizer step ----------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch the micro-batches of one optimizer step and attach to each the step's total NLL
+        token and pair counts (summed over processes), the loss normalisers."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples:
+            return batch_samples, None
+        counts = torch.stack(
+            [
+                torch.stack([batch["score_chosen"].sum(), batch["num_pairs"].reshape(())])
+                for batch in batch_samples
+            ]
+        ).sum(0).to(device=device, dtype=torch.float32)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(counts).reshape(-1, 2).sum(0)
+        batch_samples = [dict(batch, step_nll_tokens=counts[0], step_pairs=counts[1]) for batch in batch_samples]
+        return batch_samples, counts[0]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps, mean_logits = self.scored_logprobs(model, inputs)
+        loss, stats = orpo_loss(
+            logps,
+            inputs["score_pair"],
+            inputs["score_chosen"],
+            inputs["score_response"],
+            int(inputs["num_pairs"]),
+            alpha=self.args.orpo_alpha,
+            beta=self.args.orpo_beta,
+            nll_normalizer=inputs.get("step_nll_tokens"),
+            pair_normalizer=inputs.get("step_pairs"),
+        )
+        if "step_pairs" in inputs and self.accelerator.num_processes > 1:
+            # Normalised by global counts, but DDP averages gradients over processes: undo that.
+            loss = loss * self.accelerator.num_processes
+        self._record_metrics("train" if model.training else "eval", stats, mean_logits, inputs)
+        if return_outputs:
+            return loss, {"chosen_logps": stats.chosen_logps, "rejected_logps": stats.rejected_logps}
+        return loss
+
+    def _record_metrics(self, mode, stats, mean_logits, inputs) -> None:
+        sums = self._metric_sums[mode]
+        for name, value in stats.metric_sums().items():
+            sums[name] += value
+        response = inputs["score_response"]
+        for side, selected in (("chosen", inputs["score_chosen"] & response), ("rejected", ~inputs["score_chosen"] & response)):
+            sums[f"logits/{side}"] += mean_logits[selected].sum()
+            sums[f"logits/{side}_tokens"] += selected.sum().float()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        # For compute_metrics: per pair (chosen, rejected) mean log-probs; label 0 = chosen preferred.
+        logits = torch.stack([outputs["chosen_logps"], outputs["rejected_logps"]], dim=1).detach()
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return loss.detach(), logits, labels
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._eval_prefix = metric_key_prefix
+        self._metric_sums["eval"].clear()
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the accumulated ORPO metrics (means over all pairs / tokens since the last log,
+        over all processes) under TRL's names, ``eval_``-prefixed in evaluation."""
+        mode = "eval" if any(key.startswith(f"{self._eval_prefix}_") for key in logs) else "train"
+        sums = self._metric_sums[mode]
+        if sums:
+            names = sorted(sums)
+            values = torch.stack([torch.as_tensor(sums[n], dtype=torch.float32, device=self.args.device) for n in names])
+            if self.accelerator.num_processes > 1:
+                values = self.accelerator.reduce(values, reduction="sum")
+            prefix = f"{self._eval_prefix}_" if mode == "eval" else ""
+            for name, mean in means_from_sums(dict(zip(names, values.cpu(), strict=True))).items():
+                logs[prefix + name] = mean
+            sums.clear()
+        super().log(logs, start_time)
