@@ -20,10 +20,12 @@ DEFAULT_CHUNK_SIZE = 2048
 def _chunk_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 logits of one chunk; also ``tanh(z / cap)`` when soft-capping, for the backward."""
-    logits = (hidden @ weight.T).float()
+    """Logits of one chunk in fp32 (fp64 for fp64 inputs); also ``tanh(z / cap)`` when
+    soft-capping, for the backward."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logits = (hidden @ weight.T).to(dtype)
     if bias is not None:
-        logits = logits + bias.float()
+        logits = logits + bias.to(dtype)
     if softcap is None:
         return logits, None
     capped = torch.tanh(logits / softcap)
@@ -34,8 +36,9 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap):
         n = hidden.shape[0]
-        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        mean_logits = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        logps = torch.empty(n, dtype=dtype, device=hidden.device)
+        mean_logits = torch.empty(n, dtype=dtype, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             logits, _ = _chunk_logits(hidden[start:end], weight, bias, softcap)
@@ -54,9 +57,10 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         # Accumulate the head's gradient in fp32 over chunks; cast once at the end.
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-        grad_logps = grad_logps.float()
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=dtype) if need_bias else None
+        grad_logps = grad_logps.to(dtype)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             h = hidden[start:end]
@@ -70,7 +74,7 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_weight:
-                grad_weight.add_(grad_logits.T @ h.float())
+                grad_weight.add_(grad_logits.T @ h.to(dtype))
             if need_bias:
                 grad_bias.add_(grad_logits.sum(0))
         if need_weight:
@@ -100,7 +104,7 @@ def chunked_target_logprobs(
         softcap: Gemma-2-style final logit soft-capping ``cap · tanh(z / cap)``, or None.
 
     Returns:
-        ``(logps [N] fp32, mean_logits [N] fp32)``; the mean logit over the vocabulary (for the
+        ``(logps [N], mean_logits [N])`` in fp32 (fp64 for fp64 inputs); the mean logit over the vocabulary (for the
         ``logits/*`` metrics) carries no gradient.
     """
     if chunk_size < 1:
@@ -113,6 +117,6 @@ def full_target_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference computation from materialised ``logits [N, V]``: same outputs as
     :func:`chunked_target_logprobs`. Used for models whose head cannot be separated."""
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logps = logits.log_softmax(-1).gather(1, targets.long()[:, None]).squeeze(1)
     return logps, logits.detach().mean(-1)

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny model built from a config and the shipped tokenizer; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from orpo.demo import demo_tokenizer, tiny_model  # noqa: E402
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def tokenizer():
+    return demo_tokenizer()
+
+
+def make_model(seed: int = 0, **overrides):
+    """A ~25k-parameter Llama from the demo config (fp32, eval-free, dropout-free)."""
+    return tiny_model(seed=seed, **{**TINY, **overrides})
+
+
+@pytest.fixture
+def model():
+    return make_model()
+
+
+def toy_rows(n: int = 32, seed: int = 0) -> list[dict]:
+    """Addition prompts with variable lengths; the rejected answer is off by one."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        a, b = (int(x) for x in torch.randint(0, 10 ** int(torch.randint(1, 4, (1,), generator=g)), (2,), generator=g))
+        rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)})
+    return rows
+
+
+@pytest.fixture
+def toy_dataset():
+    return Dataset.from_list(toy_rows())

@@ -1,0 +1,40 @@
+import torch
+
+from orpo.collator import PaddedPairCollator
+
+FEATURES = [
+    {"prompt_input_ids": [5, 6, 7], "chosen_input_ids": [8, 9], "rejected_input_ids": [10]},
+    {"prompt_input_ids": [11], "chosen_input_ids": [12, 13, 14], "rejected_input_ids": [15, 16]},
+]
+
+
+def test_layout_and_scored_tokens():
+    batch = PaddedPairCollator(pad_token_id=0)(FEATURES)
+    assert batch["input_ids"].tolist() == [
+        [5, 6, 7, 8, 9], [11, 12, 13, 14, 0], [5, 6, 7, 10, 0], [11, 15, 16, 0, 0]
+    ]
+    assert batch["attention_mask"].sum(1).tolist() == [5, 4, 4, 3]
+    flat = batch["input_ids"].flatten()
+    # each scored target is the token right after the position that predicts it
+    assert torch.equal(flat[batch["score_positions"] + 1], batch["score_targets"])
+    assert batch["score_targets"].tolist() == [8, 9, 12, 13, 14, 10, 15, 16]
+    assert batch["score_pair"].tolist() == [0, 0, 1, 1, 1, 0, 1, 1]
+    assert batch["score_chosen"].tolist() == [True] * 5 + [False] * 3
+    assert batch["score_response"].all()
+    assert int(batch["num_pairs"]) == 2
+
+
+def test_nll_include_prompt_scores_chosen_prompt_tokens_only():
+    batch = PaddedPairCollator(pad_token_id=0, nll_include_prompt=True)(FEATURES)
+    prompt_tokens = ~batch["score_response"]
+    assert batch["score_targets"][prompt_tokens].tolist() == [6, 7]  # pair 0 prompt after its first token
+    assert batch["score_chosen"][prompt_tokens].all()
+    assert batch["score_targets"][batch["score_response"]].tolist() == [8, 9, 12, 13, 14, 10, 15, 16]
+
+
+def test_pad_to_multiple_of_only_adds_padding():
+    a = PaddedPairCollator(pad_token_id=0)(FEATURES)
+    b = PaddedPairCollator(pad_token_id=0, pad_to_multiple_of=8)(FEATURES)
+    assert b["input_ids"].shape[1] == 8
+    assert torch.equal(b["input_ids"][:, :5], a["input_ids"]) and (b["input_ids"][:, 5:] == 0).all()
+    assert torch.equal(b["input_ids"].flatten()[b["score_positions"] + 1], a["score_targets"])

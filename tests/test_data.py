@@ -1,0 +1,128 @@
+import logging
+
+import pytest
+from datasets import Dataset
+from tokenizers import processors
+
+from orpo.data import PairTokenizer, TruncationLimits, tokenize_dataset, truncate_pair
+from orpo.demo import demo_tokenizer
+from orpo.errors import OrpoError
+
+
+def bos_tokenizer():
+    """The demo tokenizer, made to add <|endoftext|> as BOS like Llama's tokenizers do."""
+    tok = demo_tokenizer()
+    tok.bos_token = "<|endoftext|>"
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", bos)]
+    )
+    assert tok("a").input_ids[0] == bos
+    return tok
+
+
+def test_standard_row_appends_eos_once(tokenizer):
+    enc = PairTokenizer(tokenizer)
+    out = enc({"prompt": "1+1=", "chosen": "2", "rejected": "3<|im_end|>"}, 0)
+    eos = tokenizer.eos_token_id
+    assert out["prompt_input_ids"] == tokenizer("1+1=", add_special_tokens=False).input_ids
+    assert out["chosen_input_ids"] == tokenizer("2", add_special_tokens=False).input_ids + [eos]
+    assert out["rejected_input_ids"].count(eos) == 1 and out["rejected_input_ids"][-1] == eos
+
+
+def test_bos_is_added_when_the_tokenizer_adds_it_and_never_doubled():
+    tok = bos_tokenizer()
+    enc = PairTokenizer(tok)
+    bos = tok.bos_token_id
+    plain = enc({"prompt": "hi", "chosen": "a", "rejected": "b"}, 0)["prompt_input_ids"]
+    assert plain[0] == bos and plain[1] != bos
+    already = enc({"prompt": "<|endoftext|>hi", "chosen": "a", "rejected": "b"}, 0)["prompt_input_ids"]
+    assert already == plain
+    assert bos not in enc({"prompt": "hi", "chosen": "a", "rejected": "b"}, 0)["chosen_input_ids"]
+
+
+def test_conversational_row_uses_chat_template(tokenizer):
+    row = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
+    out = PairTokenizer(tokenizer)(row, 0)
+    decode = lambda ids: tokenizer.decode(ids)  # noqa: E731
+    assert decode(out["prompt_input_ids"]) == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert decode(out["chosen_input_ids"]) == "4<|im_end|>\n"
+    assert decode(out["rejected_input_ids"]) == "5<|im_end|>\n"
+    full = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
+    assert decode(out["prompt_input_ids"] + out["chosen_input_ids"]) == full
+
+
+def test_conversational_rows_without_chat_template_name_the_fix(tokenizer):
+    tokenizer.chat_template = None
+    row = {"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "y"}],
+           "rejected": [{"role": "assistant", "content": "z"}]}
+    with pytest.raises(OrpoError, match="chat template"):
+        PairTokenizer(tokenizer)(row, 0)
+
+
+def test_empty_prompt_gets_a_start_token(tokenizer):
+    out = PairTokenizer(tokenizer)({"prompt": "", "chosen": "a", "rejected": "b"}, 0)
+    assert out["prompt_input_ids"] == [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"prompt": "p", "chosen": "c"}, r"row 4: missing field 'rejected'"),
+        ({"prompt": "p", "chosen": 3, "rejected": "r"}, r"row 4: field 'chosen' must be a string, got int"),
+        ({"prompt": "p", "chosen": "  ", "rejected": "r"}, r"row 4: field 'chosen' is empty"),
+        ({"prompt": [{"role": "user", "content": "p"}], "chosen": "c", "rejected": "r"},
+         r"row 4: field 'chosen' is str, but 'prompt' is a list of messages"),
+        ({"prompt": [{"role": "user"}], "chosen": [], "rejected": []}, r"row 4: field 'prompt' message 1 needs"),
+    ],
+)
+def test_bad_rows_name_the_row_and_field(tokenizer, row, message):
+    with pytest.raises(OrpoError, match=message):
+        PairTokenizer(tokenizer, source="train.jsonl")(row, 3)
+
+
+def test_truncation_keeps_prompt_end_and_response_start():
+    prompt, chosen, rejected = truncate_pair(
+        list(range(10)), [20, 21, 22, 23], [30, 31], TruncationLimits(8, 4, 3), bos_id=None
+    )
+    assert prompt == [6, 7, 8, 9]
+    assert chosen == [20, 21, 22] and rejected == [30, 31]
+    prompt, chosen, _ = truncate_pair([0] + list(range(1, 10)), [5, 6, 7, 8, 9], [1], TruncationLimits(6, 4, None), bos_id=0)
+    assert prompt == [0, 7, 8, 9]  # BOS survives keep-end truncation
+    assert chosen == [5, 6]  # prompt + response fit max_length
+
+
+def test_tokenize_dataset_reports_truncations_and_drops(tokenizer, caplog):
+    rows = [
+        {"prompt": "short", "chosen": "yes", "rejected": "no"},
+        {"prompt": "a much longer prompt here", "chosen": "answer", "rejected": "wrong"},
+        {"prompt": "p", "chosen": "a very long response indeed", "rejected": "x"},
+    ]
+    limits = TruncationLimits(max_length=12, max_prompt_length=8, max_completion_length=None)
+    with caplog.at_level(logging.WARNING, logger="orpo"):
+        ds, report = tokenize_dataset(Dataset.from_list(rows), tokenizer, limits, source="toy")
+    assert len(ds) == 3 and report.rows_out == 3
+    assert report.prompts_truncated == 1 and report.responses_truncated == 2  # row 2: both
+    assert "1 prompts truncated" in caplog.text
+    assert all(len(p) + max(len(c), len(r)) <= 12 for p, c, r in
+               zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"], strict=True))
+
+
+def test_rows_whose_prompt_fills_max_length_are_dropped_with_a_count(tokenizer, caplog):
+    rows = [{"prompt": "ok", "chosen": "a", "rejected": "b"}, {"prompt": "x" * 50, "chosen": "a", "rejected": "b"}]
+    limits = TruncationLimits(max_length=10, max_prompt_length=None)
+    with caplog.at_level(logging.WARNING, logger="orpo"):
+        ds, report = tokenize_dataset(Dataset.from_list(rows), tokenizer, limits, source="toy")
+    assert len(ds) == 1
+    assert report.dropped == {"the prompt fills max_length, no response token fits": 1}
+    assert "1 of 2 rows kept" in caplog.text and "1 rows dropped" in caplog.text
+
+
+def test_nothing_left_is_an_error(tokenizer):
+    rows = [{"prompt": "x" * 50, "chosen": "a", "rejected": "b"}]
+    with pytest.raises(OrpoError, match="no row is left"):
+        tokenize_dataset(Dataset.from_list(rows), tokenizer, TruncationLimits(10, None), source="toy")
