@@ -1,0 +1,49 @@
+import pytest
+from transformers import TrainingArguments
+
+from orpo import ORPOConfig, ORPOTrainer
+from orpo.errors import OrpoError
+
+
+def test_defaults_run_on_cpu(tmp_path):
+    config = ORPOConfig(output_dir=str(tmp_path))
+    assert config.orpo_alpha == 0.1 and config.orpo_beta == 1.0
+    assert config.bf16 is False  # no bf16 hardware here; TRL's config would fail on this machine
+    assert config.max_length == 1024 and config.max_prompt_length == 512 and config.max_completion_length is None
+    assert config.nll_include_prompt is False and config.disable_dropout is True
+    assert isinstance(config, TrainingArguments)
+
+
+def test_trl_beta_is_an_alias_of_orpo_alpha(tmp_path):
+    assert ORPOConfig(output_dir=str(tmp_path), beta=0.25).orpo_alpha == 0.25
+    assert ORPOConfig(output_dir=str(tmp_path), beta=0.25, orpo_alpha=0.25).orpo_alpha == 0.25
+    with pytest.raises(OrpoError, match="orpo_alpha=0.5 and beta=0.25"):
+        ORPOConfig(output_dir=str(tmp_path), beta=0.25, orpo_alpha=0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"orpo_alpha": -1.0}, "orpo_alpha must be >= 0"),
+        ({"orpo_beta": 0.0}, "orpo_beta must be > 0"),
+        ({"max_length": 0}, "max_length must be a positive"),
+        ({"max_length": 256, "max_prompt_length": 256}, "max_prompt_length .256. must be smaller"),
+        ({"logprob_chunk_size": 0}, "logprob_chunk_size must be >= 1"),
+    ],
+)
+def test_bad_values_are_clear_errors(tmp_path, kwargs, message):
+    with pytest.raises(OrpoError, match=message):
+        ORPOConfig(output_dir=str(tmp_path), **kwargs)
+
+
+def test_trainer_converts_plain_training_arguments(tmp_path, model, tokenizer, toy_dataset):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1)
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=toy_dataset, processing_class=tokenizer)
+    assert isinstance(trainer.args, ORPOConfig) and trainer.args.per_device_train_batch_size == 2
+
+
+def test_tokenizer_and_processing_class_must_agree(tmp_path, model, tokenizer, toy_dataset):
+    other = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    with pytest.raises(OrpoError, match="not two different ones"):
+        ORPOTrainer(model=model, args=ORPOConfig(output_dir=str(tmp_path)), train_dataset=toy_dataset,
+                    tokenizer=tokenizer, processing_class=other)
