@@ -82,7 +82,8 @@ class ORPOStats:
         return {
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            # Compared on ℓ rather than α·ℓ: the same for α > 0, and still meaningful at α = 0 (SFT only).
+            "rewards/accuracies": (self.chosen_logps.detach() > self.rejected_logps.detach()).float().sum(),
             "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
             "logps/chosen": self.chosen_logps.detach().sum(),
             "logps/rejected": self.rejected_logps.detach().sum(),

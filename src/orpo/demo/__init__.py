@@ -28,3 +28,18 @@ def tiny_model(seed: int = 0, **overrides):
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
+
+
+def demo_data_path(split: str) -> Path:
+    """Path of the shipped JSONL preference data: ``split`` is ``"train"`` or ``"test"``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"the demo data has splits 'train' and 'test', not '{split}'")
+    return DEMO_DIR / f"{split}.jsonl"
+
+
+def load_demo_dataset(split: str = "train"):
+    """The shipped preference data as a ``datasets.Dataset`` of prompt / chosen / rejected strings."""
+    from datasets import Dataset
+
+    with demo_data_path(split).open(encoding="utf-8") as f:
+        return Dataset.from_list([json.loads(line) for line in f])
