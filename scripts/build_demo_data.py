@@ -33,7 +33,7 @@ def near_miss(answer: str, rng: random.Random) -> str:
 
 def make_pair(word: str, rng: random.Random) -> dict:
     answer = word[::-1]
-    return {"prompt": f"reverse {word}:", "chosen": answer, "rejected": near_miss(answer, rng)}
+    return {"prompt": f"rev {word}=", "chosen": answer, "rejected": near_miss(answer, rng)}
 
 
 def generate(seed: int = SEED) -> tuple[list[dict], list[dict]]:

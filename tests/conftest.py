@@ -13,7 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from orpo.demo import demo_tokenizer, tiny_model  # noqa: E402
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+TINY = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2
+)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +44,10 @@ def toy_rows(n: int = 32, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n):
-        a, b = (int(x) for x in torch.randint(0, 10 ** int(torch.randint(1, 4, (1,), generator=g)), (2,), generator=g))
+        a, b = (
+            int(x)
+            for x in torch.randint(0, 10 ** int(torch.randint(1, 4, (1,), generator=g)), (2,), generator=g)
+        )
         rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)})
     return rows
 

@@ -11,7 +11,10 @@ FEATURES = [
 def test_layout_and_scored_tokens():
     batch = PaddedPairCollator(pad_token_id=0)(FEATURES)
     assert batch["input_ids"].tolist() == [
-        [5, 6, 7, 8, 9], [11, 12, 13, 14, 0], [5, 6, 7, 10, 0], [11, 15, 16, 0, 0]
+        [5, 6, 7, 8, 9],
+        [11, 12, 13, 14, 0],
+        [5, 6, 7, 10, 0],
+        [11, 15, 16, 0, 0],
     ]
     assert batch["attention_mask"].sum(1).tolist() == [5, 4, 4, 3]
     flat = batch["input_ids"].flatten()

@@ -9,7 +9,9 @@ def test_defaults_run_on_cpu(tmp_path):
     config = ORPOConfig(output_dir=str(tmp_path))
     assert config.orpo_alpha == 0.1 and config.orpo_beta == 1.0
     assert config.bf16 is False  # no bf16 hardware here; TRL's config would fail on this machine
-    assert config.max_length == 1024 and config.max_prompt_length == 512 and config.max_completion_length is None
+    assert (
+        config.max_length == 1024 and config.max_prompt_length == 512 and config.max_completion_length is None
+    )
     assert config.nll_include_prompt is False and config.disable_dropout is True
     assert isinstance(config, TrainingArguments)
 
@@ -45,5 +47,10 @@ def test_trainer_converts_plain_training_arguments(tmp_path, model, tokenizer, t
 def test_tokenizer_and_processing_class_must_agree(tmp_path, model, tokenizer, toy_dataset):
     other = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     with pytest.raises(OrpoError, match="not two different ones"):
-        ORPOTrainer(model=model, args=ORPOConfig(output_dir=str(tmp_path)), train_dataset=toy_dataset,
-                    tokenizer=tokenizer, processing_class=other)
+        ORPOTrainer(
+            model=model,
+            args=ORPOConfig(output_dir=str(tmp_path)),
+            train_dataset=toy_dataset,
+            tokenizer=tokenizer,
+            processing_class=other,
+        )

@@ -58,8 +58,11 @@ def test_conversational_row_uses_chat_template(tokenizer):
 
 def test_conversational_rows_without_chat_template_name_the_fix(tokenizer):
     tokenizer.chat_template = None
-    row = {"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "y"}],
-           "rejected": [{"role": "assistant", "content": "z"}]}
+    row = {
+        "prompt": [{"role": "user", "content": "x"}],
+        "chosen": [{"role": "assistant", "content": "y"}],
+        "rejected": [{"role": "assistant", "content": "z"}],
+    }
     with pytest.raises(OrpoError, match="chat template"):
         PairTokenizer(tokenizer)(row, 0)
 
@@ -75,9 +78,14 @@ def test_empty_prompt_gets_a_start_token(tokenizer):
         ({"prompt": "p", "chosen": "c"}, r"row 4: missing field 'rejected'"),
         ({"prompt": "p", "chosen": 3, "rejected": "r"}, r"row 4: field 'chosen' must be a string, got int"),
         ({"prompt": "p", "chosen": "  ", "rejected": "r"}, r"row 4: field 'chosen' is empty"),
-        ({"prompt": [{"role": "user", "content": "p"}], "chosen": "c", "rejected": "r"},
-         r"row 4: field 'chosen' is str, but 'prompt' is a list of messages"),
-        ({"prompt": [{"role": "user"}], "chosen": [], "rejected": []}, r"row 4: field 'prompt' message 1 needs"),
+        (
+            {"prompt": [{"role": "user", "content": "p"}], "chosen": "c", "rejected": "r"},
+            r"row 4: field 'chosen' is str, but 'prompt' is a list of messages",
+        ),
+        (
+            {"prompt": [{"role": "user"}], "chosen": [], "rejected": []},
+            r"row 4: field 'prompt' message 1 needs",
+        ),
     ],
 )
 def test_bad_rows_name_the_row_and_field(tokenizer, row, message):
@@ -91,7 +99,9 @@ def test_truncation_keeps_prompt_end_and_response_start():
     )
     assert prompt == [6, 7, 8, 9]
     assert chosen == [20, 21, 22] and rejected == [30, 31]
-    prompt, chosen, _ = truncate_pair([0] + list(range(1, 10)), [5, 6, 7, 8, 9], [1], TruncationLimits(6, 4, None), bos_id=0)
+    prompt, chosen, _ = truncate_pair(
+        [0] + list(range(1, 10)), [5, 6, 7, 8, 9], [1], TruncationLimits(6, 4, None), bos_id=0
+    )
     assert prompt == [0, 7, 8, 9]  # BOS survives keep-end truncation
     assert chosen == [5, 6]  # prompt + response fit max_length
 
@@ -108,12 +118,19 @@ def test_tokenize_dataset_reports_truncations_and_drops(tokenizer, caplog):
     assert len(ds) == 3 and report.rows_out == 3
     assert report.prompts_truncated == 1 and report.responses_truncated == 2  # row 2: both
     assert "1 prompts truncated" in caplog.text
-    assert all(len(p) + max(len(c), len(r)) <= 12 for p, c, r in
-               zip(ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"], strict=True))
+    assert all(
+        len(p) + max(len(c), len(r)) <= 12
+        for p, c, r in zip(
+            ds["prompt_input_ids"], ds["chosen_input_ids"], ds["rejected_input_ids"], strict=True
+        )
+    )
 
 
 def test_rows_whose_prompt_fills_max_length_are_dropped_with_a_count(tokenizer, caplog):
-    rows = [{"prompt": "ok", "chosen": "a", "rejected": "b"}, {"prompt": "x" * 50, "chosen": "a", "rejected": "b"}]
+    rows = [
+        {"prompt": "ok", "chosen": "a", "rejected": "b"},
+        {"prompt": "x" * 50, "chosen": "a", "rejected": "b"},
+    ]
     limits = TruncationLimits(max_length=10, max_prompt_length=None)
     with caplog.at_level(logging.WARNING, logger="orpo"):
         ds, report = tokenize_dataset(Dataset.from_list(rows), tokenizer, limits, source="toy")

@@ -28,8 +28,9 @@ def test_gradcheck_fp64(bias, softcap, chunk_size):
     hidden, weight, b, targets = inputs(bias=bias)
 
     def fn(h, w, *maybe_bias):
-        return chunked_target_logprobs(h, w, targets, maybe_bias[0] if maybe_bias else None,
-                                       chunk_size=chunk_size, softcap=softcap)[0]
+        return chunked_target_logprobs(
+            h, w, targets, maybe_bias[0] if maybe_bias else None, chunk_size=chunk_size, softcap=softcap
+        )[0]
 
     args = (hidden, weight) + ((b,) if bias else ())
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6)

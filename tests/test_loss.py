@@ -23,16 +23,17 @@ def random_batch(num_pairs=5, seed=0, dtype=torch.float64):
 
 def paper_formula(logps, pair, chosen, response, num_pairs, alpha, beta, include_prompt):
     """Independent transcription of the paper's loss in plain Python floats."""
-    items = list(zip(logps.tolist(), pair.tolist(), chosen.tolist(), response.tolist()))
+    items = list(zip(logps.tolist(), pair.tolist(), chosen.tolist(), response.tolist(), strict=True))
     nll_tokens = [lp for lp, _, c, r in items if c and (r or include_prompt)]
     nll = -sum(nll_tokens) / len(nll_tokens)
     or_terms = []
-    for p in range(num_pairs):
-        def mean(side):
-            vals = [lp for lp, q, c, r in items if q == p and c == side and r]
-            return sum(vals) / len(vals)
 
-        p_w, p_l = math.exp(mean(True)), math.exp(mean(False))
+    def mean(p, side):
+        vals = [lp for lp, q, c, r in items if q == p and c == side and r]
+        return sum(vals) / len(vals)
+
+    for p in range(num_pairs):
+        p_w, p_l = math.exp(mean(p, True)), math.exp(mean(p, False))
         log_or = math.log((p_w / (1 - p_w)) / (p_l / (1 - p_l)))
         or_terms.append(-math.log(1 / (1 + math.exp(-beta * log_or))))
     return nll + alpha * sum(or_terms) / num_pairs
@@ -41,9 +42,11 @@ def paper_formula(logps, pair, chosen, response, num_pairs, alpha, beta, include
 def trl_formula(logps, pair, chosen, response, num_pairs, trl_beta):
     """TRL's ORPOTrainer: NLL over chosen prompt+response tokens, odds_ratio_loss with log1p(-exp)."""
     nll = -logps[chosen].mean()
+
     def seq_mean(side):
         sel = (chosen == side) & response
         return torch.stack([logps[sel & (pair == p)].mean() for p in range(num_pairs)])
+
     c, r = seq_mean(True), seq_mean(False)
     log_odds_ = (c - r) - (torch.log1p(-torch.exp(c)) - torch.log1p(-torch.exp(r)))
     losses = trl_beta * F.logsigmoid(log_odds_)
@@ -94,15 +97,28 @@ def test_metrics_use_trl_names_and_definitions():
     logps, pair, chosen, response = random_batch(num_pairs=3)
     _, stats = orpo_loss(logps[response], pair[response], chosen[response], response[response], 3, alpha=0.5)
     m = stats.metrics()
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                 "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"):
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "nll_loss",
+        "log_odds_ratio",
+        "log_odds_chosen",
+    ):
         assert name in m
     assert m["rewards/chosen"] == pytest.approx(0.5 * m["logps/chosen"], rel=1e-6)
-    assert m["rewards/margins"] == pytest.approx(m["rewards/chosen"] - m["rewards/rejected"], rel=1e-5, abs=1e-7)
+    assert m["rewards/margins"] == pytest.approx(
+        m["rewards/chosen"] - m["rewards/rejected"], rel=1e-5, abs=1e-7
+    )
     log_or = stats.log_odds_ratio
     assert m["log_odds_chosen"] == pytest.approx(log_or.mean().item(), rel=1e-6)
     assert m["log_odds_ratio"] == pytest.approx(F.logsigmoid(log_or).mean().item(), rel=1e-6)
-    assert m["rewards/accuracies"] == pytest.approx((stats.chosen_logps > stats.rejected_logps).float().mean().item())
+    assert m["rewards/accuracies"] == pytest.approx(
+        (stats.chosen_logps > stats.rejected_logps).float().mean().item()
+    )
 
 
 def test_swapping_chosen_and_rejected_flips_log_odds():
@@ -136,7 +152,9 @@ def test_extreme_mean_logps_give_finite_loss_and_gradients(value):
 
 def test_log_odds_is_large_and_finite_at_p_one():
     assert torch.isfinite(log_odds(torch.tensor(0.0)))
-    assert log_odds(torch.tensor(0.0)).item() == pytest.approx(-math.log(-math.expm1(MAX_MEAN_LOGP)), rel=1e-3)
+    assert log_odds(torch.tensor(0.0)).item() == pytest.approx(
+        -math.log(-math.expm1(MAX_MEAN_LOGP)), rel=1e-3
+    )
 
 
 def test_fully_masked_response_is_a_clear_error():
@@ -152,7 +170,27 @@ def test_step_normalizers_make_micro_batches_add_up_to_the_full_batch():
     parts = []
     for first, last in ((0, 2), (2, 6)):  # unequal micro-batches: 2 and 4 pairs, different token counts
         sel = (pair >= first) & (pair < last)
-        loss, _ = orpo_loss(logps[sel], pair[sel] - first, chosen[sel], response[sel], last - first,
-                            alpha=0.3, nll_normalizer=total_tokens, pair_normalizer=total_pairs)
+        loss, _ = orpo_loss(
+            logps[sel],
+            pair[sel] - first,
+            chosen[sel],
+            response[sel],
+            last - first,
+            alpha=0.3,
+            nll_normalizer=total_tokens,
+            pair_normalizer=total_pairs,
+        )
         parts.append(loss)
     assert sum(parts).item() == pytest.approx(full.item(), rel=1e-6)
+
+
+def test_reward_accuracy_is_meaningful_for_sft_only_runs():
+    # alpha = 0 makes every alpha-scaled reward 0; accuracy still compares the sequences' log-probs.
+    logps = torch.tensor([-0.1, -0.2, -1.0, -2.0, -3.0, -0.5])
+    pair = torch.tensor([0, 1, 0, 1, 0, 1])
+    chosen = torch.tensor([True, True, False, False, True, False])
+    response = torch.ones(6, dtype=torch.bool)
+    _, stats = orpo_loss(logps[:4], pair[:4], chosen[:4], response[:4], 2, alpha=0.0)
+    metrics = stats.metrics()
+    assert metrics["rewards/chosen"] == 0.0 and metrics["rewards/margins"] == 0.0
+    assert metrics["rewards/accuracies"] == 1.0

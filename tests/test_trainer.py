@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config
 
 from conftest import make_model, toy_rows
 from orpo import ORPOConfig, ORPOTrainer
-from orpo.demo import demo_tokenizer
 from orpo.logprobs import full_target_logprobs
 from orpo.loss import orpo_loss
 
@@ -19,8 +18,14 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def config(tmp_path, **kwargs):
-    base = dict(output_dir=str(tmp_path / "out"), report_to="none", logging_steps=1, save_strategy="no",
-                disable_tqdm=True, seed=0)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     return ORPOConfig(**{**base, **kwargs})
 
 
@@ -40,18 +45,38 @@ def reference_logps(model, batch):
 
 # ---- the separated head equals the model's own logits ---------------------------------------------
 
+
 def gemma2_model():
-    cfg = Gemma2Config(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0,
-                       pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    cfg = Gemma2Config(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=2.0,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg)
 
 
 def cohere_model():
-    cfg = CohereConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, logit_scale=0.5,
-                       pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    cfg = CohereConfig(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        logit_scale=0.5,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg)
 
@@ -65,14 +90,23 @@ def biased_head_model():
 
 @pytest.mark.parametrize(
     "factory",
-    [lambda: make_model(), lambda: make_model(tie_word_embeddings=False), biased_head_model, gemma2_model,
-     cohere_model],
+    [
+        lambda: make_model(),
+        lambda: make_model(tie_word_embeddings=False),
+        biased_head_model,
+        gemma2_model,
+        cohere_model,
+    ],
     ids=["tied", "untied", "bias", "gemma2-softcap", "cohere-logit-scale"],
 )
 def test_chunked_head_equals_full_logits_values_and_gradients(tmp_path, tokenizer, toy_dataset, factory):
     model = factory()
-    trainer = ORPOTrainer(model=model, args=config(tmp_path, logprob_chunk_size=7), train_dataset=toy_dataset,
-                          tokenizer=tokenizer)
+    trainer = ORPOTrainer(
+        model=model,
+        args=config(tmp_path, logprob_chunk_size=7),
+        train_dataset=toy_dataset,
+        tokenizer=tokenizer,
+    )
     batch = batch_for(trainer)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning: the head must be separated
@@ -128,15 +162,28 @@ def test_non_linear_head_falls_back_with_a_warning(tmp_path, tokenizer, toy_data
 
 # ---- the loss in the trainer -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("include_prompt", [False, True])
-def test_compute_loss_equals_orpo_loss_on_reference_logps(tmp_path, model, tokenizer, toy_dataset, include_prompt):
-    trainer = ORPOTrainer(model=model, args=config(tmp_path, orpo_alpha=0.7, orpo_beta=0.5,
-                                                   nll_include_prompt=include_prompt),
-                          train_dataset=toy_dataset, tokenizer=tokenizer)
+def test_compute_loss_equals_orpo_loss_on_reference_logps(
+    tmp_path, model, tokenizer, toy_dataset, include_prompt
+):
+    trainer = ORPOTrainer(
+        model=model,
+        args=config(tmp_path, orpo_alpha=0.7, orpo_beta=0.5, nll_include_prompt=include_prompt),
+        train_dataset=toy_dataset,
+        tokenizer=tokenizer,
+    )
     batch = batch_for(trainer)
     loss = trainer.compute_loss(model, batch)
-    expected, _ = orpo_loss(reference_logps(model, batch), batch["score_pair"], batch["score_chosen"],
-                            batch["score_response"], 6, alpha=0.7, beta=0.5)
+    expected, _ = orpo_loss(
+        reference_logps(model, batch),
+        batch["score_pair"],
+        batch["score_chosen"],
+        batch["score_response"],
+        6,
+        alpha=0.7,
+        beta=0.5,
+    )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -156,9 +203,17 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path, tokenizer):
 
     def one_step(batch_size, accumulation):
         model = make_model(seed=3)
-        args = config(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                      max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
-                      orpo_alpha=0.5)
+        args = config(
+            tmp_path,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            orpo_alpha=0.5,
+        )
         trainer = ORPOTrainer(model=model, args=args, train_dataset=dataset, tokenizer=tokenizer)
         trainer.train()
         return {n: p.detach().clone() for n, p in model.named_parameters()}, trainer
@@ -172,8 +227,10 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path, tokenizer):
     # The check has teeth: micro-batches here hold different numbers of chosen tokens, so averaging
     # per micro-batch (the TRL #2628 bug) would weight tokens differently.
     sampler_order = list(trainer._get_train_sampler())[:16]
-    tokens = [sum(len(trainer.train_dataset[i]["chosen_input_ids"]) for i in sampler_order[k:k + 4])
-              for k in range(0, 16, 4)]
+    tokens = [
+        sum(len(trainer.train_dataset[i]["chosen_input_ids"]) for i in sampler_order[k : k + 4])
+        for k in range(0, 16, 4)
+    ]
     assert len(set(tokens)) > 1
 
 
@@ -181,9 +238,20 @@ def test_training_lowers_loss_and_raises_reward_accuracy(tmp_path, tokenizer):
     train = Dataset.from_list(toy_rows(64, seed=4))
     held_out = Dataset.from_list(toy_rows(32, seed=5))
     model = make_model(seed=1)
-    trainer = ORPOTrainer(model=model, args=config(tmp_path, max_steps=30, per_device_train_batch_size=8,
-                                                   learning_rate=5e-3, orpo_alpha=1.0, lr_scheduler_type="constant"),
-                          train_dataset=train, eval_dataset=held_out, tokenizer=tokenizer)
+    trainer = ORPOTrainer(
+        model=model,
+        args=config(
+            tmp_path,
+            max_steps=30,
+            per_device_train_batch_size=8,
+            learning_rate=5e-3,
+            orpo_alpha=1.0,
+            lr_scheduler_type="constant",
+        ),
+        train_dataset=train,
+        eval_dataset=held_out,
+        tokenizer=tokenizer,
+    )
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
@@ -192,14 +260,28 @@ def test_training_lowers_loss_and_raises_reward_accuracy(tmp_path, tokenizer):
     assert after["eval_rewards/margins"] > before["eval_rewards/margins"]
     logged = [h for h in trainer.state.log_history if "rewards/accuracies" in h]
     assert len(logged) == 30
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-                 "logits/chosen", "logits/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"):
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "nll_loss",
+        "log_odds_ratio",
+        "log_odds_chosen",
+    ):
         assert name in logged[-1] and f"eval_{name}" in after
 
 
 def test_save_reload_gives_identical_logprobs(tmp_path, model, tokenizer, toy_dataset):
-    trainer = ORPOTrainer(model=model, args=config(tmp_path, max_steps=2, per_device_train_batch_size=4),
-                          train_dataset=toy_dataset, tokenizer=tokenizer)
+    trainer = ORPOTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=toy_dataset,
+        tokenizer=tokenizer,
+    )
     trainer.train()
     out = tmp_path / "saved"
     trainer.save_model(str(out))
@@ -216,8 +298,11 @@ def test_model_given_as_a_path_loads_model_and_tokenizer(tmp_path, model, tokeni
     path = tmp_path / "tiny"
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
-    trainer = ORPOTrainer(model=str(path), args=config(tmp_path, max_steps=1, per_device_train_batch_size=2),
-                          train_dataset=toy_dataset)
+    trainer = ORPOTrainer(
+        model=str(path),
+        args=config(tmp_path, max_steps=1, per_device_train_batch_size=2),
+        train_dataset=toy_dataset,
+    )
     trainer.train()
     assert trainer.processing_class.eos_token == "<|im_end|>"
 
@@ -226,16 +311,29 @@ def test_missing_model_path_is_a_clear_error(tmp_path, tokenizer, toy_dataset):
     from orpo.errors import OrpoError
 
     with pytest.raises(OrpoError, match="could not load a causal LM from"):
-        ORPOTrainer(model=str(tmp_path / "nope"), args=config(tmp_path), train_dataset=toy_dataset,
-                    tokenizer=tokenizer)
+        ORPOTrainer(
+            model=str(tmp_path / "nope"),
+            args=config(tmp_path),
+            train_dataset=toy_dataset,
+            tokenizer=tokenizer,
+        )
 
 
 def test_conversational_rows_train(tmp_path, model, tokenizer):
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
-             "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in toy_rows(16)]
-    trainer = ORPOTrainer(model=model, args=config(tmp_path, max_steps=2, per_device_train_batch_size=4),
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in toy_rows(16)
+    ]
+    trainer = ORPOTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     trainer.train()
     assert trainer.state.global_step == 2
 
@@ -248,14 +346,77 @@ def test_dropout_is_disabled(tmp_path, tokenizer, toy_dataset):
 
 def test_readme_coming_from_trl_example_runs(tmp_path, monkeypatch):
     text = README.read_text()
-    section = text[text.index("## Coming from TRL"):]
+    section = text[text.index("## Coming from TRL") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert "from orpo import ORPOConfig, ORPOTrainer" in code
-    assert ("config = ORPOConfig(learning_rate=1e-5, per_device_train_batch_size=4,\n"
-            "    gradient_accumulation_steps=4, max_steps=1000, orpo_alpha=1.0, orpo_beta=0.1)") in code
-    assert "trainer = ORPOTrainer(model=model, args=config, train_dataset=dataset, tokenizer=tokenizer)" in code
+    assert (
+        "config = ORPOConfig(learning_rate=1e-5, per_device_train_batch_size=4,\n"
+        "    gradient_accumulation_steps=4, max_steps=1000, orpo_alpha=1.0, orpo_beta=0.1)"
+    ) in code
+    assert (
+        "trainer = ORPOTrainer(model=model, args=config, train_dataset=dataset, tokenizer=tokenizer)" in code
+    )
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(code.replace("max_steps=1000", "max_steps=2"), "README.md", "exec"), namespace)
     assert namespace["trainer"].state.global_step == 2
     assert json.dumps(namespace["trainer"].state.log_history)
+
+
+def test_bf16_model_uses_the_chunked_head_and_matches_its_own_logits(tmp_path, tokenizer, toy_dataset):
+    model = make_model().to(torch.bfloat16)
+    trainer = ORPOTrainer(model=model, args=config(tmp_path), train_dataset=toy_dataset, tokenizer=tokenizer)
+    batch = batch_for(trainer)
+    ours, _ = trainer.scored_logprobs(model, batch)
+    assert trainer._head_plan is not None and ours.dtype == torch.float32
+    assert torch.allclose(ours, reference_logps(model, batch), atol=1e-2)
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and all(
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )
+
+
+def test_compute_metrics_receives_per_pair_logps(tmp_path, model, tokenizer, toy_dataset):
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["shape"] = prediction.predictions.shape
+        return {"chosen_wins": float((prediction.predictions[:, 0] > prediction.predictions[:, 1]).mean())}
+
+    trainer = ORPOTrainer(
+        model=model,
+        args=config(tmp_path, per_device_eval_batch_size=8),
+        train_dataset=toy_dataset,
+        eval_dataset=toy_dataset,
+        tokenizer=tokenizer,
+        compute_metrics=compute_metrics,
+    )
+    metrics = trainer.evaluate()
+    assert seen["shape"] == (len(toy_dataset), 2)
+    assert metrics["eval_chosen_wins"] == pytest.approx(metrics["eval_rewards/accuracies"])
+
+
+def test_peft_config_without_peft_installed_is_a_clear_error(
+    tmp_path, model, tokenizer, toy_dataset, monkeypatch
+):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_peft(name, *args, **kwargs):
+        if name == "peft" or name.startswith("peft."):
+            raise ImportError("No module named 'peft'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_peft)
+    from orpo.errors import OrpoError
+
+    with pytest.raises(OrpoError, match="peft is not installed"):
+        ORPOTrainer(
+            model=model,
+            args=config(tmp_path),
+            train_dataset=toy_dataset,
+            tokenizer=tokenizer,
+            peft_config=object(),
+        )

@@ -33,9 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: orpo quickstart --output-dir ./orpo-quickstart --max-steps 300 --seed 0",
     )
     quick.add_argument("--output-dir", default="./orpo-quickstart", help="where models and reports go")
-    quick.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (default: the demo's)")
+    quick.add_argument(
+        "--max-steps", type=int, default=None, help="optimizer steps per run (default: the demo's)"
+    )
     quick.add_argument("--seed", type=int, default=0, help="seed for model init and data order")
-    quick.add_argument("--alpha", type=float, default=None, help="orpo_alpha of the ORPO run (default: the demo's)")
+    quick.add_argument(
+        "--alpha", type=float, default=None, help="orpo_alpha of the ORPO run (default: the demo's)"
+    )
     quick.set_defaults(handler=_quickstart)
     return parser
 

@@ -68,7 +68,9 @@ class ORPOConfig(TrainingArguments):
     )
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
-        metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when `model` is a name."},
+        metadata={
+            "help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when `model` is a name."
+        },
     )
     logprob_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE,

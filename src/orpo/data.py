@@ -218,7 +218,9 @@ def tokenize_dataset(
     report.responses_truncated = sum(encoded["_response_truncated"])
     empty = [
         i
-        for i, (c, r) in enumerate(zip(encoded["chosen_input_ids"], encoded["rejected_input_ids"], strict=True))
+        for i, (c, r) in enumerate(
+            zip(encoded["chosen_input_ids"], encoded["rejected_input_ids"], strict=True)
+        )
         if not c or not r
     ]
     if empty:

@@ -112,9 +112,7 @@ def chunked_target_logprobs(
     return _ChunkedTargetLogProbs.apply(hidden, weight, bias, targets.long(), chunk_size, softcap)
 
 
-def full_target_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def full_target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference computation from materialised ``logits [N, V]``: same outputs as
     :func:`chunked_target_logprobs`. Used for models whose head cannot be separated."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -52,7 +52,9 @@ def _dtype_from_name(value):
     if isinstance(value, str) and value != "auto":
         dtype = getattr(torch, value, None)
         if not isinstance(dtype, torch.dtype):
-            raise OrpoError(f"model_init_kwargs: unknown dtype '{value}' (use e.g. 'bfloat16', 'float32', 'auto')")
+            raise OrpoError(
+                f"model_init_kwargs: unknown dtype '{value}' (use e.g. 'bfloat16', 'float32', 'auto')"
+            )
         return dtype
     return value
 
@@ -180,7 +182,9 @@ class ORPOTrainer(Trainer):
                 eval_dataset = self._prepare_dataset(eval_dataset, tokenizer, limits, args, "eval_dataset")
 
         if data_collator is None:
-            data_collator = PaddedPairCollator(tokenizer.pad_token_id, nll_include_prompt=args.nll_include_prompt)
+            data_collator = PaddedPairCollator(
+                tokenizer.pad_token_id, nll_include_prompt=args.nll_include_prompt
+            )
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._head_plan: HeadPlan | None | str = "unresolved"
         self._eval_prefix = "eval"
@@ -217,7 +221,9 @@ class ORPOTrainer(Trainer):
     @staticmethod
     def _resolve_tokenizer(tokenizer, processing_class, model):
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
-            raise OrpoError("pass the tokenizer as `tokenizer=` or `processing_class=`, not two different ones")
+            raise OrpoError(
+                "pass the tokenizer as `tokenizer=` or `processing_class=`, not two different ones"
+            )
         tokenizer = tokenizer if tokenizer is not None else processing_class
         if tokenizer is None:
             if not isinstance(model, str):
@@ -233,7 +239,9 @@ class ORPOTrainer(Trainer):
         try:
             from peft import get_peft_model
         except ImportError as err:
-            raise OrpoError("peft_config was given but peft is not installed: pip install 'orpo[peft]'") from err
+            raise OrpoError(
+                "peft_config was given but peft is not installed: pip install 'orpo[peft]'"
+            ) from err
         return get_peft_model(model, peft_config)
 
     def _prepare_dataset(self, dataset, tokenizer, limits, args, name):
@@ -329,15 +337,21 @@ class ORPOTrainer(Trainer):
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples:
             return batch_samples, None
-        counts = torch.stack(
-            [
-                torch.stack([batch["score_chosen"].sum(), batch["num_pairs"].reshape(())])
-                for batch in batch_samples
-            ]
-        ).sum(0).to(device=device, dtype=torch.float32)
+        counts = (
+            torch.stack(
+                [
+                    torch.stack([batch["score_chosen"].sum(), batch["num_pairs"].reshape(())])
+                    for batch in batch_samples
+                ]
+            )
+            .sum(0)
+            .to(device=device, dtype=torch.float32)
+        )
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.gather(counts).reshape(-1, 2).sum(0)
-        batch_samples = [dict(batch, step_nll_tokens=counts[0], step_pairs=counts[1]) for batch in batch_samples]
+        batch_samples = [
+            dict(batch, step_nll_tokens=counts[0], step_pairs=counts[1]) for batch in batch_samples
+        ]
         return batch_samples, counts[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -366,7 +380,10 @@ class ORPOTrainer(Trainer):
         for name, value in stats.metric_sums().items():
             sums[name] += value
         response = inputs["score_response"]
-        for side, selected in (("chosen", inputs["score_chosen"] & response), ("rejected", ~inputs["score_chosen"] & response)):
+        for side, selected in (
+            ("chosen", inputs["score_chosen"] & response),
+            ("rejected", ~inputs["score_chosen"] & response),
+        ):
             sums[f"logits/{side}"] += mean_logits[selected].sum()
             sums[f"logits/{side}_tokens"] += selected.sum().float()
 
@@ -393,7 +410,9 @@ class ORPOTrainer(Trainer):
         sums = self._metric_sums[mode]
         if sums:
             names = sorted(sums)
-            values = torch.stack([torch.as_tensor(sums[n], dtype=torch.float32, device=self.args.device) for n in names])
+            values = torch.stack(
+                [torch.as_tensor(sums[n], dtype=torch.float32, device=self.args.device) for n in names]
+            )
             if self.accelerator.num_processes > 1:
                 values = self.accelerator.reduce(values, reduction="sum")
             prefix = f"{self._eval_prefix}_" if mode == "eval" else ""
