@@ -46,7 +46,7 @@ def test_demo_pairs_are_near_misses_and_held_out_prompts_are_new():
         assert row["chosen"] != row["rejected"]
         assert len(row["chosen"]) == len(row["rejected"])
         assert edit_distance(row["chosen"], row["rejected"]) <= 2
-        assert row["chosen"] == row["prompt"][len("reverse ") : -1][::-1]
+        assert row["chosen"] == row["prompt"][len("rev ") : -1][::-1]
     assert not set(train["prompt"]) & set(test["prompt"])
 
 
