@@ -66,8 +66,10 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
             h = hidden[start:end]
             g = grad_logps[start:end]
             logits, capped = _chunk_logits(h, weight, bias, ctx.softcap)
-            # d logp_target / d logits = onehot(target) - softmax(logits)
-            grad_logits = torch.softmax(logits, dim=-1).mul_(-g[:, None])
+            # d logp_target / d logits = onehot(target) - softmax(logits); softmax in place, to hold
+            # one [chunk, V] buffer rather than two.
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            grad_logits = logits.sub_(lse).exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[start:end, None], g[:, None])
             if capped is not None:  # d (cap·tanh(z/cap)) / dz = 1 - tanh²
                 grad_logits.mul_(1.0 - capped * capped)
