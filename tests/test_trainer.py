@@ -46,39 +46,29 @@ def reference_logps(model, batch):
 # ---- the separated head equals the model's own logits ---------------------------------------------
 
 
-def gemma2_model():
-    cfg = Gemma2Config(
+def other_family_model(config_class, **special):
+    """A tiny model of another family, with the post-head logit transform under test."""
+    cfg = config_class(
         vocab_size=259,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        final_logit_softcapping=2.0,
         pad_token_id=0,
         eos_token_id=2,
         bos_token_id=None,
+        **special,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg)
+
+
+def gemma2_model():
+    return other_family_model(Gemma2Config, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0)
 
 
 def cohere_model():
-    cfg = CohereConfig(
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        logit_scale=0.5,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg)
+    return other_family_model(CohereConfig, num_key_value_heads=2, logit_scale=0.5)
 
 
 def biased_head_model():
@@ -420,3 +410,14 @@ def test_peft_config_without_peft_installed_is_a_clear_error(
             tokenizer=tokenizer,
             peft_config=object(),
         )
+
+
+def test_remove_unused_columns_keeps_what_the_collator_needs(tmp_path, model, tokenizer, toy_dataset):
+    trainer = ORPOTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=1, remove_unused_columns=True, per_device_train_batch_size=2),
+        train_dataset=toy_dataset,
+        tokenizer=tokenizer,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1

@@ -24,9 +24,9 @@ from orpo.errors import OrpoError
 from orpo.trainer import ORPOTrainer
 
 # The demo's settings: chosen so both runs finish in about a minute each on a 2-core CPU.
-DEMO_ALPHA = 1.0
-DEMO_STEPS = 1000
-DEMO_BATCH = 32
+DEMO_ALPHA = 0.5
+DEMO_STEPS = 1500
+DEMO_BATCH = 16
 DEMO_LR = 5e-3
 SAMPLES_SHOWN = 3
 MAX_NEW_TOKENS = 16

@@ -255,6 +255,12 @@ class ORPOTrainer(Trainer):
         self.tokenize_reports[name] = report
         return tokenized
 
+    def _set_signature_columns_if_needed(self):
+        # The collator needs the tokenized columns, not the model's forward arguments, so even with
+        # remove_unused_columns=True nothing it needs is dropped.
+        if self._signature_columns is None:
+            self._signature_columns = list(TOKENIZED_COLUMNS)
+
     # ---- forward: hidden states -> log-probs of the scored tokens --------------------------------
 
     def _resolve_head(self, model, inputs) -> HeadPlan | None:
