@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from orpo.cli import main
 from orpo.demo import DEMO_DIR, TOKENIZER_DIR, load_demo_dataset
-from orpo.quickstart import run_quickstart
+from orpo.quickstart import DEMO_ALPHA, run_quickstart
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_both_runs_are_scored_under_the_orpo_alpha(quick_run):
     _, comparison = quick_run
     # SFT trained with alpha=0, but evaluated with the ORPO run's alpha: its rewards are not all zero.
     sft = comparison["sft"]
-    assert sft["eval_rewards/chosen"] == pytest.approx(1.0 * sft["eval_logps/chosen"])
+    assert sft["eval_rewards/chosen"] == pytest.approx(DEMO_ALPHA * sft["eval_logps/chosen"])
     assert sft["eval_rewards/chosen"] != 0.0
 
 

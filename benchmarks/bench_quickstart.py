@@ -1,0 +1,61 @@
+"""Check the quickstart's targets (issue: ORPO beats SFT-only on held-out near-miss pairs) for some seeds.
+
+    python benchmarks/bench_quickstart.py [--seeds 0 1 2] [--max-steps N]
+
+For each seed it runs the whole ``orpo quickstart`` (both trainings, evaluation, generation) and prints
+the held-out numbers side by side with a pass/fail per target:
+ORPO reward accuracy >= 0.95; SFT-only accuracy lower; ORPO's rejected log-prob lower than SFT's; ORPO's
+margin larger; ORPO exact match >= 0.5; wall time <= 150 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+from orpo.quickstart import run_quickstart
+
+
+def check(comparison: dict, wall: float) -> dict[str, bool]:
+    orpo, sft = comparison["orpo"], comparison["sft"]
+    return {
+        "orpo accuracy >= 0.95": orpo["eval_rewards/accuracies"] >= 0.95,
+        "sft accuracy lower": sft["eval_rewards/accuracies"] < orpo["eval_rewards/accuracies"],
+        "orpo rejected logp lower": orpo["eval_logps/rejected"] < sft["eval_logps/rejected"],
+        "orpo margin larger": orpo["eval_rewards/margins"] > sft["eval_rewards/margins"],
+        "orpo exact match >= 0.5": orpo["exact_match"] >= 0.5,
+        "wall <= 150 s": wall <= 150,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--max-steps", type=int, default=None)
+    args = parser.parse_args()
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            comparison = run_quickstart(output_dir=out, max_steps=args.max_steps, seed=seed)
+            wall = time.perf_counter() - start
+        orpo, sft = comparison["orpo"], comparison["sft"]
+        print(f"\nseed {seed}: wall {wall:.1f} s")
+        for key in (
+            "eval_rewards/accuracies",
+            "eval_rewards/margins",
+            "eval_logps/chosen",
+            "eval_logps/rejected",
+            "eval_nll_loss",
+            "exact_match",
+            "train_seconds",
+        ):
+            print(f"  {key:<26} orpo {orpo[key]:>9.4f}   sft {sft[key]:>9.4f}")
+        for target, ok in check(comparison, wall).items():
+            print(f"  [{'pass' if ok else 'FAIL'}] {target}")
+
+
+if __name__ == "__main__":
+    main()
