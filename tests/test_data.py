@@ -143,3 +143,14 @@ def test_nothing_left_is_an_error(tokenizer):
     rows = [{"prompt": "x" * 50, "chosen": "a", "rejected": "b"}]
     with pytest.raises(OrpoError, match="no row is left"):
         tokenize_dataset(Dataset.from_list(rows), tokenizer, TruncationLimits(10, None), source="toy")
+
+
+def test_identical_chosen_and_rejected_is_a_counted_warning(tokenizer, caplog):
+    rows = [
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+    ]
+    with caplog.at_level(logging.WARNING, logger="orpo"):
+        ds, report = tokenize_dataset(Dataset.from_list(rows), tokenizer, TruncationLimits(), source="toy")
+    assert len(ds) == 2 and report.identical_pairs == 1
+    assert "1 rows have identical chosen and rejected" in caplog.text

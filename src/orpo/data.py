@@ -39,6 +39,7 @@ class TokenizeReport:
     source: str
     rows_in: int = 0
     prompts_truncated: int = 0
+    identical_pairs: int = 0
     responses_truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
 
@@ -48,6 +49,11 @@ class TokenizeReport:
 
     def summary(self) -> str:
         parts = [f"{self.source}: {self.rows_out} of {self.rows_in} rows kept"]
+        if self.identical_pairs:
+            parts.append(
+                f"{self.identical_pairs} rows have identical chosen and rejected tokens (kept; they carry no "
+                "preference signal, only NLL)"
+            )
         if self.prompts_truncated:
             parts.append(f"{self.prompts_truncated} prompts truncated (kept their end)")
         if self.responses_truncated:
@@ -215,6 +221,9 @@ def tokenize_dataset(
         desc=f"Tokenizing {source}",
     )
     report.prompts_truncated = sum(encoded["_prompt_truncated"])
+    report.identical_pairs = sum(
+        c == r for c, r in zip(encoded["chosen_input_ids"], encoded["rejected_input_ids"], strict=True)
+    )
     report.responses_truncated = sum(encoded["_response_truncated"])
     empty = [
         i
@@ -228,7 +237,7 @@ def tokenize_dataset(
         drop = set(empty)
         encoded = encoded.select([i for i in range(len(encoded)) if i not in drop])
     encoded = encoded.remove_columns(["_prompt_truncated", "_response_truncated"])
-    if report.prompts_truncated or report.responses_truncated or report.dropped:
+    if report.prompts_truncated or report.responses_truncated or report.dropped or report.identical_pairs:
         logger.warning(report.summary())
     if report.rows_out == 0:
         raise OrpoError(f"{source}: no row is left after tokenization ({report.summary()})")
