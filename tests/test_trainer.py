@@ -210,10 +210,23 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path, tokenizer):
 
     start = {n: p.detach().clone() for n, p in make_model(seed=3).named_parameters()}
     big, trainer = one_step(16, 1)
-    small, _ = one_step(4, 4)
+    small, small_trainer = one_step(4, 4)
     for name in start:
         update_big, update_small = big[name] - start[name], small[name] - start[name]
         assert torch.allclose(update_small, update_big, rtol=1e-4, atol=1e-7), name
+    # Logged metrics are means over the whole optimizer step too, not over the last micro-batch.
+    logged_big, logged_small = trainer.state.log_history[0], small_trainer.state.log_history[0]
+    for name in (
+        "loss",
+        "nll_loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "log_odds_ratio",
+        "logits/chosen",
+    ):
+        assert logged_small[name] == pytest.approx(logged_big[name], rel=1e-5, abs=1e-7), name
     # The check has teeth: micro-batches here hold different numbers of chosen tokens, so averaging
     # per micro-batch (the TRL #2628 bug) would weight tokens differently.
     sampler_order = list(trainer._get_train_sampler())[:16]
@@ -421,3 +434,15 @@ def test_remove_unused_columns_keeps_what_the_collator_needs(tmp_path, model, to
     )
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+def test_bf16_autocast_training_step_on_cpu(tmp_path, model, tokenizer, toy_dataset):
+    trainer = ORPOTrainer(
+        model=model,
+        args=config(tmp_path, bf16=True, use_cpu=True, max_steps=2, per_device_train_batch_size=4),
+        train_dataset=toy_dataset,
+        tokenizer=tokenizer,
+    )
+    trainer.train()
+    assert trainer._head_plan is not None  # the separated head agreed with the autocast model's own logits
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
