@@ -62,6 +62,19 @@ class ORPOConfig(TrainingArguments):
             "code do); False = the paper's equation, NLL of the chosen response only."
         },
     )
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Data format: auto, standard, conversational or implicit (prompt = shared prefix)."
+        },
+    )
+    dataset_columns: dict[str, str] | str | None = field(
+        default=None,
+        metadata={"help": "Map your column names onto prompt/chosen/rejected, e.g. {'prompt': 'question'}."},
+    )
+    skip_invalid_rows: bool = field(
+        default=False, metadata={"help": "Drop invalid rows (counted and reported) instead of stopping."}
+    )
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
     dataset_num_proc: int | None = field(
         default=None, metadata={"help": "Processes for dataset tokenization."}
@@ -85,7 +98,7 @@ class ORPOConfig(TrainingArguments):
         metadata={"help": "Kept False: the trainer selects the tokenized columns it needs itself."},
     )
 
-    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs", "dataset_columns"]
 
     def __post_init__(self):
         if self.beta is not None:

@@ -26,8 +26,10 @@ from orpo.collator import PaddedPairCollator
 from orpo.config import ORPOConfig
 from orpo.data import TOKENIZED_COLUMNS, TruncationLimits, tokenize_dataset
 from orpo.errors import OrpoError
+from orpo.formats import normalize_source
 from orpo.logprobs import chunked_target_logprobs, full_target_logprobs
 from orpo.loss import means_from_sums, orpo_loss
+from orpo.sources import load_source
 
 logger = logging.getLogger("orpo")
 
@@ -245,12 +247,21 @@ class ORPOTrainer(Trainer):
         return get_peft_model(model, peft_config)
 
     def _prepare_dataset(self, dataset, tokenizer, limits, args, name):
+        """Load (a path or hub name), normalise the format, tokenize and truncate one dataset."""
         if dataset is None:
             return None
-        if all(column in dataset.column_names for column in TOKENIZED_COLUMNS):
+        if isinstance(dataset, Dataset) and all(
+            column in dataset.column_names for column in TOKENIZED_COLUMNS
+        ):
             return dataset.select_columns(list(TOKENIZED_COLUMNS))
+        loaded = load_source(dataset, split="train" if name == "train_dataset" else "test")
+        if loaded.name == "dataset":
+            loaded.name = name
+        normalized, _, _ = normalize_source(
+            loaded, fmt=args.dataset_format, columns=args.dataset_columns, skip_invalid=args.skip_invalid_rows
+        )
         tokenized, report = tokenize_dataset(
-            dataset, tokenizer, limits, source=name, num_proc=args.dataset_num_proc
+            normalized, tokenizer, limits, source=loaded.name, num_proc=args.dataset_num_proc
         )
         self.tokenize_reports[name] = report
         return tokenized

@@ -1,0 +1,237 @@
+"""Detect a preference dataset's format and normalise every row to prompt / chosen / rejected.
+
+Formats (TRL's conventions, so hub preference sets load as they are):
+
+- ``standard``: ``prompt``, ``chosen``, ``rejected`` strings;
+- ``conversational``: ``prompt`` a list of ``{"role", "content"}`` messages, ``chosen`` /
+  ``rejected`` the assistant message(s) that follow; also ``prompt`` a string with ``chosen`` /
+  ``rejected`` whole conversations (UltraFeedback-binarized, orpo-dpo-mix-40k), and a ``system``
+  column (Intel/orca_dpo_pairs), which becomes a system message;
+- ``implicit``: only ``chosen`` / ``rejected``; the prompt is their longest common prefix, cut at
+  the last assistant turn (strings like Anthropic HH's "\\n\\nHuman: … \\n\\nAssistant: …", or
+  message lists).
+
+Other column names map onto these with ``columns={"prompt": "question", ...}``. Problems are
+collected per row with the row's origin (``file:line``) and reported together.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from datasets import Dataset
+
+from orpo.errors import OrpoError
+from orpo.sources import MAX_PROBLEMS_SHOWN, LoadedSource
+
+logger = logging.getLogger("orpo")
+
+FORMATS = ("standard", "conversational", "implicit")
+ROLES = ("system", "user", "assistant", "tool")
+# Where an assistant turn starts in plain-text transcripts; the prompt ends after the last one.
+ASSISTANT_MARKERS = ("\n\nAssistant:", "Assistant:", "<|im_start|>assistant\n", "[/INST]", "### Response:")
+PROMPT_ALIASES = ("question",)
+
+
+class RowProblem(Exception):
+    """One row's problem; the message names the field and what was expected."""
+
+
+def _messages(value, field: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise RowProblem(f"field '{field}' must be a list of messages, got {type(value).__name__}")
+    for k, message in enumerate(value, start=1):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RowProblem(f"field '{field}' message {k} needs 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise RowProblem(
+                f"field '{field}' message {k} has unknown role '{message['role']}' (use {', '.join(ROLES)})"
+            )
+        if not isinstance(message["content"], str):
+            raise RowProblem(f"field '{field}' message {k} content must be a string")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text(value, field: str, allow_empty: bool = False) -> str:
+    if value is None:
+        raise RowProblem(f"field '{field}' is null")
+    if not isinstance(value, str):
+        raise RowProblem(f"field '{field}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RowProblem(f"field '{field}' is empty")
+    return value
+
+
+def _check_roles(prompt: list[dict], responses: dict[str, list[dict]]) -> None:
+    for k, message in enumerate(prompt):
+        if message["role"] == "system" and k != 0:
+            raise RowProblem(f"field 'prompt' message {k + 1}: a system message may only come first")
+    if prompt and prompt[-1]["role"] == "assistant":
+        raise RowProblem("field 'prompt' ends with an assistant message; the response must come next")
+    for field, messages in responses.items():
+        if not messages:
+            raise RowProblem(f"field '{field}' has no messages")
+        if messages[0]["role"] != "assistant":
+            raise RowProblem(
+                f"field '{field}' must start with an assistant message, got '{messages[0]['role']}'"
+            )
+        if not any(m["content"].strip() for m in messages):
+            raise RowProblem(f"field '{field}' is empty")
+
+
+def _split_conversation(prompt_text: str | None, conversation: list[dict], field: str) -> list[dict]:
+    """The assistant part of a whole conversation whose first user turn is the prompt."""
+    k = 0
+    while k < len(conversation) and conversation[k]["role"] != "assistant":
+        k += 1
+    if k == len(conversation):
+        raise RowProblem(f"field '{field}' has no assistant message")
+    if prompt_text is not None and not any(m["content"] == prompt_text for m in conversation[:k]):
+        return conversation  # only the responses were given
+    return conversation[k:]
+
+
+def _implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    common = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        common += 1
+    shared = chosen[:common]
+    ends = [shared.rfind(marker) + len(marker) for marker in ASSISTANT_MARKERS if marker in shared]
+    if not ends:
+        raise RowProblem(
+            "implicit prompt: no assistant marker (e.g. '\\n\\nAssistant:') in the text chosen and rejected "
+            "share, so the prompt cannot be found"
+        )
+    end = max(ends)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _implicit_messages(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    common = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        common += 1
+    if common >= min(len(chosen), len(rejected)):
+        # Identical (or one a prefix of the other): the responses are the last assistant turn.
+        assistant_turns = [i for i, m in enumerate(chosen) if m["role"] == "assistant"]
+        common = assistant_turns[-1] if assistant_turns else common
+    return chosen[:common], chosen[common:], rejected[common:]
+
+
+def detect_format(columns: list[str], first_row: dict) -> str:
+    """``standard``, ``conversational`` or ``implicit`` from the (mapped) columns and one row."""
+    if "chosen" not in columns or "rejected" not in columns:
+        raise OrpoError(
+            f"the data needs 'chosen' and 'rejected' columns, found {columns}; map yours with columns="
+        )
+    if "prompt" not in columns:
+        return "implicit"
+    if isinstance(first_row.get("prompt"), list) or isinstance(first_row.get("chosen"), list):
+        return "conversational"
+    if "system" in columns:
+        return "conversational"
+    return "standard"
+
+
+def normalize_row(row: dict, fmt: str) -> dict:
+    """One row as ``{"prompt", "chosen", "rejected"}`` in ``fmt``; raises :class:`RowProblem`."""
+    if fmt == "implicit":
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        if isinstance(chosen, list) or isinstance(rejected, list):
+            chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+            prompt, chosen, rejected = _implicit_messages(chosen, rejected)
+            _check_roles(prompt, {"chosen": chosen, "rejected": rejected})
+        else:
+            prompt, chosen, rejected = _implicit_text(_text(chosen, "chosen"), _text(rejected, "rejected"))
+            _text(chosen, "chosen")
+            _text(rejected, "rejected")
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    for field in ("prompt", "chosen", "rejected"):
+        if field not in row or (row[field] is None and field != "prompt"):
+            raise RowProblem(f"missing field '{field}'")
+    if fmt == "standard":
+        return {
+            "prompt": _text(row["prompt"], "prompt", allow_empty=True),
+            "chosen": _text(row["chosen"], "chosen"),
+            "rejected": _text(row["rejected"], "rejected"),
+        }
+    if isinstance(row["prompt"], list):
+        prompt, prompt_text = _messages(row["prompt"], "prompt"), None
+    else:
+        prompt_text = _text(row["prompt"], "prompt")
+        prompt = [{"role": "user", "content": prompt_text}]
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and not (prompt and prompt[0]["role"] == "system"):
+        prompt = [{"role": "system", "content": system}] + prompt
+    responses = {}
+    for field in ("chosen", "rejected"):
+        value = row[field]
+        if isinstance(value, str):
+            responses[field] = [{"role": "assistant", "content": _text(value, field)}]
+        else:
+            responses[field] = _split_conversation(prompt_text, _messages(value, field), field)
+    _check_roles(prompt, responses)
+    return {"prompt": prompt, **responses}
+
+
+def normalize_source(
+    loaded: LoadedSource,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    skip_invalid: bool = False,
+) -> tuple[Dataset, str, list[str]]:
+    """Map columns, detect the format and normalise every row.
+
+    Returns ``(dataset, format, skipped)``: the rows as prompt / chosen / rejected, the format, and
+    the problems of rows dropped with ``skip_invalid`` (otherwise any problem raises an
+    :class:`OrpoError` listing up to 10 of them with their origins).
+    """
+    dataset = loaded.dataset
+    if columns:
+        missing = [source for source in columns.values() if source not in dataset.column_names]
+        if missing:
+            raise OrpoError(
+                f"{loaded.name}: column mapping names missing columns {missing}; found {dataset.column_names}"
+            )
+        dataset = dataset.rename_columns({src: dst for dst, src in columns.items() if src != dst})
+    if "prompt" not in dataset.column_names:
+        for alias in PROMPT_ALIASES:
+            if alias in dataset.column_names:
+                dataset = dataset.rename_column(alias, "prompt")
+                break
+    if len(dataset) == 0:
+        raise OrpoError(f"{loaded.name}: no rows")
+    if fmt == "auto":
+        fmt = detect_format(dataset.column_names, dataset[0])
+    elif fmt not in FORMATS:
+        raise OrpoError(f"unknown data format '{fmt}' (use auto, {', '.join(FORMATS)})")
+    rows, problems, identical = [], [], 0
+    for origin, row in zip(loaded.origins, dataset, strict=True):
+        try:
+            normalized = normalize_row(row, fmt)
+        except RowProblem as problem:
+            problems.append(f"{origin}: {problem}")
+            continue
+        identical += normalized["chosen"] == normalized["rejected"]
+        rows.append(normalized)
+    if problems and not skip_invalid:
+        shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
+        more = (
+            f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more"
+            if len(problems) > MAX_PROBLEMS_SHOWN
+            else ""
+        )
+        raise OrpoError(
+            f"{len(problems)} invalid row(s) in {loaded.name} ({fmt} format):\n  {shown}{more}\n"
+            "fix them, or skip them with skip_invalid_rows=True (--skip-invalid)"
+        )
+    if problems:
+        logger.warning(f"{loaded.name}: skipped {len(problems)} invalid row(s); first: {problems[0]}")
+    if identical:
+        logger.warning(f"{loaded.name}: {identical} row(s) have identical chosen and rejected")
+    if not rows:
+        raise OrpoError(f"{loaded.name}: no valid rows")
+    return Dataset.from_list(rows), fmt, problems

@@ -1,0 +1,157 @@
+"""Load preference rows from wherever they live, remembering where each row came from.
+
+A source is a path (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, a ``Dataset.save_to_disk``
+directory, or a directory of such files), a hub dataset name, or an in-memory ``datasets.Dataset``
+/ ``DatasetDict``. Every row keeps its origin (``file:line`` for JSONL, ``file:row`` for CSV and
+Parquet), so later validation errors can point at it. Reading errors (bad JSON, non-UTF-8 bytes)
+name the file, the line and the byte offset.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+
+from orpo.errors import OrpoError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MAX_PROBLEMS_SHOWN = 10
+
+
+@dataclass
+class LoadedSource:
+    """Rows of one source and, per row, where it came from (``"file.jsonl:12"``)."""
+
+    name: str
+    dataset: Dataset
+    origins: list[str]
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    rows, origins, problems = [], [], []
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            start = offset
+            offset += len(raw)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problems.append(f"{path}:{number}: not UTF-8 (byte offset {start + err.start} in the file)")
+                continue
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                problems.append(f"{path}:{number}: bad JSON at column {err.colno}: {err.msg}")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+                continue
+            rows.append(row)
+            origins.append(f"{path}:{number}")
+    _raise_problems(problems)
+    return rows, origins
+
+
+def _read_json(path: Path) -> tuple[list[dict], list[str]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise OrpoError(f"{path}: not UTF-8 (byte offset {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise OrpoError(f"{path}:{err.lineno}: bad JSON at column {err.colno}: {err.msg}") from err
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise OrpoError(f'{path}: expected a list of rows or {{"data": [...]}}, got {type(data).__name__}')
+    bad = [i for i, row in enumerate(data) if not isinstance(row, dict)]
+    if bad:
+        raise OrpoError(
+            f"{path}: rows {', '.join(str(i + 1) for i in bad[:MAX_PROBLEMS_SHOWN])} are not objects"
+        )
+    return data, [f"{path}: row {i + 1}" for i in range(len(data))]
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = [dict(row) for row in reader]
+    except UnicodeDecodeError as err:
+        raise OrpoError(f"{path}: not UTF-8 (byte offset {err.start})") from err
+    # Line 1 is the header, so data row k is on line k + 1 (for rows without embedded newlines).
+    return rows, [f"{path}:{i + 2}" for i in range(len(rows))]
+
+
+def _read_file(path: Path) -> LoadedSource:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        dataset = Dataset.from_parquet(str(path))
+        return LoadedSource(str(path), dataset, [f"{path}: row {i + 1}" for i in range(len(dataset))])
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}.get(suffix)
+    if reader is None:
+        raise OrpoError(f"{path}: unsupported file type '{suffix}' (use {', '.join(FILE_SUFFIXES)})")
+    rows, origins = reader(path)
+    if not rows:
+        raise OrpoError(f"{path}: no rows")
+    try:
+        dataset = Dataset.from_list(rows)
+    except Exception as err:  # pyarrow type clashes between rows
+        raise OrpoError(f"{path}: rows do not share one schema ({err})") from err
+    return LoadedSource(str(path), dataset, origins)
+
+
+def _raise_problems(problems: list[str]) -> None:
+    if problems:
+        shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
+        more = (
+            f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more"
+            if len(problems) > MAX_PROBLEMS_SHOWN
+            else ""
+        )
+        raise OrpoError(f"{len(problems)} problem(s) reading the data:\n  {shown}{more}")
+
+
+def load_source(source, split: str = "train", subset: str | None = None) -> LoadedSource:
+    """Load one source (see the module docstring); ``split``/``subset`` pick from hub datasets and
+    ``DatasetDict``s."""
+    if isinstance(source, DatasetDict):
+        if split not in source:
+            raise OrpoError(f"DatasetDict has splits {sorted(source)}, not '{split}'")
+        source = source[split]
+    if isinstance(source, Dataset):
+        return LoadedSource("dataset", source, [f"dataset row {i + 1}" for i in range(len(source))])
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        return _read_file(path)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return load_source(load_from_disk(str(path)), split=split)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
+        if not files:
+            raise OrpoError(f"{path}: no {', '.join(FILE_SUFFIXES)} files and not a save_to_disk directory")
+        parts = [_read_file(p) for p in files]
+        return LoadedSource(
+            str(path), concatenate_datasets([p.dataset for p in parts]), [o for p in parts for o in p.origins]
+        )
+    if path.suffix.lower() in FILE_SUFFIXES or str(source).startswith((".", "/", "~")):
+        raise OrpoError(f"{source}: no such file or directory")
+    return _load_hub(str(source), split, subset)
+
+
+def _load_hub(name: str, split: str, subset: str | None) -> LoadedSource:
+    try:
+        dataset = load_dataset(name, subset, split=split)
+    except Exception as err:  # network, missing dataset or split: all user-facing
+        raise OrpoError(
+            f"could not load hub dataset '{name}' (subset={subset}, split={split}): {err}"
+        ) from err
+    return LoadedSource(
+        f"{name}[{split}]", dataset, [f"{name}[{split}] row {i + 1}" for i in range(len(dataset))]
+    )
