@@ -151,7 +151,7 @@ def normalize_row(row: dict, fmt: str) -> dict:
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     for field in ("prompt", "chosen", "rejected"):
         if field not in row or (row[field] is None and field != "prompt"):
-            raise RowProblem(f"missing field '{field}'")
+            raise RowProblem(f"missing field '{field}' (absent or null)")
     if fmt == "standard":
         return {
             "prompt": _text(row["prompt"], "prompt", allow_empty=True),
@@ -171,7 +171,9 @@ def normalize_row(row: dict, fmt: str) -> dict:
         value = row[field]
         if isinstance(value, str):
             responses[field] = [{"role": "assistant", "content": _text(value, field)}]
-        else:
+        elif prompt_text is None:
+            responses[field] = _messages(value, field)
+        else:  # a whole conversation next to a string prompt (UltraFeedback-binarized)
             responses[field] = _split_conversation(prompt_text, _messages(value, field), field)
     _check_roles(prompt, responses)
     return {"prompt": prompt, **responses}
@@ -189,29 +191,30 @@ def normalize_source(
     the problems of rows dropped with ``skip_invalid`` (otherwise any problem raises an
     :class:`OrpoError` listing up to 10 of them with their origins).
     """
-    dataset = loaded.dataset
+    present = loaded.columns
+    renames = {}
     if columns:
-        missing = [source for source in columns.values() if source not in dataset.column_names]
+        # A source that already uses the target name needs no mapping (e.g. an eval file in standard form).
+        missing = [src for dst, src in columns.items() if src not in present and dst not in present]
         if missing:
-            raise OrpoError(
-                f"{loaded.name}: column mapping names missing columns {missing}; found {dataset.column_names}"
-            )
-        dataset = dataset.rename_columns({src: dst for dst, src in columns.items() if src != dst})
-    if "prompt" not in dataset.column_names:
-        for alias in PROMPT_ALIASES:
-            if alias in dataset.column_names:
-                dataset = dataset.rename_column(alias, "prompt")
-                break
-    if len(dataset) == 0:
+            raise OrpoError(f"{loaded.name}: column mapping names missing columns {missing}; found {present}")
+        renames = {src: dst for dst, src in columns.items() if src != dst and src in present}
+    if "prompt" not in present and "prompt" not in renames.values():
+        alias = next((a for a in PROMPT_ALIASES if a in present), None)
+        if alias is not None:
+            renames[alias] = "prompt"
+    mapped_columns = [renames.get(c, c) for c in present]
+    if len(loaded.rows) == 0:
         raise OrpoError(f"{loaded.name}: no rows")
+    first = {renames.get(k, k): v for k, v in loaded.rows[0].items()}
     if fmt == "auto":
-        fmt = detect_format(dataset.column_names, dataset[0])
+        fmt = detect_format(mapped_columns, first)
     elif fmt not in FORMATS:
         raise OrpoError(f"unknown data format '{fmt}' (use auto, {', '.join(FORMATS)})")
     rows, problems, identical = [], [], 0
-    for origin, row in zip(loaded.origins, dataset, strict=True):
+    for origin, row in zip(loaded.origins, loaded.rows, strict=True):
         try:
-            normalized = normalize_row(row, fmt)
+            normalized = normalize_row({renames.get(k, k): v for k, v in row.items()}, fmt)
         except RowProblem as problem:
             problems.append(f"{origin}: {problem}")
             continue

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from orpo.errors import OrpoError
 
@@ -24,11 +24,24 @@ MAX_PROBLEMS_SHOWN = 10
 
 @dataclass
 class LoadedSource:
-    """Rows of one source and, per row, where it came from (``"file.jsonl:12"``)."""
+    """Rows of one source and, per row, where it came from (``"file.jsonl:12"``).
+
+    ``rows`` is a list of dicts for JSON/JSONL/CSV files (validated before any schema is imposed,
+    so a wrongly typed field is a row problem, not a pyarrow error) or a ``datasets.Dataset``.
+    """
 
     name: str
-    dataset: Dataset
+    rows: list[dict] | Dataset
     origins: list[str]
+
+    @property
+    def columns(self) -> list[str]:
+        if isinstance(self.rows, Dataset):
+            return list(self.rows.column_names)
+        names: dict[str, None] = {}
+        for row in self.rows:
+            names.update(dict.fromkeys(row))
+        return list(names)
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
@@ -100,11 +113,7 @@ def _read_file(path: Path) -> LoadedSource:
     rows, origins = reader(path)
     if not rows:
         raise OrpoError(f"{path}: no rows")
-    try:
-        dataset = Dataset.from_list(rows)
-    except Exception as err:  # pyarrow type clashes between rows
-        raise OrpoError(f"{path}: rows do not share one schema ({err})") from err
-    return LoadedSource(str(path), dataset, origins)
+    return LoadedSource(str(path), rows, origins)
 
 
 def _raise_problems(problems: list[str]) -> None:
@@ -137,9 +146,8 @@ def load_source(source, split: str = "train", subset: str | None = None) -> Load
         if not files:
             raise OrpoError(f"{path}: no {', '.join(FILE_SUFFIXES)} files and not a save_to_disk directory")
         parts = [_read_file(p) for p in files]
-        return LoadedSource(
-            str(path), concatenate_datasets([p.dataset for p in parts]), [o for p in parts for o in p.origins]
-        )
+        rows = [dict(row) for part in parts for row in part.rows]
+        return LoadedSource(str(path), rows, [o for part in parts for o in part.origins])
     if path.suffix.lower() in FILE_SUFFIXES or str(source).startswith((".", "/", "~")):
         raise OrpoError(f"{source}: no such file or directory")
     return _load_hub(str(source), split, subset)

@@ -1,0 +1,202 @@
+"""Table-driven: one small file per format and per bad case (tests/data/)."""
+
+import logging
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+import orpo.sources
+from orpo.data import PairTokenizer
+from orpo.errors import OrpoError
+from orpo.formats import normalize_source
+from orpo.sources import load_source
+
+DATA = Path(__file__).parent / "data"
+HH_PROMPT = "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: 2+2?\n\nAssistant:"
+
+
+def normalized(name, **kwargs):
+    return normalize_source(load_source(DATA / name), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,fmt,prompt,chosen,rejected",
+    [
+        ("standard.jsonl", {}, "standard", "2+2=", "4", "5"),
+        (
+            "conversational.jsonl",
+            {},
+            "conversational",
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+            [{"role": "assistant", "content": "4"}],
+            [{"role": "assistant", "content": "5"}],
+        ),
+        ("implicit_text.jsonl", {}, "implicit", HH_PROMPT, " 4", " 5"),
+        (
+            "implicit_messages.jsonl",
+            {},
+            "implicit",
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "2+2?"},
+            ],
+            [{"role": "assistant", "content": "4"}],
+            [{"role": "assistant", "content": "5"}],
+        ),
+        (
+            "ultrafeedback.jsonl",
+            {},
+            "conversational",
+            [{"role": "user", "content": "2+2?"}],
+            [{"role": "assistant", "content": "4"}],
+            [{"role": "assistant", "content": "5"}],
+        ),
+        (
+            "orca.json",
+            {},
+            "conversational",
+            [{"role": "system", "content": "You are a calculator."}, {"role": "user", "content": "2+2?"}],
+            [{"role": "assistant", "content": "4"}],
+            [{"role": "assistant", "content": "5"}],
+        ),
+        (
+            "stack_exchange.csv",
+            {"columns": {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}},
+            "standard",
+            "How do I add, in Python?",
+            "Use +.",
+            "Use -.",
+        ),
+    ],
+)
+def test_good_formats_are_detected_and_normalised(name, kwargs, fmt, prompt, chosen, rejected):
+    dataset, detected, skipped = normalized(name, **kwargs)
+    assert detected == fmt and skipped == []
+    assert dataset[0] == {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("bad_json.jsonl", r"bad_json.jsonl:2: bad JSON at column \d+"),
+        ("non_utf8.jsonl", r"non_utf8.jsonl:2: not UTF-8 \(byte offset 63 in the file\)"),
+        ("missing_field.jsonl", r"missing_field.jsonl:2: missing field 'rejected'"),
+        ("empty_response.jsonl", r"empty_response.jsonl:2: field 'chosen' is empty"),
+        ("null_response.jsonl", r"null_response.jsonl:1: missing field 'chosen' \(absent or null\)"),
+        ("non_string.jsonl", r"non_string.jsonl:2: field 'rejected' must be a string, got int"),
+        (
+            "message_without_role.jsonl",
+            r"message_without_role.jsonl:1: field 'prompt' message 1 needs 'role'",
+        ),
+        ("unknown_role.jsonl", r"unknown_role.jsonl:1: field 'prompt' message 1 has unknown role 'human'"),
+        (
+            "roles_out_of_order.jsonl",
+            r"roles_out_of_order.jsonl:1: field 'chosen' must start with an assistant message, got 'user'",
+        ),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(name, message):
+    with pytest.raises(OrpoError, match=message):
+        normalized(name)
+
+
+def test_up_to_ten_problems_are_listed_at_once():
+    with pytest.raises(OrpoError) as err:
+        normalized("many_bad.jsonl")
+    text = str(err.value)
+    assert text.startswith("12 invalid row(s)")
+    assert "many_bad.jsonl:10: field 'chosen' is empty" in text and "many_bad.jsonl:11" not in text
+    assert "... and 2 more" in text and "skip_invalid_rows" in text
+
+
+def test_skip_invalid_drops_rows_and_says_how_many(caplog):
+    with caplog.at_level(logging.WARNING, logger="orpo"):
+        dataset, _, skipped = normalized("empty_response.jsonl", skip_invalid=True)
+    assert len(dataset) == 1 and len(skipped) == 1
+    assert "skipped 1 invalid row(s)" in caplog.text and "empty_response.jsonl:2" in caplog.text
+
+
+def test_identical_pair_is_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="orpo"):
+        dataset, _, _ = normalized("identical.jsonl")
+    assert len(dataset) == 2 and "1 row(s) have identical chosen and rejected" in caplog.text
+
+
+def test_parquet_save_to_disk_and_directory_sources(tmp_path):
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r"}] * 3
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    loaded = load_source(tmp_path / "rows.parquet")
+    assert len(loaded.rows) == 3 and loaded.origins[2].endswith("rows.parquet: row 3")
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    assert len(load_source(tmp_path / "saved").rows) == 3
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("standard.jsonl", "orca.json"):
+        (folder / name).write_bytes((DATA / name).read_bytes())
+    (folder / "standard_copy.jsonl").write_bytes((DATA / "standard.jsonl").read_bytes())
+    loaded = load_source(folder)
+    assert len(loaded.rows) == 5  # 1 + 2 + 2 rows, files in name order
+    assert loaded.origins[0].endswith("orca.json: row 1") and loaded.origins[-1].endswith(
+        "standard_copy.jsonl:2"
+    )
+
+
+def test_in_memory_and_hub_sources(monkeypatch):
+    rows = Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    assert load_source(rows).origins == ["dataset row 1"]
+    assert len(load_source(DatasetDict({"test": rows}), split="test").rows) == 1
+    calls = []
+
+    def fake_load_dataset(name, subset, split):
+        calls.append((name, subset, split))
+        return rows
+
+    monkeypatch.setattr(orpo.sources, "load_dataset", fake_load_dataset)
+    loaded = load_source("org/prefs", split="train_prefs", subset="en")
+    assert calls == [("org/prefs", "en", "train_prefs")]
+    assert loaded.origins == ["org/prefs[train_prefs] row 1"]
+
+
+def test_missing_path_is_a_clear_error():
+    with pytest.raises(OrpoError, match="nope.jsonl: no such file"):
+        load_source("nope.jsonl")
+
+
+@pytest.mark.parametrize("name", ["conversational.jsonl", "implicit_messages.jsonl", "orca.json"])
+def test_rendered_conversations_have_one_generation_prompt_and_one_eos(tokenizer, name):
+    dataset, _, _ = normalized(name)
+    ids = PairTokenizer(tokenizer)(dataset[0], 0)
+    prompt = tokenizer.decode(ids["prompt_input_ids"])
+    assert prompt.endswith("<|im_start|>assistant\n") and prompt.count(
+        "<|im_start|>assistant\n"
+    ) == prompt.count("<|im_start|>assistant")
+    assert prompt.count("<|im_start|>assistant\n") == 1 + sum(
+        m["role"] == "assistant" for m in dataset[0]["prompt"]
+    )
+    for key in ("chosen_input_ids", "rejected_input_ids"):
+        assert ids[key].count(tokenizer.eos_token_id) == 1
+
+
+def test_trainer_takes_a_path_and_a_column_mapping(tmp_path, tokenizer):
+    from conftest import make_model
+
+    from orpo import ORPOConfig, ORPOTrainer
+
+    args = ORPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",
+                      dataset_columns={"prompt": "question", "chosen": "response_j", "rejected": "response_k"})
+    trainer = ORPOTrainer(model=make_model(), args=args, train_dataset=str(DATA / "stack_exchange.csv"),
+                          eval_dataset=str(DATA / "implicit_text.jsonl"), tokenizer=tokenizer)
+    assert len(trainer.train_dataset) == 2
+    trainer.train()
+
+
+def test_trainer_reports_bad_files_with_their_lines(tmp_path, tokenizer):
+    from conftest import make_model
+
+    from orpo import ORPOConfig, ORPOTrainer
+
+    with pytest.raises(OrpoError, match="empty_response.jsonl:2: field 'chosen' is empty"):
+        ORPOTrainer(model=make_model(), args=ORPOConfig(output_dir=str(tmp_path), report_to="none"),
+                    train_dataset=str(DATA / "empty_response.jsonl"), tokenizer=tokenizer)
