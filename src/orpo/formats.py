@@ -194,8 +194,11 @@ def normalize_source(
     present = loaded.columns
     renames = {}
     if columns:
-        # A source that already uses the target name needs no mapping (e.g. an eval file in standard form).
-        missing = [src for dst, src in columns.items() if src not in present and dst not in present]
+        # A source that already uses the target name needs no mapping (e.g. an eval file in standard form),
+        # and implicit-prompt data has no prompt column at all.
+        missing = [
+            src for dst, src in columns.items() if src not in present and dst not in present and dst != "prompt"
+        ]
         if missing:
             raise OrpoError(f"{loaded.name}: column mapping names missing columns {missing}; found {present}")
         renames = {src: dst for dst, src in columns.items() if src != dst and src in present}
