@@ -184,10 +184,20 @@ def test_trainer_takes_a_path_and_a_column_mapping(tmp_path, tokenizer):
 
     from orpo import ORPOConfig, ORPOTrainer
 
-    args = ORPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",
-                      dataset_columns={"prompt": "question", "chosen": "response_j", "rejected": "response_k"})
-    trainer = ORPOTrainer(model=make_model(), args=args, train_dataset=str(DATA / "stack_exchange.csv"),
-                          eval_dataset=str(DATA / "implicit_text.jsonl"), tokenizer=tokenizer)
+    args = ORPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to="none",
+        dataset_columns={"prompt": "question", "chosen": "response_j", "rejected": "response_k"},
+    )
+    trainer = ORPOTrainer(
+        model=make_model(),
+        args=args,
+        train_dataset=str(DATA / "stack_exchange.csv"),
+        eval_dataset=str(DATA / "implicit_text.jsonl"),
+        tokenizer=tokenizer,
+    )
     assert len(trainer.train_dataset) == 2
     trainer.train()
 
@@ -198,5 +208,9 @@ def test_trainer_reports_bad_files_with_their_lines(tmp_path, tokenizer):
     from orpo import ORPOConfig, ORPOTrainer
 
     with pytest.raises(OrpoError, match="empty_response.jsonl:2: field 'chosen' is empty"):
-        ORPOTrainer(model=make_model(), args=ORPOConfig(output_dir=str(tmp_path), report_to="none"),
-                    train_dataset=str(DATA / "empty_response.jsonl"), tokenizer=tokenizer)
+        ORPOTrainer(
+            model=make_model(),
+            args=ORPOConfig(output_dir=str(tmp_path), report_to="none"),
+            train_dataset=str(DATA / "empty_response.jsonl"),
+            tokenizer=tokenizer,
+        )

@@ -197,7 +197,9 @@ def normalize_source(
         # A source that already uses the target name needs no mapping (e.g. an eval file in standard form),
         # and implicit-prompt data has no prompt column at all.
         missing = [
-            src for dst, src in columns.items() if src not in present and dst not in present and dst != "prompt"
+            src
+            for dst, src in columns.items()
+            if src not in present and dst not in present and dst != "prompt"
         ]
         if missing:
             raise OrpoError(f"{loaded.name}: column mapping names missing columns {missing}; found {present}")

@@ -1,0 +1,68 @@
+"""``orpo check-data``: load, validate and summarise a preference dataset before training on it."""
+
+from __future__ import annotations
+
+from orpo.data import TruncationLimits, tokenize_dataset
+from orpo.formats import normalize_source
+from orpo.sources import load_source
+
+BOUNDARY = "⟦|⟧"  # marks where the prompt ends and the response begins
+
+
+def _percentiles(lengths: list[int]) -> str:
+    ordered = sorted(lengths)
+
+    def at(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return f"p50 {at(0.5):>6}  p90 {at(0.9):>6}  p99 {at(0.99):>6}  max {ordered[-1]:>6}"
+
+
+def check_data(
+    source,
+    tokenizer=None,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    limits: TruncationLimits | None = None,
+    skip_invalid: bool = False,
+    split: str = "train",
+) -> str:
+    """The report ``orpo check-data`` prints; raises :class:`orpo.OrpoError` listing the problems
+    (file:line: field: what) when rows are invalid and ``skip_invalid`` is off."""
+    loaded = load_source(source, split=split)
+    dataset, detected, skipped = normalize_source(loaded, fmt=fmt, columns=columns, skip_invalid=skip_invalid)
+    lines = [f"source:  {loaded.name}", f"format:  {detected}", f"rows:    {len(dataset)} valid"]
+    if skipped:
+        lines.append(f"skipped: {len(skipped)} invalid rows, e.g.")
+        lines += [f"  {problem}" for problem in skipped[:10]]
+    if tokenizer is None:
+        lines.append("(give --tokenizer to see token lengths, truncation and the rendered first row)")
+        return "\n".join(lines)
+
+    untruncated, _ = tokenize_dataset(
+        dataset, tokenizer, TruncationLimits(None, None, None), source=loaded.name
+    )
+    lines.append("token lengths:")
+    for name in ("prompt", "chosen", "rejected"):
+        lengths = [len(ids) for ids in untruncated[f"{name}_input_ids"]]
+        lines.append(f"  {name:<9}{_percentiles(lengths)}")
+    limits = limits or TruncationLimits()
+    truncated, report = tokenize_dataset(dataset, tokenizer, limits, source=loaded.name)
+    lines.append(
+        f"at max_length={limits.max_length}, max_prompt_length={limits.max_prompt_length}, "
+        f"max_completion_length={limits.max_completion_length}:"
+    )
+    lines.append(
+        f"  {report.prompts_truncated} prompts truncated, {report.responses_truncated} rows with a response "
+        f"truncated, {sum(report.dropped.values())} rows dropped"
+    )
+    for reason, count in report.dropped.items():
+        lines.append(f"  dropped {count}: {reason}")
+    if report.identical_pairs:
+        lines.append(f"  {report.identical_pairs} rows with identical chosen and rejected")
+    first = truncated[0]
+    prompt = tokenizer.decode(first["prompt_input_ids"])
+    lines.append(f"first row as the model sees it ({BOUNDARY} = where the scored response starts):")
+    for name in ("chosen", "rejected"):
+        lines.append(f"  {name}: {prompt + BOUNDARY + tokenizer.decode(first[f'{name}_input_ids'])!r}")
+    return "\n".join(lines)

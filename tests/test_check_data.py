@@ -1,0 +1,54 @@
+from pathlib import Path
+
+from orpo.cli import main
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_check_data_reports_format_lengths_truncation_and_rendering(capsys):
+    code = main(
+        [
+            "check-data",
+            str(DATA / "conversational.jsonl"),
+            "--tokenizer",
+            "demo",
+            "--max-length",
+            "44",
+            "--max-prompt-length",
+            "40",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "format:  conversational" in out and "rows:    1 valid" in out
+    assert "prompt   p50     42" in out
+    assert "1 prompts truncated" in out
+    assert "⟦|⟧4<|im_end|>" in out  # the scored response starts right after the generation prompt
+
+
+def test_check_data_lists_problems_and_exits_non_zero(capsys):
+    code = main(["check-data", str(DATA / "many_bad.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "many_bad.jsonl:1: field 'chosen' is empty" in err and "... and 2 more" in err
+    assert "Traceback" not in err
+
+
+def test_check_data_column_mapping_and_skip_invalid(capsys):
+    assert (
+        main(
+            [
+                "check-data",
+                str(DATA / "stack_exchange.csv"),
+                "--columns",
+                "prompt=question,chosen=response_j,rejected=response_k",
+            ]
+        )
+        == 0
+    )
+    assert "rows:    2 valid" in capsys.readouterr().out
+    assert main(["check-data", str(DATA / "empty_response.jsonl"), "--skip-invalid"]) == 0
+    out = capsys.readouterr().out
+    assert "rows:    1 valid" in out and "empty_response.jsonl:2: field 'chosen' is empty" in out
+    assert main(["check-data", str(DATA / "standard.jsonl"), "--columns", "answer=x"]) == 2
+    assert "--columns takes prompt=COL" in capsys.readouterr().err
