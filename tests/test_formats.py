@@ -181,7 +181,6 @@ def test_rendered_conversations_have_one_generation_prompt_and_one_eos(tokenizer
 
 def test_trainer_takes_a_path_and_a_column_mapping(tmp_path, tokenizer):
     from conftest import make_model
-
     from orpo import ORPOConfig, ORPOTrainer
 
     args = ORPOConfig(
@@ -204,7 +203,6 @@ def test_trainer_takes_a_path_and_a_column_mapping(tmp_path, tokenizer):
 
 def test_trainer_reports_bad_files_with_their_lines(tmp_path, tokenizer):
     from conftest import make_model
-
     from orpo import ORPOConfig, ORPOTrainer
 
     with pytest.raises(OrpoError, match="empty_response.jsonl:2: field 'chosen' is empty"):
