@@ -212,3 +212,30 @@ def test_trainer_reports_bad_files_with_their_lines(tmp_path, tokenizer):
             train_dataset=str(DATA / "empty_response.jsonl"),
             tokenizer=tokenizer,
         )
+
+
+def test_mixing_sources_with_weights_gives_the_expected_counts(tmp_path):
+    from orpo.formats import load_preference_data
+
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(10)]
+    Dataset.from_list(rows).to_json(str(tmp_path / "ten.jsonl"))
+    mixed, fmt, name = load_preference_data(
+        [
+            {"path": str(tmp_path / "ten.jsonl"), "weight": 0.5},
+            (str(DATA / "standard.jsonl"), 3),
+            str(DATA / "stack_exchange.csv"),
+        ],
+        columns={"prompt": "question", "chosen": "response_j", "rejected": "response_k"},
+    )
+    assert len(mixed) == 5 + 3 * 2 + 2 and fmt == "standard"
+    assert len(set(mixed["prompt"][:5])) == 5  # a subset, not a repeat
+    assert "x0.5" in name and "x3" in name
+    again, _, _ = load_preference_data([{"path": str(tmp_path / "ten.jsonl"), "weight": 0.5}])
+    assert again["prompt"] == mixed["prompt"][:5]  # seeded
+
+
+def test_mixing_text_and_conversational_sources_is_an_error():
+    from orpo.formats import load_preference_data
+
+    with pytest.raises(OrpoError, match="mix plain-text and conversational rows"):
+        load_preference_data([str(DATA / "standard.jsonl"), str(DATA / "conversational.jsonl")])

@@ -22,7 +22,7 @@ import logging
 from datasets import Dataset
 
 from orpo.errors import OrpoError
-from orpo.sources import MAX_PROBLEMS_SHOWN, LoadedSource
+from orpo.sources import MAX_PROBLEMS_SHOWN, LoadedSource, load_source
 
 logger = logging.getLogger("orpo")
 
@@ -243,3 +243,60 @@ def normalize_source(
     if not rows:
         raise OrpoError(f"{loaded.name}: no valid rows")
     return Dataset.from_list(rows), fmt, problems
+
+
+def _source_and_weight(spec) -> tuple[object, float]:
+    if isinstance(spec, dict) and "path" in spec:
+        return spec["path"], float(spec.get("weight", 1.0))
+    if isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], int | float):
+        return spec[0], float(spec[1])
+    return spec, 1.0
+
+
+def _take(dataset: Dataset, weight: float, seed: int) -> Dataset:
+    """``weight`` times the rows: whole copies, then a seeded random fraction of one more."""
+    import random
+
+    whole = int(weight)
+    order = list(range(len(dataset)))
+    random.Random(seed).shuffle(order)
+    indices = list(range(len(dataset))) * whole + order[: round((weight - whole) * len(dataset))]
+    return dataset.select(indices)
+
+
+def load_preference_data(
+    spec,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    skip_invalid: bool = False,
+    split: str = "train",
+    seed: int = 0,
+) -> tuple[Dataset, str, str]:
+    """Load, validate and normalise one source or a weighted mix of sources.
+
+    ``spec`` is a source (path, hub name, ``Dataset``...) or a list of sources, each optionally with a
+    weight: ``[{"path": "a.jsonl", "weight": 0.5}, ("b.jsonl", 2.0), "c.jsonl"]``. A weight below 1
+    keeps that fraction of the source's rows (a seeded random subset), above 1 repeats them.
+    Returns ``(dataset, format, name)``.
+    """
+    from datasets import concatenate_datasets
+
+    specs = spec if isinstance(spec, list) else [spec]
+    parts, formats, names = [], set(), []
+    for k, item in enumerate(specs):
+        source, weight = _source_and_weight(item)
+        if weight < 0:
+            raise OrpoError(f"source {source}: weight must be >= 0, got {weight}")
+        loaded = load_source(source, split=split)
+        dataset, detected, _ = normalize_source(loaded, fmt=fmt, columns=columns, skip_invalid=skip_invalid)
+        parts.append(_take(dataset, weight, seed + k) if weight != 1.0 else dataset)
+        formats.add("standard" if isinstance(dataset[0]["prompt"], str) else "conversational")
+        names.append(loaded.name if weight == 1.0 else f"{loaded.name} x{weight:g}")
+        last_format = detected
+    if len(formats) > 1:
+        raise OrpoError(
+            f"the sources mix plain-text and conversational rows ({', '.join(names)}); convert one side so all "
+            "rows are rendered the same way"
+        )
+    dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    return dataset, (last_format if len(parts) == 1 else formats.pop()), " + ".join(names)

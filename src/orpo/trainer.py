@@ -26,10 +26,9 @@ from orpo.collator import PaddedPairCollator
 from orpo.config import ORPOConfig
 from orpo.data import TOKENIZED_COLUMNS, TruncationLimits, tokenize_dataset
 from orpo.errors import OrpoError
-from orpo.formats import normalize_source
+from orpo.formats import load_preference_data
 from orpo.logprobs import chunked_target_logprobs, full_target_logprobs
 from orpo.loss import means_from_sums, orpo_loss
-from orpo.sources import load_source
 
 logger = logging.getLogger("orpo")
 
@@ -254,14 +253,17 @@ class ORPOTrainer(Trainer):
             column in dataset.column_names for column in TOKENIZED_COLUMNS
         ):
             return dataset.select_columns(list(TOKENIZED_COLUMNS))
-        loaded = load_source(dataset, split="train" if name == "train_dataset" else "test")
-        if loaded.name == "dataset":
-            loaded.name = name
-        normalized, _, _ = normalize_source(
-            loaded, fmt=args.dataset_format, columns=args.dataset_columns, skip_invalid=args.skip_invalid_rows
+        normalized, _, source_name = load_preference_data(
+            dataset,
+            fmt=args.dataset_format,
+            columns=args.dataset_columns,
+            skip_invalid=args.skip_invalid_rows,
+            split="train" if name == "train_dataset" else "test",
+            seed=args.seed,
         )
+        source_name = name if source_name == "dataset" else source_name
         tokenized, report = tokenize_dataset(
-            normalized, tokenizer, limits, source=loaded.name, num_proc=args.dataset_num_proc
+            normalized, tokenizer, limits, source=source_name, num_proc=args.dataset_num_proc
         )
         self.tokenize_reports[name] = report
         return tokenized
