@@ -10,6 +10,10 @@ from datasets import Dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "ORPO_CACHE_DIR" not in os.environ:  # keep the tests' tokenization cache out of the user's home
+    import tempfile
+
+    os.environ["ORPO_CACHE_DIR"] = tempfile.mkdtemp(prefix="orpo-test-cache-")
 
 from orpo.demo import demo_tokenizer, tiny_model  # noqa: E402
 

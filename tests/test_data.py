@@ -154,3 +154,23 @@ def test_identical_chosen_and_rejected_is_a_counted_warning(tokenizer, caplog):
         ds, report = tokenize_dataset(Dataset.from_list(rows), tokenizer, TruncationLimits(), source="toy")
     assert len(ds) == 2 and report.identical_pairs == 1
     assert "1 rows have identical chosen and rejected" in caplog.text
+
+
+def test_second_tokenization_of_the_same_data_comes_from_the_cache(tokenizer, tmp_path, monkeypatch):
+    rows = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(20)]
+    limits = TruncationLimits(max_length=64, max_prompt_length=32)
+    first, _ = tokenize_dataset(Dataset.from_list(rows), tokenizer, limits, cache_dir=tmp_path)
+    calls = []
+    real_call = PairTokenizer.__call__
+    monkeypatch.setattr(
+        PairTokenizer, "__call__", lambda self, row, i: calls.append(i) or real_call(self, row, i)
+    )
+    again, report = tokenize_dataset(Dataset.from_list(rows), tokenizer, limits, cache_dir=tmp_path)
+    assert calls == [] and again["chosen_input_ids"] == first["chosen_input_ids"] and report.rows_out == 20
+    tokenize_dataset(
+        Dataset.from_list(rows),
+        tokenizer,
+        TruncationLimits(max_length=8, max_prompt_length=4),
+        cache_dir=tmp_path,
+    )
+    assert len(calls) == 20  # other limits, other key: tokenized again

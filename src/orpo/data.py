@@ -9,18 +9,24 @@ so any batch layout (padded pairs, packing, prefix sharing) can be built from th
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+from datasets.fingerprint import Hasher
 
+from orpo import __version__
 from orpo.errors import OrpoError
 
 logger = logging.getLogger("orpo")
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+CACHE_FORMAT = 1  # bump when the tokenized layout or the rules above change
 
 
 @dataclass
@@ -184,6 +190,22 @@ def truncate_pair(
     return prompt, chosen, rejected
 
 
+def default_cache_dir() -> Path:
+    """Where tokenized datasets are cached: ``$ORPO_CACHE_DIR`` or ``~/.cache/orpo/tokenized``."""
+    return Path(os.environ.get("ORPO_CACHE_DIR") or Path.home() / ".cache" / "orpo" / "tokenized")
+
+
+def tokenization_key(dataset: Dataset, tokenizer, limits: TruncationLimits) -> str:
+    """A content hash of rows, tokenizer (vocabulary, template, special tokens) and limits: the same
+    data tokenized the same way gets the same key, whatever object it came from."""
+    digest = hashlib.sha256()
+    for batch in dataset.data.table.to_batches():
+        digest.update(memoryview(batch.serialize()))
+    digest.update(Hasher.hash(tokenizer).encode())
+    digest.update(repr((limits, __version__, CACHE_FORMAT)).encode())
+    return digest.hexdigest()[:32]
+
+
 def tokenize_dataset(
     dataset: Dataset,
     tokenizer,
@@ -191,11 +213,14 @@ def tokenize_dataset(
     *,
     source: str = "dataset",
     num_proc: int | None = None,
+    cache_dir: str | Path | None = None,
 ) -> tuple[Dataset, TokenizeReport]:
     """Tokenize and truncate a preference dataset; drop rows with no response token left.
 
     Returns the dataset with only ``TOKENIZED_COLUMNS`` and a :class:`TokenizeReport`; the
-    report's summary is logged as a warning whenever anything was truncated or dropped.
+    report's summary is logged as a warning whenever anything was truncated or dropped. With
+    ``cache_dir``, the result is cached under a content hash (:func:`tokenization_key`), so the
+    second run on the same data and tokenizer skips tokenization.
     """
     pair_tokenizer = PairTokenizer(tokenizer, source)
     bos_id = tokenizer.bos_token_id
@@ -213,12 +238,18 @@ def tokenize_dataset(
         }
 
     report = TokenizeReport(source=source, rows_in=len(dataset))
+    cache_file = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_file = str(Path(cache_dir) / f"{tokenization_key(dataset, tokenizer, limits)}.arrow")
     encoded = dataset.map(
         encode,
         with_indices=True,
         remove_columns=dataset.column_names,
         num_proc=num_proc,
         desc=f"Tokenizing {source}",
+        cache_file_name=cache_file,
+        load_from_cache_file=cache_file is not None,
     )
     report.prompts_truncated = sum(encoded["_prompt_truncated"])
     report.identical_pairs = sum(

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, T
 
 from orpo.collator import PaddedPairCollator
 from orpo.config import ORPOConfig
-from orpo.data import TOKENIZED_COLUMNS, TruncationLimits, tokenize_dataset
+from orpo.data import TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
 from orpo.errors import OrpoError
 from orpo.formats import load_preference_data
 from orpo.logprobs import chunked_target_logprobs, full_target_logprobs
@@ -263,7 +263,12 @@ class ORPOTrainer(Trainer):
         )
         source_name = name if source_name == "dataset" else source_name
         tokenized, report = tokenize_dataset(
-            normalized, tokenizer, limits, source=source_name, num_proc=args.dataset_num_proc
+            normalized,
+            tokenizer,
+            limits,
+            source=source_name,
+            num_proc=args.dataset_num_proc,
+            cache_dir=default_cache_dir(),
         )
         self.tokenize_reports[name] = report
         return tokenized
