@@ -91,6 +91,7 @@ def test_good_formats_are_detected_and_normalised(name, kwargs, fmt, prompt, cho
             r"message_without_role.jsonl:1: field 'prompt' message 1 needs 'role'",
         ),
         ("unknown_role.jsonl", r"unknown_role.jsonl:1: field 'prompt' message 1 has unknown role 'human'"),
+        ("multiline_bad.csv", r"multiline_bad.csv:4: field 'chosen' is empty"),
         (
             "roles_out_of_order.jsonl",
             r"roles_out_of_order.jsonl:1: field 'chosen' must start with an assistant message, got 'user'",

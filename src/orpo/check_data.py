@@ -26,10 +26,11 @@ def check_data(
     limits: TruncationLimits | None = None,
     skip_invalid: bool = False,
     split: str = "train",
+    subset: str | None = None,
 ) -> str:
     """The report ``orpo check-data`` prints; raises :class:`orpo.OrpoError` listing the problems
     (file:line: field: what) when rows are invalid and ``skip_invalid`` is off."""
-    loaded = load_source(source, split=split)
+    loaded = load_source(source, split=split, subset=subset)
     dataset, detected, skipped = normalize_source(loaded, fmt=fmt, columns=columns, skip_invalid=skip_invalid)
     lines = [f"source:  {loaded.name}", f"format:  {detected}", f"rows:    {len(dataset)} valid"]
     if skipped:

@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--format", default="auto", choices=["auto", "standard", "conversational", "implicit"])
     check.add_argument("--columns", help="map your columns: prompt=COL,chosen=COL,rejected=COL")
     check.add_argument("--split", default="train", help="split of a hub dataset or DatasetDict directory")
+    check.add_argument("--subset", help="subset (configuration) of a hub dataset")
     check.add_argument("--max-length", type=int, default=1024)
     check.add_argument("--max-prompt-length", type=int, default=512)
     check.add_argument("--max-completion-length", type=int, default=None)

@@ -72,6 +72,9 @@ class ORPOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Map your column names onto prompt/chosen/rejected, e.g. {'prompt': 'question'}."},
     )
+    dataset_subset: str | None = field(
+        default=None, metadata={"help": "Subset (configuration) of a hub dataset given by name."}
+    )
     skip_invalid_rows: bool = field(
         default=False, metadata={"help": "Drop invalid rows (counted and reported) instead of stopping."}
     )

@@ -225,17 +225,20 @@ def tokenize_dataset(
     pair_tokenizer = PairTokenizer(tokenizer, source)
     bos_id = tokenizer.bos_token_id
 
-    def encode(row: dict, index: int) -> dict:
-        ids = pair_tokenizer(row, index)
-        prompt, chosen, rejected = ids["prompt_input_ids"], ids["chosen_input_ids"], ids["rejected_input_ids"]
-        new_prompt, new_chosen, new_rejected = truncate_pair(prompt, chosen, rejected, limits, bos_id)
-        return {
-            "prompt_input_ids": new_prompt,
-            "chosen_input_ids": new_chosen,
-            "rejected_input_ids": new_rejected,
-            "_prompt_truncated": len(new_prompt) < len(prompt),
-            "_response_truncated": len(new_chosen) < len(chosen) or len(new_rejected) < len(rejected),
-        }
+    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out = {name: [] for name in (*TOKENIZED_COLUMNS, "_prompt_truncated", "_response_truncated")}
+        for k, index in enumerate(indices):
+            ids = pair_tokenizer({name: values[k] for name, values in batch.items()}, index)
+            prompt, chosen, rejected = (ids[name] for name in TOKENIZED_COLUMNS)
+            new_prompt, new_chosen, new_rejected = truncate_pair(prompt, chosen, rejected, limits, bos_id)
+            out["prompt_input_ids"].append(new_prompt)
+            out["chosen_input_ids"].append(new_chosen)
+            out["rejected_input_ids"].append(new_rejected)
+            out["_prompt_truncated"].append(len(new_prompt) < len(prompt))
+            out["_response_truncated"].append(
+                len(new_chosen) < len(chosen) or len(new_rejected) < len(rejected)
+            )
+        return out
 
     report = TokenizeReport(source=source, rows_in=len(dataset))
     cache_file = None
@@ -244,6 +247,7 @@ def tokenize_dataset(
         cache_file = str(Path(cache_dir) / f"{tokenization_key(dataset, tokenizer, limits)}.arrow")
     encoded = dataset.map(
         encode,
+        batched=True,
         with_indices=True,
         remove_columns=dataset.column_names,
         num_proc=num_proc,

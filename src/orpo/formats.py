@@ -271,6 +271,7 @@ def load_preference_data(
     skip_invalid: bool = False,
     split: str = "train",
     seed: int = 0,
+    subset: str | None = None,
 ) -> tuple[Dataset, str, str]:
     """Load, validate and normalise one source or a weighted mix of sources.
 
@@ -287,7 +288,7 @@ def load_preference_data(
         source, weight = _source_and_weight(item)
         if weight < 0:
             raise OrpoError(f"source {source}: weight must be >= 0, got {weight}")
-        loaded = load_source(source, split=split)
+        loaded = load_source(source, split=split, subset=subset)
         dataset, detected, _ = normalize_source(loaded, fmt=fmt, columns=columns, skip_invalid=skip_invalid)
         parts.append(_take(dataset, weight, seed + k) if weight != 1.0 else dataset)
         formats.add("standard" if isinstance(dataset[0]["prompt"], str) else "conversational")

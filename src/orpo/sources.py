@@ -92,14 +92,20 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+    rows, origins = [], []
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            rows = [dict(row) for row in reader]
+            start = None
+            for row in reader:
+                # line_num counts physical lines read so far; a quoted field may span several.
+                first_line = (start or 1) + 1
+                rows.append(dict(row))
+                origins.append(f"{path}:{first_line}")
+                start = reader.line_num
     except UnicodeDecodeError as err:
         raise OrpoError(f"{path}: not UTF-8 (byte offset {err.start})") from err
-    # Line 1 is the header, so data row k is on line k + 1 (for rows without embedded newlines).
-    return rows, [f"{path}:{i + 2}" for i in range(len(rows))]
+    return rows, origins
 
 
 def _read_file(path: Path) -> LoadedSource:

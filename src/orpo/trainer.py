@@ -260,6 +260,7 @@ class ORPOTrainer(Trainer):
             skip_invalid=args.skip_invalid_rows,
             split="train" if name == "train_dataset" else "test",
             seed=args.seed,
+            subset=args.dataset_subset,
         )
         source_name = name if source_name == "dataset" else source_name
         tokenized, report = tokenize_dataset(
