@@ -52,3 +52,20 @@ def test_check_data_column_mapping_and_skip_invalid(capsys):
     assert "rows:    1 valid" in out and "empty_response.jsonl:2: field 'chosen' is empty" in out
     assert main(["check-data", str(DATA / "standard.jsonl"), "--columns", "answer=x"]) == 2
     assert "--columns takes prompt=COL" in capsys.readouterr().err
+
+
+def test_check_data_hub_name_with_subset_and_split(monkeypatch, capsys):
+    from datasets import Dataset
+
+    import orpo.sources
+
+    calls = []
+
+    def stand_in(name, subset, split):
+        calls.append((name, subset, split))
+        return Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}])
+
+    monkeypatch.setattr(orpo.sources, "load_dataset", stand_in)
+    assert main(["check-data", "org/prefs", "--subset", "en", "--split", "train_prefs"]) == 0
+    assert calls == [("org/prefs", "en", "train_prefs")]
+    assert "source:  org/prefs[train_prefs]" in capsys.readouterr().out

@@ -59,6 +59,7 @@ def _check_data(args: argparse.Namespace) -> int:
         limits=limits,
         skip_invalid=args.skip_invalid,
         split=args.split,
+        subset=args.subset,
     )
     print(report)
     return 0
