@@ -22,7 +22,7 @@ import logging
 from datasets import Dataset
 
 from orpo.errors import OrpoError
-from orpo.sources import MAX_PROBLEMS_SHOWN, LoadedSource, load_source
+from orpo.sources import LoadedSource, list_problems, load_source
 
 logger = logging.getLogger("orpo")
 
@@ -226,14 +226,8 @@ def normalize_source(
         identical += normalized["chosen"] == normalized["rejected"]
         rows.append(normalized)
     if problems and not skip_invalid:
-        shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
-        more = (
-            f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more"
-            if len(problems) > MAX_PROBLEMS_SHOWN
-            else ""
-        )
         raise OrpoError(
-            f"{len(problems)} invalid row(s) in {loaded.name} ({fmt} format):\n  {shown}{more}\n"
+            f"{len(problems)} invalid row(s) in {loaded.name} ({fmt} format):\n{list_problems(problems)}\n"
             "fix them, or skip them with skip_invalid_rows=True (--skip-invalid)"
         )
     if problems:

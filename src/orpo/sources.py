@@ -122,15 +122,16 @@ def _read_file(path: Path) -> LoadedSource:
     return LoadedSource(str(path), rows, origins)
 
 
+def list_problems(problems: list[str]) -> str:
+    """The first ``MAX_PROBLEMS_SHOWN`` problems, one per indented line, and how many more there are."""
+    shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
+    hidden = len(problems) - MAX_PROBLEMS_SHOWN
+    return f"  {shown}" + (f"\n  ... and {hidden} more" if hidden > 0 else "")
+
+
 def _raise_problems(problems: list[str]) -> None:
     if problems:
-        shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
-        more = (
-            f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more"
-            if len(problems) > MAX_PROBLEMS_SHOWN
-            else ""
-        )
-        raise OrpoError(f"{len(problems)} problem(s) reading the data:\n  {shown}{more}")
+        raise OrpoError(f"{len(problems)} problem(s) reading the data:\n{list_problems(problems)}")
 
 
 def load_source(source, split: str = "train", subset: str | None = None) -> LoadedSource:
