@@ -24,6 +24,7 @@ def normalized(name, **kwargs):
     "name,kwargs,fmt,prompt,chosen,rejected",
     [
         ("standard.jsonl", {}, "standard", "2+2=", "4", "5"),
+        ("list_of_rows.json", {}, "standard", "2+2=", "4", "5"),
         (
             "conversational.jsonl",
             {},
