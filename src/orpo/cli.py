@@ -1,4 +1,4 @@
-"""The ``orpo`` command line: ``orpo quickstart``, ``orpo check-data`` (more commands grow here)."""
+"""The ``orpo`` command line: ``train``, ``check-data``, ``quickstart`` (more commands grow here)."""
 
 from __future__ import annotations
 
@@ -38,18 +38,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
     datasets.disable_progress_bars()
     logging.getLogger("orpo").setLevel(logging.ERROR)  # the report carries the counts
-    tokenizer = None
-    if args.tokenizer == "demo":
-        from orpo.demo import demo_tokenizer
-
-        tokenizer = demo_tokenizer()
-    elif args.tokenizer:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        except (OSError, ValueError) as err:
-            raise OrpoError(f"could not load a tokenizer from '{args.tokenizer}': {err}") from err
+    tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
     limits = TruncationLimits(args.max_length, args.max_prompt_length, args.max_completion_length)
     report = check_data(
         args.path,
@@ -65,6 +54,120 @@ def _check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(extra: list[str]) -> dict:
+    """``--key value`` / ``--key=value`` pairs after the config file; dashes in keys become underscores."""
+    from orpo.run_config import coerce_cli_value
+
+    overrides, k = {}, 0
+    while k < len(extra):
+        item = extra[k]
+        if not item.startswith("--") or item == "--":
+            raise OrpoError(f"expected --key value after the config file, got '{item}'")
+        key, sep, value = item[2:].partition("=")
+        if not sep:
+            if k + 1 >= len(extra) or extra[k + 1].startswith("--"):
+                value = "true"  # a bare flag
+            else:
+                k += 1
+                value = extra[k]
+        key = key.replace("-", "_")
+        overrides[key] = coerce_cli_value(key, value)
+        k += 1
+    return overrides
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from orpo.run_config import chat_template_text, read_config_file, relative_to, resolve, to_yaml
+
+    # The config file is the first extra word that is not a flag (argparse would otherwise take a
+    # value of an override such as `--max_steps 3` for it).
+    extra = list(args.extra)
+    args.config = extra.pop(0) if extra and not extra[0].startswith("--") else None
+    raw = read_config_file(args.config) if args.config else {}
+    overrides = _overrides(extra)
+    for flag, key in ((args.model, "model"), (args.dataset, "datasets"), (args.output_dir, "output_dir")):
+        if flag is not None:
+            overrides[key] = flag
+    run = resolve(raw, overrides)
+    if args.config:  # dataset paths in a config file are relative to it
+        base = Path(args.config).resolve().parent
+        run.datasets = [relative_to(base, spec) for spec in run.datasets]
+        run.eval_datasets = [relative_to(base, spec) for spec in run.eval_datasets]
+    for note in run.notes:
+        print(f"note: {note}")
+    resolved = to_yaml(run)
+    print("resolved config:\n" + "\n".join(f"  {line}" for line in resolved.splitlines()), flush=True)
+    out = Path(run.args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "orpo_config.yaml").write_text(resolved)
+
+    from orpo.trainer import ORPOTrainer
+
+    model_name = run.model["name"]
+    if model_name == "demo":
+        from orpo.demo import tiny_model
+
+        model = tiny_model(seed=run.args.seed)
+    else:
+        model = model_name
+    tokenizer = _load_tokenizer(run.tokenizer or ("demo" if model_name == "demo" else model_name))
+    template = chat_template_text(run.chat_template)
+    if template is not None:
+        tokenizer.chat_template = template
+    peft_config = None
+    if run.peft:
+        try:
+            from peft import LoraConfig
+        except ImportError as err:
+            raise OrpoError(
+                "the config has a 'peft' block but peft is not installed: pip install 'orpo[peft]'"
+            ) from err
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **run.peft)
+    trainer = ORPOTrainer(
+        model=model,
+        args=run.args,
+        train_dataset=run.datasets,
+        eval_dataset=run.eval_datasets or None,
+        tokenizer=tokenizer,
+        peft_config=peft_config,
+    )
+    try:
+        result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    except ValueError as err:
+        if args.resume and "checkpoint" in str(err):
+            raise OrpoError(f"--resume: no checkpoint to resume from in {out} ({err})") from err
+        raise
+    trainer.save_model(str(out))
+    trainer.save_state()
+    final = {k: round(result.metrics[k], 4) for k in ("train_loss", "train_runtime") if k in result.metrics}
+    if run.eval_datasets:
+        final.update(
+            {
+                k: round(v, 4)
+                for k, v in trainer.evaluate().items()
+                if k.startswith("eval_") and "runtime" not in k and "per_second" not in k
+            }
+        )
+    print(f"model saved to {out}/ (safetensors + tokenizer); resolved config in {out}/orpo_config.yaml")
+    print("final metrics: " + ", ".join(f"{k}={v}" for k, v in final.items()))
+    return 0
+
+
+def _load_tokenizer(name: str):
+    if name == "demo":
+        from orpo.demo import demo_tokenizer
+
+        return demo_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise OrpoError(f"could not load a tokenizer from '{name}': {err}") from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orpo",
@@ -73,6 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"orpo {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        usage="orpo train [CONFIG.yaml] [--model M] [--dataset D] [--output-dir O] [--resume] [--KEY VALUE ...]",
+        help="train with ORPO from a YAML/JSON config, any key overridable with --key value",
+        description="Train with ORPO. Keys of the config file are ORPOConfig fields (every TrainingArguments "
+        "option) plus model, tokenizer, chat_template, datasets, eval_datasets and peft; Axolotl, LLaMA-Factory "
+        "and TRL names are accepted and mapped. Any key can be overridden on the command line.",
+        epilog="examples:\n  orpo train examples/tiny.yaml\n  orpo train examples/tiny.yaml --learning_rate 5e-6 "
+        "--orpo_alpha 0.2\n  orpo train --model Qwen/Qwen2-0.5B-Instruct --dataset prefs.jsonl --output-dir out",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--model", help="model name or directory ('demo' for the embedded tiny model)")
+    train.add_argument("--dataset", help="training data: file, directory or hub name")
+    train.add_argument("--output-dir", help="where checkpoints and the final model go")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in the output dir"
+    )
+    train.set_defaults(handler=_train)
 
     quick = commands.add_parser(
         "quickstart",
@@ -120,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0

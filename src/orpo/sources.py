@@ -1,8 +1,8 @@
 """Load preference rows from wherever they live, remembering where each row came from.
 
 A source is a path (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, a ``Dataset.save_to_disk``
-directory, or a directory of such files), a hub dataset name, or an in-memory ``datasets.Dataset``
-/ ``DatasetDict``. Every row keeps its origin (``file:line`` for JSONL, ``file:row`` for CSV and
+directory, or a directory of such files), a hub dataset name, an in-memory ``datasets.Dataset``
+/ ``DatasetDict``, or ``demo:train`` / ``demo:test`` (the shipped quickstart data). Every row keeps its origin (``file:line`` for JSONL, ``file:row`` for CSV and
 Parquet), so later validation errors can point at it. Reading errors (bad JSON, non-UTF-8 bytes)
 name the file, the line and the byte offset.
 """
@@ -143,6 +143,10 @@ def load_source(source, split: str = "train", subset: str | None = None) -> Load
         source = source[split]
     if isinstance(source, Dataset):
         return LoadedSource("dataset", source, [f"dataset row {i + 1}" for i in range(len(source))])
+    if isinstance(source, str) and source.startswith("demo:"):
+        from orpo.demo import demo_data_path
+
+        source = demo_data_path(source.split(":", 1)[1])  # the shipped quickstart data
     path = Path(str(source)).expanduser()
     if path.is_file():
         return _read_file(path)

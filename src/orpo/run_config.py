@@ -1,0 +1,276 @@
+"""Config files for ``orpo train``: YAML/JSON onto ``ORPOConfig`` plus model, tokenizer and data.
+
+Keys are ``ORPOConfig`` fields, plus ``model`` (a name/path, or a mapping with ``name``, ``dtype``,
+``attn_implementation``, ``trust_remote_code``), ``tokenizer``, ``chat_template``, ``datasets`` and
+``eval_datasets`` (sources as in :mod:`orpo.formats`, optionally with ``weight``), and the names users bring
+from Axolotl, LLaMA-Factory and TRL, each mapped with a one-line note. Unknown keys are errors with a
+"did you mean" suggestion; values of the wrong type name the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orpo.config import ORPOConfig
+from orpo.errors import OrpoError
+
+# Foreign name -> (our name, where it comes from).
+ALIASES = {
+    "sequence_len": ("max_length", "Axolotl"),
+    "cutoff_len": ("max_length", "LLaMA-Factory"),
+    "micro_batch_size": ("per_device_train_batch_size", "Axolotl"),
+    "num_epochs": ("num_train_epochs", "Axolotl"),
+    "pref_beta": ("orpo_alpha", "LLaMA-Factory (pref_beta is ORPO's lambda there)"),
+    "beta": ("orpo_alpha", "TRL (its ORPO `beta` is the paper's lambda)"),
+    "model_name_or_path": ("model", "LLaMA-Factory / TRL scripts"),
+    "base_model": ("model", "Axolotl"),
+    "dataset": ("datasets", "shorthand"),
+    "eval_dataset": ("eval_datasets", "shorthand"),
+}
+RUN_KEYS = ("model", "tokenizer", "chat_template", "datasets", "eval_datasets", "peft")
+# Keys other tools put in their configs that mean nothing here; ignored with a note.
+IGNORED = {
+    "rl": "Axolotl's trainer switch",
+    "stage": "LLaMA-Factory's stage",
+    "pref_loss": "LLaMA-Factory's loss switch",
+}
+BUILTIN_CHAT_TEMPLATES = {
+    "chatml": (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything ``orpo train`` needs: the trainer's args and what to train on."""
+
+    args: ORPOConfig
+    model: dict[str, Any]
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    datasets: list = field(default_factory=list)
+    eval_datasets: list = field(default_factory=list)
+    peft: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise OrpoError(f"config file {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise OrpoError(f"config file {path}: cannot parse it: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise OrpoError(
+            f"config file {path}: expected a mapping of keys to values, got {type(data).__name__}"
+        )
+    return data
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(ORPOConfig)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(ORPOConfig) if f.init}
+
+
+def _accepts(hint, value) -> bool:
+    if hint is Any or value is None:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if origin is not None:
+        hint = origin
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        if issubclass(hint, str) and hasattr(hint, "__members__"):  # str enums (schedulers, strategies)
+            return isinstance(value, str)
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _as_number(value):
+    """``"1e-5"`` as 1e-05: PyYAML reads exponents without a dot as strings (YAML 1.1)."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
+def coerce_cli_value(key: str, text: str):
+    """A ``--key value`` string from the command line, as the type the key takes (via YAML scalars)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    hint = _field_types().get(key)
+    if hint is not None and not _accepts(hint, value) and _accepts(hint, text):
+        return text  # e.g. a run_name that looks like a number
+    return value
+
+
+def relative_to(base: Path, spec):
+    """A dataset path written relative to the config file, if it exists there."""
+    path = spec["path"] if isinstance(spec, dict) else spec
+    if isinstance(path, str) and not Path(path).is_absolute() and (base / path).exists():
+        path = str(base / path)
+    return {**spec, "path": path} if isinstance(spec, dict) else path
+
+
+def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Merge file keys and overrides (overrides win), map foreign names, validate, build the config."""
+    merged = {**raw, **(overrides or {})}
+    notes, values = [], {}
+    fields = _field_types()
+    for key, value in merged.items():
+        if key in IGNORED:
+            notes.append(f"ignoring '{key}' ({IGNORED[key]}): orpo always trains ORPO")
+            continue
+        if key in ALIASES:
+            target, origin = ALIASES[key]
+            notes.append(f"'{key}' ({origin}) read as '{target}'")
+            if target in merged and merged[target] != value:
+                raise OrpoError(f"config gives both '{key}' and '{target}' with different values; keep one")
+            key = target
+        if key not in fields and key not in RUN_KEYS:
+            known = sorted([*fields, *RUN_KEYS, *ALIASES])
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise OrpoError(f"unknown config key '{key}'{hint}")
+        if key in fields and not _accepts(fields[key], value) and _accepts(fields[key], _as_number(value)):
+            value = _as_number(value)
+        if key in fields and not _accepts(fields[key], value):
+            raise OrpoError(
+                f"config key '{key}' must be {_type_name(fields[key])}, got {type(value).__name__} {value!r}"
+            )
+        values[key] = value
+
+    model = values.pop("model", None)
+    if model is None:
+        raise OrpoError("the config needs 'model' (a hub name or a local directory)")
+    if isinstance(model, str):
+        model = {"name": model}
+    if not isinstance(model, dict) or "name" not in model:
+        raise OrpoError(
+            "'model' must be a name/path or a mapping with 'name' (and dtype, attn_implementation, ...)"
+        )
+    unknown_model_keys = set(model) - {
+        "name",
+        "dtype",
+        "attn_implementation",
+        "trust_remote_code",
+        "revision",
+    }
+    if unknown_model_keys:
+        raise OrpoError(f"unknown keys under 'model': {sorted(unknown_model_keys)}")
+    datasets = values.pop("datasets", None)
+    if not datasets:
+        raise OrpoError("the config needs 'datasets' (a path, hub name, or a list of them)")
+    datasets = _dataset_specs(datasets, notes)
+    eval_datasets = _dataset_specs(values.pop("eval_datasets", None) or [], notes)
+    run = {key: values.pop(key, None) for key in ("tokenizer", "chat_template", "peft")}
+    values.setdefault("output_dir", "orpo-output")
+    values.setdefault("report_to", "none")
+    init_kwargs = dict(values.pop("model_init_kwargs", None) or {})
+    for key in ("dtype", "attn_implementation", "trust_remote_code", "revision"):
+        if key in model:
+            init_kwargs[key] = model[key]
+    values["model_init_kwargs"] = init_kwargs or None
+    try:
+        args = ORPOConfig(**values)
+    except OrpoError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise OrpoError(f"invalid training settings: {err}") from err
+    return RunConfig(
+        args=args, model=model, datasets=datasets, eval_datasets=eval_datasets, notes=notes, raw=merged, **run
+    )
+
+
+def _dataset_specs(value, notes: list[str]) -> list:
+    """Sources as :func:`orpo.formats.load_preference_data` takes them; Axolotl's ``type`` noted."""
+    items = value if isinstance(value, list) else [value]
+    specs = []
+    for item in items:
+        if isinstance(item, str):
+            specs.append(item)
+            continue
+        if not isinstance(item, dict) or "path" not in item:
+            raise OrpoError(f"each dataset needs a 'path' (file, directory or hub name), got {item!r}")
+        unknown = set(item) - {"path", "weight", "type", "split"}
+        if unknown:
+            raise OrpoError(
+                f"unknown keys {sorted(unknown)} in dataset {item['path']} (use path, weight, split)"
+            )
+        if "type" in item:
+            notes.append(
+                f"dataset {item['path']}: ignoring Axolotl 'type: {item['type']}' (formats are detected)"
+            )
+        specs.append({"path": item["path"], "weight": float(item.get("weight", 1.0))})
+    return specs
+
+
+def chat_template_text(value: str | None) -> str | None:
+    """A built-in template name, a Jinja string, or a file holding one."""
+    if value is None:
+        return None
+    if value in BUILTIN_CHAT_TEMPLATES:
+        return BUILTIN_CHAT_TEMPLATES[value]
+    path = Path(value)
+    if "{" not in value and path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" not in value:
+        raise OrpoError(
+            f"chat_template '{value}' is neither a built-in ({', '.join(BUILTIN_CHAT_TEMPLATES)}), a file, nor Jinja"
+        )
+    return value
+
+
+def to_yaml(run: RunConfig) -> str:
+    """The resolved run as YAML (saved next to the outputs as ``orpo_config.yaml``)."""
+    defaults = ORPOConfig(output_dir=run.args.output_dir)
+    changed = {}
+    for f in dataclasses.fields(ORPOConfig):
+        if not f.init or f.name.startswith("_"):
+            continue
+        value = getattr(run.args, f.name)
+        if value != getattr(defaults, f.name) or f.name in (
+            "output_dir",
+            "orpo_alpha",
+            "orpo_beta",
+            "learning_rate",
+        ):
+            changed[f.name] = value.value if hasattr(value, "value") else value
+    document = {"model": run.model, "datasets": run.datasets, **changed}
+    for key in ("eval_datasets", "tokenizer", "chat_template", "peft"):
+        if getattr(run, key):
+            document[key] = getattr(run, key)
+    return yaml.safe_dump(json.loads(json.dumps(document, default=str)), sort_keys=False)

@@ -1,0 +1,152 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orpo.cli import main
+from orpo.errors import OrpoError
+from orpo.run_config import read_config_file, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"model": "demo", "datasets": "demo:train"}
+
+
+def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            str(ROOT / "examples" / "tiny.yaml"),
+            "--max_steps",
+            "3",
+            "--output-dir",
+            str(out),
+            "--learning_rate",
+            "1e-3",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    assert code == 0
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "trainer_state.json",
+        "orpo_config.yaml",
+    } <= {p.name for p in out.iterdir()}
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    saved = yaml.safe_load((out / "orpo_config.yaml").read_text())
+    assert saved["max_steps"] == 3 and saved["learning_rate"] == 1e-3  # overrides win over the file
+    assert saved["orpo_alpha"] == 0.5  # from the file
+    printed = capsys.readouterr().out
+    assert (
+        "resolved config:" in printed
+        and f"model saved to {out}/" in printed
+        and "eval_rewards/accuracies" in printed
+    )
+
+
+@pytest.mark.parametrize(
+    "key,value,target",
+    [
+        ("sequence_len", 256, "max_length"),
+        ("cutoff_len", 256, "max_length"),
+        ("micro_batch_size", 3, "per_device_train_batch_size"),
+        ("num_epochs", 2, "num_train_epochs"),
+        ("pref_beta", 0.2, "orpo_alpha"),
+        ("beta", 0.2, "orpo_alpha"),
+    ],
+)
+def test_foreign_names_map_with_a_note(tmp_path, key, value, target):
+    run = resolve({**BASE, "output_dir": str(tmp_path), "max_prompt_length": 64, key: value})
+    assert getattr(run.args, target) == value
+    assert any(f"'{key}'" in note and f"'{target}'" in note for note in run.notes)
+
+
+def test_model_aliases_and_axolotl_dataset_type(tmp_path):
+    run = resolve(
+        {
+            "base_model": "some/model",
+            "datasets": [{"path": "a.jsonl", "type": "chatml.intel"}],
+            "rl": "orpo",
+            "output_dir": str(tmp_path),
+        }
+    )
+    assert run.model == {"name": "some/model"} and run.datasets == [{"path": "a.jsonl", "weight": 1.0}]
+    assert any("rl" in note for note in run.notes) and any("chatml.intel" in note for note in run.notes)
+    run = resolve({"model_name_or_path": "x", "datasets": "d.jsonl", "output_dir": str(tmp_path)})
+    assert run.model["name"] == "x"
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({**BASE, "learning_rat": 1e-5}, "unknown config key 'learning_rat'; did you mean 'learning_rate'"),
+        ({**BASE, "orpo_alpah": 0.1}, "did you mean 'orpo_alpha'"),
+        ({**BASE, "learning_rate": "fast"}, "config key 'learning_rate' must be float, got str 'fast'"),
+        ({**BASE, "max_steps": 1.5}, "config key 'max_steps' must be int"),
+        ({"datasets": "d.jsonl"}, "the config needs 'model'"),
+        ({"model": "demo"}, "the config needs 'datasets'"),
+        ({**BASE, "beta": 0.1, "orpo_alpha": 0.2}, "both 'beta' and 'orpo_alpha'"),
+        ({**BASE, "datasets": [{"path": "a", "wieght": 2}]}, "unknown keys \\['wieght'\\]"),
+        ({**BASE, "model": {"name": "m", "dtyp": "bf16"}}, "unknown keys under 'model'"),
+    ],
+)
+def test_bad_configs_are_clear_errors(config, message):
+    with pytest.raises(OrpoError, match=message):
+        resolve(config)
+
+
+def test_cli_errors_exit_non_zero_without_traceback(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: demo\ndatasets: demo:train\nlearning_rat: 1\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'learning_rate'" in err and "Traceback" not in err
+    assert main(["train", str(bad), "--resume", "--learning_rat", "x"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check-data", "x.jsonl", "--no-such-flag"])
+    assert exit_info.value.code == 2
+
+
+def test_resume_without_checkpoint_says_so(tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "--model",
+            "demo",
+            "--dataset",
+            "demo:test",
+            "--output-dir",
+            str(tmp_path / "r"),
+            "--resume",
+            "--max_steps",
+            "1",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    assert code == 2
+    assert "--resume: no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_config_files_parse(tmp_path):
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        raw = read_config_file(path)
+        run = resolve({**raw, "output_dir": str(tmp_path)})
+        assert run.datasets, path
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    # PyYAML reads `1e-5` as a string (YAML 1.1); a learning rate written that way must still work.
+    config = tmp_path / "c.yaml"
+    config.write_text("model: demo\ndatasets: demo:train\nlearning_rate: 1e-5\n")
+    run = resolve({**read_config_file(config), "output_dir": str(tmp_path)})
+    assert run.args.learning_rate == 1e-5
