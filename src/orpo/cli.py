@@ -155,6 +155,31 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        from peft import AutoPeftModelForCausalLM
+    except ImportError as err:
+        raise OrpoError("orpo merge needs peft: pip install 'orpo[peft]'") from err
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise OrpoError(f"{adapter}: no adapter_config.json (is this a LoRA adapter directory?)")
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+    except (OSError, ValueError) as err:
+        raise OrpoError(f"could not load the adapter in {adapter} with its base model: {err}") from err
+    merged = model.merge_and_unload()
+    merged.save_pretrained(args.output)
+    if (adapter / "tokenizer_config.json").is_file():
+        _load_tokenizer(str(adapter)).save_pretrained(args.output)
+    print(
+        f"merged {adapter} into its base model ({model.peft_config['default'].base_model_name_or_path}); "
+        f"saved to {args.output}/"
+    )
+    return 0
+
+
 def _load_tokenizer(name: str):
     if name == "demo":
         from orpo.demo import demo_tokenizer
@@ -195,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the latest checkpoint in the output dir"
     )
     train.set_defaults(handler=_train)
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its base model and save the full model",
+        description="Load a LoRA adapter directory (as written by a peft run of orpo train) with its base model, "
+        "fold the adapter into the weights and save a plain model (safetensors) plus the tokenizer.",
+        epilog="example: orpo merge --adapter out/ --output out-merged/",
+    )
+    merge.add_argument("--adapter", required=True, help="directory with adapter_config.json")
+    merge.add_argument("--output", required=True, help="where the merged model goes")
+    merge.set_defaults(handler=_merge)
 
     quick = commands.add_parser(
         "quickstart",
