@@ -1,4 +1,4 @@
-"""The ``orpo`` command line: ``train``, ``check-data``, ``quickstart`` (more commands grow here)."""
+"""The ``orpo`` command line: ``train``, ``eval``, ``generate``, ``plot``, ``merge``, ``check-data``, ``quickstart``."""
 
 from __future__ import annotations
 
@@ -155,6 +155,118 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_trained(model_dir: str, tokenizer_name: str | None):
+    from transformers import AutoModelForCausalLM
+
+    from orpo.trainer import load_causal_lm
+
+    if model_dir == "demo":
+        from orpo.demo import tiny_model
+
+        return tiny_model(), _load_tokenizer(tokenizer_name or "demo")
+    model = load_causal_lm(model_dir) if not isinstance(model_dir, AutoModelForCausalLM) else model_dir
+    return model, _load_tokenizer(tokenizer_name or model_dir)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import logging
+    import tempfile
+
+    import datasets
+    from transformers.trainer_callback import PrinterCallback
+
+    from orpo.config import ORPOConfig
+    from orpo.trainer import ORPOTrainer
+
+    datasets.disable_progress_bars()
+    logging.getLogger("orpo").setLevel(logging.ERROR)
+    model, tokenizer = _load_trained(args.model, args.tokenizer)
+    with tempfile.TemporaryDirectory() as scratch:
+        config = ORPOConfig(
+            output_dir=scratch,
+            orpo_alpha=args.alpha,
+            orpo_beta=args.beta,
+            report_to="none",
+            per_device_eval_batch_size=args.batch_size,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            nll_include_prompt=args.nll_include_prompt,
+            disable_tqdm=True,
+        )
+        trainer = ORPOTrainer(model=model, args=config, eval_dataset=args.data, tokenizer=tokenizer)
+        trainer.remove_callback(PrinterCallback)
+        metrics = trainer.evaluate()
+    hidden = ("runtime", "per_second", "preparation_time")
+    metrics = {k: v for k, v in metrics.items() if k.startswith("eval_") and not any(h in k for h in hidden)}
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        width = max(len(k) for k in metrics)
+        print(f"{args.model} on {args.data} ({len(trainer.eval_dataset)} pairs, alpha={args.alpha:g}):")
+        for key, value in metrics.items():
+            print(f"  {key:<{width}}  {value:.4f}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from transformers import TextStreamer
+
+    if bool(args.prompt) == bool(args.prompts):
+        raise OrpoError("give one of --prompt TEXT or --prompts FILE (one prompt per line)")
+    prompts = (
+        [args.prompt]
+        if args.prompt
+        else [
+            line.rstrip("\n")
+            for line in Path(args.prompts).read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
+    )
+    model, tokenizer = _load_trained(args.model, args.tokenizer)
+    model.eval()
+    use_template = getattr(tokenizer, "chat_template", None) is not None and not args.no_chat_template
+    for prompt in prompts:
+        if use_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = prompt
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not use_template)
+        sampling = args.temperature > 0
+        if len(prompts) > 1:
+            print(f"> {prompt}")
+        with torch.no_grad():
+            model.generate(
+                **inputs,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=sampling,
+                temperature=args.temperature if sampling else None,
+                top_p=args.top_p if sampling else None,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id
+                if tokenizer.pad_token_id is not None
+                else tokenizer.eos_token_id,
+                streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+            )
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from orpo.plot import plot_runs, read_log_history
+
+    runs = [(Path(run).name or str(run), read_log_history(run)) for run in args.runs]
+    plot_runs(runs, args.output)
+    print(f"wrote {args.output} ({len(runs)} run(s))")
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -220,6 +332,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the latest checkpoint in the output dir"
     )
     train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="held-out preference metrics of a model (reward accuracy, margins, log-probs, NLL)",
+        description="Score a trained model on preference pairs with TRL's metric names.",
+        epilog="example: orpo eval --model orpo-quickstart/orpo --data demo:test --json",
+    )
+    evaluate.add_argument("--model", required=True, help="model directory or hub name")
+    evaluate.add_argument(
+        "--data", required=True, help="preference data: file, directory, hub name or demo:test"
+    )
+    evaluate.add_argument("--tokenizer", help="default: the model's")
+    evaluate.add_argument("--alpha", type=float, default=0.1, help="orpo_alpha that scales the rewards")
+    evaluate.add_argument("--beta", type=float, default=1.0, help="orpo_beta of the loss")
+    evaluate.add_argument("--nll-include-prompt", action="store_true")
+    evaluate.add_argument("--max-length", type=int, default=1024)
+    evaluate.add_argument("--max-prompt-length", type=int, default=512)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.set_defaults(handler=_eval)
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate from a model with its chat template, streaming",
+        description="Generate a response for a prompt (or each line of a file), streamed as it is produced. "
+        "The tokenizer's chat template is applied when it has one.",
+        epilog="example: orpo generate --model orpo-quickstart/orpo --prompt 'rev abcd=' --no-chat-template",
+    )
+    generate.add_argument("--model", required=True)
+    generate.add_argument("--tokenizer", help="default: the model's")
+    generate.add_argument("--prompt", help="one prompt")
+    generate.add_argument("--prompts", help="file with one prompt per line")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
+    generate.set_defaults(handler=_generate)
+
+    plot = commands.add_parser(
+        "plot",
+        help="PNG of loss, reward accuracy/margins and chosen/rejected log-probs of one or more runs",
+        description="Read trainer_state.json (or log_history.json) of each run directory and draw the curves "
+        "of all runs overlaid.",
+        epilog="example: orpo plot orpo-quickstart/orpo orpo-quickstart/sft --output curves.png",
+    )
+    plot.add_argument("runs", nargs="+", help="run directories")
+    plot.add_argument("--output", default="orpo_curves.png")
+    plot.set_defaults(handler=_plot)
 
     merge = commands.add_parser(
         "merge",

@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 from orpo.config import ORPOConfig
 from orpo.demo import demo_tokenizer, load_demo_dataset, tiny_model
 from orpo.errors import OrpoError
+from orpo.plot import plot_runs
 from orpo.trainer import ORPOTrainer
 
 # The demo's settings: chosen so both runs finish in about a minute each on a 2-core CPU.
@@ -153,34 +154,6 @@ def samples_markdown(test, orpo: RunResult, sft: RunResult, count: int = SAMPLES
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(runs: list[RunResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [
-        ("loss", "training loss"),
-        ("rewards/accuracies", "reward accuracy (train)"),
-        ("logps/chosen", "mean log-prob, chosen (solid) / rejected (dashed)"),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
-    for run, color in zip(runs, ("tab:blue", "tab:orange"), strict=False):
-        label = f"{run.name} (alpha={run.alpha:g})"
-        logged = [h for h in run.log_history if "loss" in h and "step" in h]
-        steps = [h["step"] for h in logged]
-        for ax, (key, title) in zip(axes, panels, strict=True):
-            ax.plot(steps, [h[key] for h in logged], color=color, label=label)
-            if key == "logps/chosen":
-                ax.plot(steps, [h["logps/rejected"] for h in logged], color=color, linestyle="--")
-            ax.set_title(title)
-            ax.set_xlabel("step")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def run_quickstart(
     output_dir: str = "./orpo-quickstart",
     max_steps: int | None = None,
@@ -221,7 +194,9 @@ def run_quickstart(
     (out / "samples.md").write_text(
         "# Sample generations (greedy, held-out prompts)\n\n" + samples_markdown(test, orpo, sft)
     )
-    plot_curves(runs, out / "training_curves.png")
+    plot_runs(
+        [(f"{run.name} (alpha={run.alpha:g})", run.log_history) for run in runs], out / "training_curves.png"
+    )
 
     _say("")
     _say(comparison_table(orpo, sft))

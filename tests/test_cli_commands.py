@@ -1,0 +1,116 @@
+"""orpo eval / generate / plot on a model trained for a few steps by orpo train."""
+
+import json
+
+import pytest
+
+from orpo.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "demo",
+                "--dataset",
+                "demo:test",
+                "--output-dir",
+                str(out),
+                "--max_steps",
+                "4",
+                "--logging_steps",
+                "1",
+                "--save_strategy",
+                "no",
+                "--disable_tqdm",
+                "true",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_eval_prints_trl_named_metrics_as_json(trained, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--model", str(trained), "--data", "demo:test", "--alpha", "0.5", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    for key in (
+        "eval_rewards/accuracies",
+        "eval_rewards/margins",
+        "eval_logps/chosen",
+        "eval_logps/rejected",
+        "eval_nll_loss",
+        "eval_loss",
+    ):
+        assert isinstance(metrics[key], float)
+    assert metrics["eval_rewards/chosen"] == pytest.approx(0.5 * metrics["eval_logps/chosen"])
+
+
+def test_eval_table(trained, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--model", str(trained), "--data", "demo:test"]) == 0
+    out = capsys.readouterr().out
+    assert "(200 pairs, alpha=0.1)" in out and "eval_rewards/accuracies" in out
+
+
+def test_generate_streams_a_completion_for_each_prompt(trained, tmp_path, capsys):
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(trained),
+                "--prompt",
+                "rev abc=",
+                "--no-chat-template",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip() != ""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("rev abc=\nrev xyz=\n")
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(trained),
+                "--prompts",
+                str(prompts),
+                "--max-new-tokens",
+                "3",
+                "--temperature",
+                "0.7",
+                "--top-p",
+                "0.9",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "> rev abc=" in out and "> rev xyz=" in out
+    assert main(["generate", "--model", str(trained)]) == 2
+    assert "give one of --prompt" in capsys.readouterr().err
+
+
+def test_plot_overlays_runs_into_a_png(trained, tmp_path, capsys):
+    target = tmp_path / "curves.png"
+    assert main(["plot", str(trained), str(trained), "--output", str(target)]) == 0
+    assert target.read_bytes().startswith(b"\x89PNG")
+    assert main(["plot", str(tmp_path), "--output", str(target)]) == 2
+    assert "no trainer_state.json" in capsys.readouterr().err
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fly"])
+    assert exit_info.value.code == 2
