@@ -31,6 +31,7 @@ ALIASES = {
     "num_epochs": ("num_train_epochs", "Axolotl"),
     "pref_beta": ("orpo_alpha", "LLaMA-Factory (pref_beta is ORPO's lambda there)"),
     "beta": ("orpo_alpha", "TRL (its ORPO `beta` is the paper's lambda)"),
+    "warmup_ratio": ("warmup_steps", "transformers < 5; a float below 1 is a ratio there too"),
     "model_name_or_path": ("model", "LLaMA-Factory / TRL scripts"),
     "base_model": ("model", "Axolotl"),
     "dataset": ("datasets", "shorthand"),
