@@ -150,3 +150,16 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     config.write_text("model: demo\ndatasets: demo:train\nlearning_rate: 1e-5\n")
     run = resolve({**read_config_file(config), "output_dir": str(tmp_path)})
     assert run.args.learning_rate == 1e-5
+
+
+def test_chat_template_from_builtin_name_jinja_or_file(tmp_path):
+    from orpo.run_config import BUILTIN_CHAT_TEMPLATES, chat_template_text
+
+    assert chat_template_text("chatml") == BUILTIN_CHAT_TEMPLATES["chatml"]
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert chat_template_text(jinja) == jinja
+    template_file = tmp_path / "t.jinja"
+    template_file.write_text(jinja)
+    assert chat_template_text(str(template_file)) == jinja
+    with pytest.raises(OrpoError, match="neither a built-in"):
+        chat_template_text("llama-99")
