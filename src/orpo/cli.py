@@ -156,16 +156,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load_trained(model_dir: str, tokenizer_name: str | None):
-    from transformers import AutoModelForCausalLM
-
+    """A saved model (or ``demo``, the untrained embedded one) and its tokenizer."""
     from orpo.trainer import load_causal_lm
 
     if model_dir == "demo":
         from orpo.demo import tiny_model
 
         return tiny_model(), _load_tokenizer(tokenizer_name or "demo")
-    model = load_causal_lm(model_dir) if not isinstance(model_dir, AutoModelForCausalLM) else model_dir
-    return model, _load_tokenizer(tokenizer_name or model_dir)
+    return load_causal_lm(model_dir), _load_tokenizer(tokenizer_name or model_dir)
 
 
 def _eval(args: argparse.Namespace) -> int:
