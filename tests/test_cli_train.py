@@ -163,3 +163,16 @@ def test_chat_template_from_builtin_name_jinja_or_file(tmp_path):
     assert chat_template_text(str(template_file)) == jinja
     with pytest.raises(OrpoError, match="neither a built-in"):
         chat_template_text("llama-99")
+
+
+def test_column_mapping_from_a_config_file_reaches_the_data(tmp_path):
+    from orpo.formats import load_preference_data
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: demo\ndatasets: {ROOT / 'tests' / 'data' / 'stack_exchange.csv'}\n"
+        "dataset_columns: {prompt: question, chosen: response_j, rejected: response_k}\n"
+    )
+    run = resolve({**read_config_file(config), "output_dir": str(tmp_path)})
+    dataset, fmt, _ = load_preference_data(run.datasets, columns=run.args.dataset_columns)
+    assert fmt == "standard" and dataset[0]["chosen"] == "Use +."
