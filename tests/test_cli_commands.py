@@ -1,6 +1,7 @@
 """orpo eval / generate / plot on a model trained for a few steps by orpo train."""
 
 import json
+import logging
 
 import pytest
 
@@ -114,3 +115,15 @@ def test_unknown_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fly"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "flag,level", [("--quiet", logging.ERROR), ("--verbose", logging.INFO), (None, logging.WARNING)]
+)
+def test_quiet_and_verbose_set_the_log_level(flag, level, capsys):
+    from transformers.utils import logging as hf_logging
+
+    assert main([flag] if flag else []) == 0  # no command: prints the help after setting the level
+    assert logging.getLogger("orpo").level == level
+    assert hf_logging.get_verbosity() == level
+    assert "quickstart" in capsys.readouterr().out

@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"orpo {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true", help="only errors (no warnings, no progress bars)")
+    loudness.add_argument("--verbose", action="store_true", help="also informational log messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = commands.add_parser(
@@ -434,12 +437,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_loudness(quiet: bool, verbose: bool) -> None:
+    """Python logging for orpo, transformers and datasets: warnings by default."""
+    import logging
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("orpo").setLevel(level)
+    hf_logging.set_verbosity(level)
+    if quiet:
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
+    _set_loudness(quiet=args.quiet, verbose=args.verbose)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
