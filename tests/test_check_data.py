@@ -29,7 +29,7 @@ def test_check_data_reports_format_lengths_truncation_and_rendering(capsys):
 def test_check_data_lists_problems_and_exits_non_zero(capsys):
     code = main(["check-data", str(DATA / "many_bad.jsonl")])
     err = capsys.readouterr().err
-    assert code == 2
+    assert code == 1  # invalid data: a runtime failure
     assert "many_bad.jsonl:1: field 'chosen' is empty" in err and "... and 2 more" in err
     assert "Traceback" not in err
 

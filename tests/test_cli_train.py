@@ -133,7 +133,7 @@ def test_resume_without_checkpoint_says_so(tmp_path, capsys):
             "true",
         ]
     )
-    assert code == 2
+    assert code == 1
     assert "--resume: no checkpoint to resume from" in capsys.readouterr().err
 
 

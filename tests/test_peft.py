@@ -55,5 +55,5 @@ def test_lora_trains_only_the_adapter_and_merge_equals_base_plus_adapter(tmp_pat
 
 
 def test_merge_without_adapter_is_a_clear_error(tmp_path, capsys):
-    assert main(["merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert main(["merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
     assert "no adapter_config.json" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from orpo import __version__
-from orpo.errors import OrpoError
+from orpo.errors import OrpoError, UsageError
 
 
 def _quickstart(args: argparse.Namespace) -> int:
@@ -23,7 +23,7 @@ def _parse_columns(text: str | None) -> dict[str, str] | None:
     for item in text.split(","):
         target, sep, source = item.partition("=")
         if not sep or target.strip() not in ("prompt", "chosen", "rejected") or not source.strip():
-            raise OrpoError(f"--columns takes prompt=COL,chosen=COL,rejected=COL; got '{item}'")
+            raise UsageError(f"--columns takes prompt=COL,chosen=COL,rejected=COL; got '{item}'")
         mapping[target.strip()] = source.strip()
     return mapping
 
@@ -62,7 +62,7 @@ def _overrides(extra: list[str]) -> dict:
     while k < len(extra):
         item = extra[k]
         if not item.startswith("--") or item == "--":
-            raise OrpoError(f"expected --key value after the config file, got '{item}'")
+            raise UsageError(f"expected --key value after the config file, got '{item}'")
         key, sep, value = item[2:].partition("=")
         if not sep:
             if k + 1 >= len(extra) or extra[k + 1].startswith("--"):
@@ -214,7 +214,7 @@ def _generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     if bool(args.prompt) == bool(args.prompts):
-        raise OrpoError("give one of --prompt TEXT or --prompts FILE (one prompt per line)")
+        raise UsageError("give one of --prompt TEXT or --prompts FILE (one prompt per line)")
     prompts = (
         [args.prompt]
         if args.prompt
@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a preference dataset (.jsonl, .json, .csv, .parquet, a save_to_disk or plain "
         "directory, or a hub name), detect its format, list invalid rows as file:line: field: problem, and with "
         "a tokenizer show token-length percentiles, what max lengths would truncate or drop, and the first row "
-        "as the model will see it. Exit status 0 when the data is valid, 2 when not.",
+        "as the model will see it. Exit status 0 when the data is valid, 1 when not.",
         epilog="examples:\n  orpo check-data prefs.jsonl --tokenizer Qwen/Qwen2-0.5B-Instruct --max-length 2048\n"
         "  orpo check-data pairs.csv --columns prompt=question,chosen=response_j,rejected=response_k",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"orpo: error: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, UsageError) else 1
     except KeyboardInterrupt:
         print("orpo: interrupted", file=sys.stderr)
         return 130

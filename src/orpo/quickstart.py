@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from orpo.config import ORPOConfig
 from orpo.demo import demo_tokenizer, load_demo_dataset, tiny_model
-from orpo.errors import OrpoError
+from orpo.errors import UsageError
 from orpo.plot import plot_runs
 from orpo.trainer import ORPOTrainer
 
@@ -164,9 +164,9 @@ def run_quickstart(
     max_steps = DEMO_STEPS if max_steps is None else max_steps
     alpha = DEMO_ALPHA if alpha is None else alpha
     if max_steps < 1:
-        raise OrpoError(f"--max-steps must be >= 1, got {max_steps}")
+        raise UsageError(f"--max-steps must be >= 1, got {max_steps}")
     if alpha <= 0:
-        raise OrpoError(
+        raise UsageError(
             f"--alpha must be > 0 for the ORPO run (the baseline is the alpha=0 run), got {alpha}"
         )
     out = Path(output_dir)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from orpo.config import ORPOConfig
-from orpo.errors import OrpoError
+from orpo.errors import OrpoError, UsageError
 
 # Foreign name -> (our name, where it comes from).
 ALIASES = {
@@ -72,16 +72,16 @@ class RunConfig:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise OrpoError(f"config file {path}: no such file")
+        raise UsageError(f"config file {path}: no such file")
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise OrpoError(f"config file {path}: cannot parse it: {err}") from err
+        raise UsageError(f"config file {path}: cannot parse it: {err}") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise OrpoError(
+        raise UsageError(
             f"config file {path}: expected a mapping of keys to values, got {type(data).__name__}"
         )
     return data
@@ -159,28 +159,28 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
             target, origin = ALIASES[key]
             notes.append(f"'{key}' ({origin}) read as '{target}'")
             if target in merged and merged[target] != value:
-                raise OrpoError(f"config gives both '{key}' and '{target}' with different values; keep one")
+                raise UsageError(f"config gives both '{key}' and '{target}' with different values; keep one")
             key = target
         if key not in fields and key not in RUN_KEYS:
             known = sorted([*fields, *RUN_KEYS, *ALIASES])
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise OrpoError(f"unknown config key '{key}'{hint}")
+            raise UsageError(f"unknown config key '{key}'{hint}")
         if key in fields and not _accepts(fields[key], value) and _accepts(fields[key], _as_number(value)):
             value = _as_number(value)
         if key in fields and not _accepts(fields[key], value):
-            raise OrpoError(
+            raise UsageError(
                 f"config key '{key}' must be {_type_name(fields[key])}, got {type(value).__name__} {value!r}"
             )
         values[key] = value
 
     model = values.pop("model", None)
     if model is None:
-        raise OrpoError("the config needs 'model' (a hub name or a local directory)")
+        raise UsageError("the config needs 'model' (a hub name or a local directory)")
     if isinstance(model, str):
         model = {"name": model}
     if not isinstance(model, dict) or "name" not in model:
-        raise OrpoError(
+        raise UsageError(
             "'model' must be a name/path or a mapping with 'name' (and dtype, attn_implementation, ...)"
         )
     unknown_model_keys = set(model) - {
@@ -191,10 +191,10 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
         "revision",
     }
     if unknown_model_keys:
-        raise OrpoError(f"unknown keys under 'model': {sorted(unknown_model_keys)}")
+        raise UsageError(f"unknown keys under 'model': {sorted(unknown_model_keys)}")
     datasets = values.pop("datasets", None)
     if not datasets:
-        raise OrpoError("the config needs 'datasets' (a path, hub name, or a list of them)")
+        raise UsageError("the config needs 'datasets' (a path, hub name, or a list of them)")
     datasets = _dataset_specs(datasets, notes)
     eval_datasets = _dataset_specs(values.pop("eval_datasets", None) or [], notes)
     run = {key: values.pop(key, None) for key in ("tokenizer", "chat_template", "peft")}
@@ -207,10 +207,10 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
     values["model_init_kwargs"] = init_kwargs or None
     try:
         args = ORPOConfig(**values)
-    except OrpoError:
-        raise
+    except OrpoError as err:
+        raise UsageError(str(err)) from err
     except (ValueError, TypeError) as err:
-        raise OrpoError(f"invalid training settings: {err}") from err
+        raise UsageError(f"invalid training settings: {err}") from err
     return RunConfig(
         args=args, model=model, datasets=datasets, eval_datasets=eval_datasets, notes=notes, raw=merged, **run
     )
@@ -225,10 +225,10 @@ def _dataset_specs(value, notes: list[str]) -> list:
             specs.append(item)
             continue
         if not isinstance(item, dict) or "path" not in item:
-            raise OrpoError(f"each dataset needs a 'path' (file, directory or hub name), got {item!r}")
+            raise UsageError(f"each dataset needs a 'path' (file, directory or hub name), got {item!r}")
         unknown = set(item) - {"path", "weight", "type", "split"}
         if unknown:
-            raise OrpoError(
+            raise UsageError(
                 f"unknown keys {sorted(unknown)} in dataset {item['path']} (use path, weight, split)"
             )
         if "type" in item:
@@ -249,7 +249,7 @@ def chat_template_text(value: str | None) -> str | None:
     if "{" not in value and path.is_file():
         return path.read_text(encoding="utf-8")
     if "{" not in value:
-        raise OrpoError(
+        raise UsageError(
             f"chat_template '{value}' is neither a built-in ({', '.join(BUILTIN_CHAT_TEMPLATES)}), a file, nor Jinja"
         )
     return value
