@@ -176,3 +176,43 @@ def test_column_mapping_from_a_config_file_reaches_the_data(tmp_path):
     run = resolve({**read_config_file(config), "output_dir": str(tmp_path)})
     dataset, fmt, _ = load_preference_data(run.datasets, columns=run.args.dataset_columns)
     assert fmt == "standard" and dataset[0]["chosen"] == "Use +."
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, capsys, monkeypatch):
+    from orpo.trainer import ORPOTrainer
+
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--model",
+        "demo",
+        "--dataset",
+        "demo:test",
+        "--output-dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--per_device_train_batch_size",
+        "8",
+    ]
+    real_step = ORPOTrainer.training_step
+    calls = []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(ORPOTrainer, "training_step", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"checkpoint saved in {out}/checkpoint-2" in err and "--resume" in err
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    monkeypatch.setattr(ORPOTrainer, "training_step", real_step)
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4

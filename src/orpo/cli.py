@@ -135,6 +135,19 @@ def _train(args: argparse.Namespace) -> int:
     )
     try:
         result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    except KeyboardInterrupt:
+        # Keep what the finished optimizer steps learned; the step in flight is redone on resume.
+        trainer._save_checkpoint(trainer.model, trial=None)
+        step = trainer.state.global_step
+        again = " ".join(
+            ["orpo train", *([args.config] if args.config else []), *args.extra[bool(args.config) :]]
+        )
+        print(
+            f"\ninterrupted at step {step}; checkpoint saved in {out}/checkpoint-{step}\n"
+            f"resume with: {again} --resume",
+            file=sys.stderr,
+        )
+        return 130
     except ValueError as err:
         if args.resume and "checkpoint" in str(err):
             raise OrpoError(f"--resume: no checkpoint to resume from in {out} ({err})") from err
