@@ -127,3 +127,17 @@ def test_quiet_and_verbose_set_the_log_level(flag, level, capsys):
     assert logging.getLogger("orpo").level == level
     assert hf_logging.get_verbosity() == level
     assert "quickstart" in capsys.readouterr().out
+
+
+def test_eval_split_of_a_saved_dataset_dict(trained, tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    rows = Dataset.from_list([{"prompt": "rev ab=", "chosen": "ba", "rejected": "ab"}] * 3)
+    DatasetDict({"validation": rows}).save_to_disk(str(tmp_path / "dd"))
+    capsys.readouterr()
+    assert (
+        main(["eval", "--model", str(trained), "--data", str(tmp_path / "dd"), "--split", "validation"]) == 0
+    )
+    assert "(3 pairs, alpha=0.1)" in capsys.readouterr().out
+    assert main(["eval", "--model", str(trained), "--data", str(tmp_path / "dd")]) == 1
+    assert "not 'test'" in capsys.readouterr().err

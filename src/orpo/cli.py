@@ -188,6 +188,7 @@ def _eval(args: argparse.Namespace) -> int:
     from transformers.trainer_callback import PrinterCallback
 
     from orpo.config import ORPOConfig
+    from orpo.formats import load_preference_data
     from orpo.trainer import ORPOTrainer
 
     datasets.disable_progress_bars()
@@ -205,7 +206,8 @@ def _eval(args: argparse.Namespace) -> int:
             nll_include_prompt=args.nll_include_prompt,
             disable_tqdm=True,
         )
-        trainer = ORPOTrainer(model=model, args=config, eval_dataset=args.data, tokenizer=tokenizer)
+        pairs, _, _ = load_preference_data(args.data, split=args.split, subset=args.subset)
+        trainer = ORPOTrainer(model=model, args=config, eval_dataset=pairs, tokenizer=tokenizer)
         trainer.remove_callback(PrinterCallback)
         metrics = trainer.evaluate()
     hidden = ("runtime", "per_second", "preparation_time")
@@ -358,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="preference data: file, directory, hub name or demo:test"
     )
     evaluate.add_argument("--tokenizer", help="default: the model's")
+    evaluate.add_argument("--split", default="test", help="split of a hub dataset or DatasetDict directory")
+    evaluate.add_argument("--subset", help="subset (configuration) of a hub dataset")
     evaluate.add_argument("--alpha", type=float, default=0.1, help="orpo_alpha that scales the rewards")
     evaluate.add_argument("--beta", type=float, default=1.0, help="orpo_beta of the loss")
     evaluate.add_argument("--nll-include-prompt", action="store_true")
