@@ -105,14 +105,9 @@ def _train(args: argparse.Namespace) -> int:
 
     from orpo.trainer import ORPOTrainer
 
-    model_name = run.model["name"]
-    if model_name == "demo":
-        from orpo.demo import tiny_model
-
-        model = tiny_model(seed=run.args.seed)
-    else:
-        model = model_name
-    tokenizer = _load_tokenizer(run.tokenizer or ("demo" if model_name == "demo" else model_name))
+    model, tokenizer = _load_trained(
+        run.model["name"], run.tokenizer, run.args.model_init_kwargs, run.args.seed
+    )
     template = chat_template_text(run.chat_template)
     if template is not None:
         tokenizer.chat_template = template
@@ -168,15 +163,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_trained(model_dir: str, tokenizer_name: str | None):
-    """A saved model (or ``demo``, the untrained embedded one) and its tokenizer."""
+def _load_trained(model_dir: str, tokenizer_name: str | None, init_kwargs: dict | None = None, seed: int = 0):
+    """A model by name or directory (or ``demo``, the embedded one, freshly initialised with ``seed``)
+    and its tokenizer (``tokenizer_name``, else the model's)."""
     from orpo.trainer import load_causal_lm
 
     if model_dir == "demo":
         from orpo.demo import tiny_model
 
-        return tiny_model(), _load_tokenizer(tokenizer_name or "demo")
-    return load_causal_lm(model_dir), _load_tokenizer(tokenizer_name or model_dir)
+        return tiny_model(seed=seed), _load_tokenizer(tokenizer_name or "demo")
+    return load_causal_lm(model_dir, init_kwargs), _load_tokenizer(tokenizer_name or model_dir)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -310,12 +306,9 @@ def _load_tokenizer(name: str):
         from orpo.demo import demo_tokenizer
 
         return demo_tokenizer()
-    from transformers import AutoTokenizer
+    from orpo.trainer import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise OrpoError(f"could not load a tokenizer from '{name}': {err}") from err
+    return load_tokenizer(name)
 
 
 def build_parser() -> argparse.ArgumentParser:

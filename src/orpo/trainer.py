@@ -74,6 +74,14 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None) -> PreTra
         raise OrpoError(f"could not load a causal LM from '{name_or_path}': {err}") from err
 
 
+def load_tokenizer(name_or_path: str):
+    """``AutoTokenizer.from_pretrained`` with a user-facing error when it cannot be loaded."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise OrpoError(f"could not load a tokenizer from '{name_or_path}': {err}") from err
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Zero every dropout: module dropouts and the functional attention dropout rates."""
     for module in model.modules():
@@ -229,10 +237,7 @@ class ORPOTrainer(Trainer):
         if tokenizer is None:
             if not isinstance(model, str):
                 raise OrpoError("ORPOTrainer needs a tokenizer (`tokenizer=` or `processing_class=`)")
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(model)
-            except (OSError, ValueError) as err:
-                raise OrpoError(f"could not load a tokenizer from '{model}': {err}") from err
+            tokenizer = load_tokenizer(model)
         return tokenizer
 
     @staticmethod
