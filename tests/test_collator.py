@@ -20,9 +20,10 @@ def test_layout_and_scored_tokens():
     flat = batch["input_ids"].flatten()
     # each scored target is the token right after the position that predicts it
     assert torch.equal(flat[batch["score_positions"] + 1], batch["score_targets"])
-    assert batch["score_targets"].tolist() == [8, 9, 12, 13, 14, 10, 15, 16]
-    assert batch["score_pair"].tolist() == [0, 0, 1, 1, 1, 0, 1, 1]
-    assert batch["score_chosen"].tolist() == [True] * 5 + [False] * 3
+    # pair by pair, chosen before rejected: each pair's tokens are contiguous
+    assert batch["score_targets"].tolist() == [8, 9, 10, 12, 13, 14, 15, 16]
+    assert batch["score_pair"].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert batch["score_chosen"].tolist() == [True, True, False, True, True, True, False, False]
     assert batch["score_response"].all()
     assert int(batch["num_pairs"]) == 2
 
@@ -32,7 +33,7 @@ def test_nll_include_prompt_scores_chosen_prompt_tokens_only():
     prompt_tokens = ~batch["score_response"]
     assert batch["score_targets"][prompt_tokens].tolist() == [6, 7]  # pair 0 prompt after its first token
     assert batch["score_chosen"][prompt_tokens].all()
-    assert batch["score_targets"][batch["score_response"]].tolist() == [8, 9, 12, 13, 14, 10, 15, 16]
+    assert batch["score_targets"][batch["score_response"]].tolist() == [8, 9, 10, 12, 13, 14, 15, 16]
 
 
 def test_pad_to_multiple_of_only_adds_padding():

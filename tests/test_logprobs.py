@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from orpo.logprobs import chunked_target_logprobs, full_target_logprobs
+from orpo.logprobs import (
+    chunk_size_for,
+    chunked_target_logprobs,
+    full_target_logprobs,
+    fused_linear_loss,
+    segment_chunks,
+)
 
 
 def inputs(n=7, h=5, v=11, dtype=torch.float64, bias=False, seed=0):
@@ -96,3 +102,85 @@ def test_no_tokens_by_vocab_tensor_exists_in_forward_or_backward():
         ref, _ = reference(hidden, weight, None, targets)
         ref.sum().backward()
     assert full_probe.largest >= n * v  # the probe does see the full computation's logits
+
+
+# ---- the fused head + loss ---------------------------------------------------------------------------
+
+
+def segment_loss(segment_of, weights):
+    """A loss that is a sum over segments of a non-linear function of each segment's mean, like ORPO's."""
+
+    def loss_fn(logps, start, end):
+        seg = segment_of[start:end] - segment_of[start]
+        count = int(seg.max()) + 1
+        means = logps.new_zeros(count).index_add_(0, seg, logps) / torch.bincount(seg, minlength=count)
+        return -(logps * weights[start:end]).sum() + torch.nn.functional.softplus(-3 * means).sum()
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk_size", [5, 9, 1000])
+def test_fused_loss_equals_loss_of_full_logits(bias, softcap, chunk_size):
+    sizes = [3, 5, 2, 4, 5]
+    hidden, weight, b, targets = inputs(n=sum(sizes), h=6, v=29, bias=bias)
+    segment_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    weights = torch.rand(sum(sizes), dtype=torch.float64)
+    loss_fn = segment_loss(segment_of, weights)
+    chunks = segment_chunks(sizes, chunk_size)
+    params = [hidden, weight] + ([b] if bias else [])
+
+    loss, logps, mean_logits = fused_linear_loss(
+        hidden, weight, targets, b, chunks=chunks, loss_fn=loss_fn, softcap=softcap
+    )
+    grads = torch.autograd.grad(loss * 2.5, params)  # the incoming gradient scales every gradient
+    ref_logps, ref_mean = reference(hidden, weight, b, targets, softcap)
+    ref_loss = loss_fn(ref_logps, 0, sum(sizes))
+    ref_grads = torch.autograd.grad(ref_loss * 2.5, params)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+    assert torch.allclose(logps, ref_logps.detach()) and torch.allclose(mean_logits, ref_mean)
+    for a, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(a, r, atol=1e-10)
+
+
+def test_fused_loss_bf16_within_bf16_tolerance_and_frozen_weight():
+    sizes = [4, 6, 6]
+    hidden, weight, _, targets = inputs(n=16, h=32, v=64, dtype=torch.bfloat16)
+    weight = weight.detach()
+    segment_of = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    loss_fn = segment_loss(segment_of, torch.ones(16))
+    loss, _, _ = fused_linear_loss(hidden, weight, targets, chunks=segment_chunks(sizes, 10), loss_fn=loss_fn)
+    (grad,) = torch.autograd.grad(loss, [hidden])
+    ref_logps, _ = reference(hidden.float(), weight.float(), None, targets)
+    ref_loss = loss_fn(ref_logps, 0, 16)
+    (ref_grad,) = torch.autograd.grad(ref_loss, [hidden])
+    assert grad.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=2e-2)
+    assert (grad.float() - ref_grad.float()).abs().max() <= 2e-2 * ref_grad.abs().max()  # bf16 rounding
+
+
+def test_fused_loss_holds_one_chunk_of_logits_at_a_time():
+    sizes = [8] * 32
+    hidden, weight, _, targets = inputs(n=256, h=8, v=1000, dtype=torch.float32)
+    segment_of = torch.repeat_interleave(torch.arange(32), torch.tensor(sizes))
+    loss_fn = segment_loss(segment_of, torch.ones(256))
+    with LargestTensor() as probe:
+        loss, _, _ = fused_linear_loss(
+            hidden, weight, targets, chunks=segment_chunks(sizes, 16), loss_fn=loss_fn
+        )
+        loss.backward()
+    assert probe.largest <= max(16 * 1000, 1000 * 8, 256 * 8)
+
+
+def test_segment_chunks_groups_whole_segments():
+    assert segment_chunks([3, 5, 2, 4, 5], 9) == [(0, 8), (8, 14), (14, 19)]
+    assert segment_chunks([3, 5], 100) == [(0, 8)]
+    assert segment_chunks([3, 10, 2], 9) is None  # a segment that cannot fit: the caller falls back
+    assert segment_chunks([], 4) == []
+
+
+def test_chunk_size_follows_the_vocabulary():
+    assert chunk_size_for(128_256, budget_mib=256) == 523  # 523 x 128,256 fp32 logits ~ 256 MiB
+    assert chunk_size_for(32_000, budget_mib=256) == 2097
+    assert chunk_size_for(10**9, budget_mib=1) == 1

@@ -113,6 +113,74 @@ def test_chunked_head_equals_full_logits_values_and_gradients(tmp_path, tokenize
             assert torch.allclose(a, b, atol=1e-5)
 
 
+HEAD_FACTORIES = pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: make_model(),
+        lambda: make_model(tie_word_embeddings=False),
+        biased_head_model,
+        gemma2_model,
+        cohere_model,
+    ],
+    ids=["tied", "untied", "bias", "gemma2-softcap", "cohere-logit-scale"],
+)
+
+
+@HEAD_FACTORIES
+@pytest.mark.parametrize("include_prompt", [False, True])
+@pytest.mark.parametrize("chunk", ["one-pair-too-big", "several-chunks", None])
+def test_fused_head_loss_equals_unfused_loss_and_gradients(
+    tmp_path, tokenizer, toy_dataset, factory, include_prompt, chunk, monkeypatch
+):
+    import orpo.trainer as trainer_module
+
+    model = factory()
+    params = [p for p in model.parameters() if p.requires_grad]
+    probe = ORPOTrainer(
+        model=model,
+        args=config(tmp_path, nll_include_prompt=include_prompt),
+        train_dataset=toy_dataset,
+        tokenizer=tokenizer,
+    )
+    sizes = torch.bincount(batch_for(probe)["score_pair"])
+    chunk_size = {"one-pair-too-big": int(sizes.max()) - 1, "several-chunks": int(sizes.max()) + 1}.get(chunk)
+    fused_calls = []
+    real_fused = trainer_module.fused_linear_loss
+    monkeypatch.setattr(
+        trainer_module,
+        "fused_linear_loss",
+        lambda *a, **k: fused_calls.append(k["chunks"]) or real_fused(*a, **k),
+    )
+
+    def loss_and_grads(fused):
+        args = config(
+            tmp_path,
+            nll_include_prompt=include_prompt,
+            orpo_alpha=0.7,
+            orpo_beta=0.5,
+            logprob_chunk_size=chunk_size,
+            fused_head_loss=fused,
+        )
+        trainer = ORPOTrainer(model=model, args=args, train_dataset=toy_dataset, tokenizer=tokenizer)
+        loss = trainer.compute_loss(model, batch_for(trainer))
+        sums = {k: float(v) for k, v in trainer._metric_sums["train"].items()}
+        return loss, torch.autograd.grad(loss, params, allow_unused=True), sums
+
+    loss_ref, grads_ref, sums_ref = loss_and_grads(False)
+    assert not fused_calls
+    loss, grads, sums = loss_and_grads(True)
+    # The fused path runs exactly when every pair fits in a chunk; "several-chunks" really is several.
+    assert len(fused_calls) == (0 if chunk == "one-pair-too-big" else 1)
+    if chunk == "several-chunks":
+        assert len(fused_calls[0]) > 1
+    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert sums == pytest.approx(sums_ref, rel=1e-5, abs=1e-6)
+
+
 class ScaledLogitsLlama(nn.Module):
     """A model that transforms its logits after the head in a way orpo cannot know."""
 

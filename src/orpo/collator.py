@@ -6,7 +6,8 @@ layout made the log-probs:
 - ``score_positions [N]``: flat index (``row * seq_len + t``) of the hidden state that predicts
   the token;
 - ``score_targets [N]``: the token id to predict;
-- ``score_pair [N]``: the pair (row of preference data) in this batch it belongs to;
+- ``score_pair [N]``: the pair (row of preference data) in this batch it belongs to; tokens are
+  ordered by pair, so each pair's tokens are contiguous;
 - ``score_chosen [N]``: chosen (True) or rejected (False) sequence;
 - ``score_response [N]``: response token (True) or chosen prompt token (False, scored only for
   the NLL term when ``nll_include_prompt``).
@@ -42,19 +43,24 @@ class PaddedPairCollator:
 
         input_ids = torch.full((len(rows), seq_len), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+        for row, (prompt, response, _, _) in enumerate(rows):
+            input_ids[row, : len(prompt) + len(response)] = torch.tensor(prompt + response, dtype=torch.long)
+            attention_mask[row, : len(prompt) + len(response)] = 1
+
+        # Scored tokens pair by pair (pair 0 chosen, pair 0 rejected, pair 1 chosen, ...): each
+        # pair's tokens are contiguous, so the head can work on chunks of whole pairs.
         positions, targets, pairs, is_chosen, is_response = [], [], [], [], []
-        for row, (prompt, response, pair, chosen) in enumerate(rows):
-            tokens = torch.tensor(prompt + response, dtype=torch.long)
-            input_ids[row, : len(tokens)] = tokens
-            attention_mask[row, : len(tokens)] = 1
-            # Token t is predicted by the hidden state at t - 1; position 0 has no predictor.
-            first = 1 if (chosen and self.nll_include_prompt) else max(len(prompt), 1)
-            scored = torch.arange(first, len(tokens))
-            positions.append(row * seq_len + scored - 1)
-            targets.append(tokens[first:])
-            pairs.append(torch.full_like(scored, pair))
-            is_chosen.append(torch.full(scored.shape, chosen, dtype=torch.bool))
-            is_response.append(scored >= len(prompt))
+        for pair in range(num_pairs):
+            for row in (pair, num_pairs + pair):
+                prompt, response, _, chosen = rows[row]
+                # Token t is predicted by the hidden state at t - 1; position 0 has no predictor.
+                first = 1 if (chosen and self.nll_include_prompt) else max(len(prompt), 1)
+                scored = torch.arange(first, len(prompt) + len(response))
+                positions.append(row * seq_len + scored - 1)
+                targets.append(input_ids[row, first : len(prompt) + len(response)])
+                pairs.append(torch.full_like(scored, pair))
+                is_chosen.append(torch.full(scored.shape, chosen, dtype=torch.bool))
+                is_response.append(scored >= len(prompt))
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -9,7 +9,7 @@ import torch
 from transformers import TrainingArguments
 
 from orpo.errors import OrpoError
-from orpo.logprobs import DEFAULT_CHUNK_SIZE
+from orpo.logprobs import DEFAULT_CHUNK_MIB
 
 DEFAULT_ALPHA = 0.1
 
@@ -88,9 +88,19 @@ class ORPOConfig(TrainingArguments):
             "help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when `model` is a name."
         },
     )
-    logprob_chunk_size: int = field(
-        default=DEFAULT_CHUNK_SIZE,
-        metadata={"help": "Tokens per chunk of the LM head; peak head memory ~ 3 × chunk × vocab × 4 bytes."},
+    logprob_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per chunk of the LM head (peak head memory ~ 2 × chunk × vocab × 4 bytes); "
+            f"default: chunks of about {DEFAULT_CHUNK_MIB} MiB of fp32 logits for the model's vocabulary."
+        },
+    )
+    fused_head_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the loss and its gradient while each chunk's logits are live (3 head matmuls per "
+            "chunk instead of 4), when every pair's scored tokens fit in one chunk; exact either way."
+        },
     )
     bf16: bool | None = field(
         default=None,
@@ -139,5 +149,5 @@ class ORPOConfig(TrainingArguments):
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                 f"({self.max_length}), or no response token would fit"
             )
-        if self.logprob_chunk_size < 1:
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
             raise OrpoError(f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")

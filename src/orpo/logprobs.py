@@ -7,14 +7,44 @@ computes it ``chunk_size`` tokens at a time and its backward recomputes each chu
 (``dlogits = g · (onehot − softmax)``): peak extra memory is ``O(chunk_size × V)`` in forward and
 backward, and the result is exact (the same math as the full computation, not an approximation).
 
+When the loss is a sum over segments of tokens (ORPO: over pairs, given the step's normalisers)
+and whole segments fit in a chunk, :func:`fused_linear_loss` goes further: it evaluates the loss
+on each chunk while its logits are live and computes the gradients right there, so the logits are
+never recomputed: three ``[chunk, H] × [H, V]`` matmuls per chunk instead of four.
+
 This module knows nothing of ORPO, pairs or batch layouts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
-DEFAULT_CHUNK_SIZE = 2048
+DEFAULT_CHUNK_MIB = 256
+"""Default size of one chunk's fp32 logits block; the chunk size in tokens follows from the vocabulary."""
+
+
+def chunk_size_for(vocab_size: int, budget_mib: float = DEFAULT_CHUNK_MIB) -> int:
+    """Tokens per chunk so that one chunk's fp32 ``[chunk, V]`` logits take about ``budget_mib``
+    (peak head memory is about twice that: the logits and one temporary of the same size)."""
+    return max(1, int(budget_mib * 2**20 // (4 * vocab_size)))
+
+
+def segment_chunks(segment_sizes: Sequence[int], chunk_size: int) -> list[tuple[int, int]] | None:
+    """Group consecutive segments (token counts) into ``(start, end)`` token ranges of at most
+    ``chunk_size`` tokens, never splitting a segment; None if one segment alone is larger."""
+    chunks, start, end = [], 0, 0
+    for size in segment_sizes:
+        if size > chunk_size:
+            return None
+        if end + size - start > chunk_size:
+            chunks.append((start, end))
+            start = end
+        end += size
+    if end > start:
+        chunks.append((start, end))
+    return chunks
 
 
 def _chunk_logits(
@@ -32,20 +62,33 @@ def _chunk_logits(
     return capped * softcap, capped
 
 
+def _mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Mean logit over the vocabulary per token (for the ``logits/*`` metrics). Logits are linear in
+    the weight, so this is ``hidden @ mean(weight)``: no pass over ``[N, V]``. (Soft-capped logits
+    are not linear; their mean is taken chunk by chunk instead.)"""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    with torch.no_grad():
+        mean = hidden.to(dtype) @ weight.to(dtype).mean(0)
+        return mean + bias.to(dtype).mean() if bias is not None else mean
+
+
 class _ChunkedTargetLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap):
         n = hidden.shape[0]
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         logps = torch.empty(n, dtype=dtype, device=hidden.device)
-        mean_logits = torch.empty(n, dtype=dtype, device=hidden.device)
+        # Kept for the backward, so that it needs one exp pass over each chunk's logits, not three.
+        lse = torch.empty(n, dtype=dtype, device=hidden.device)
+        mean_logits = _mean_logits(hidden, weight, bias) if softcap is None else torch.empty_like(lse)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             logits, _ = _chunk_logits(hidden[start:end], weight, bias, softcap)
-            target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
-            logps[start:end] = target_logits - torch.logsumexp(logits, dim=-1)
-            mean_logits[start:end] = logits.mean(dim=-1)
-        ctx.save_for_backward(hidden, weight, bias, targets)
+            if softcap is not None:
+                mean_logits[start:end] = logits.mean(dim=-1)
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
         ctx.softcap = softcap
         ctx.mark_non_differentiable(mean_logits)
@@ -53,7 +96,7 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_mean_logits):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         # Accumulate the head's gradient in fp32 over chunks; cast once at the end.
@@ -68,8 +111,7 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
             logits, capped = _chunk_logits(h, weight, bias, ctx.softcap)
             # d logp_target / d logits = onehot(target) - softmax(logits); softmax in place, to hold
             # one [chunk, V] buffer rather than two.
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            grad_logits = logits.sub_(lse).exp_().mul_(-g[:, None])
+            grad_logits = logits.sub_(lse[start:end, None]).exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[start:end, None], g[:, None])
             if capped is not None:  # d (cap·tanh(z/cap)) / dz = 1 - tanh²
                 grad_logits.mul_(1.0 - capped * capped)
@@ -92,7 +134,7 @@ def chunked_target_logprobs(
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log softmax(hidden @ weight.T + bias)[i, targets[i]]`` without materialising ``[N, V]``.
@@ -120,3 +162,84 @@ def full_target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[t
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logps = logits.log_softmax(-1).gather(1, targets.long()[:, None]).squeeze(1)
     return logps, logits.detach().mean(-1)
+
+
+ChunkLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
+"""``loss_fn(logps, start, end)``: the loss of the scored tokens ``start:end`` (one chunk of whole
+segments) from their log-probs; the total loss must be the sum of these."""
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunks, loss_fn, softcap):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        logps = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=dtype) if need_bias else None
+        total = torch.zeros((), dtype=dtype, device=hidden.device)
+        mean_logits = _mean_logits(hidden, weight, bias) if softcap is None else torch.empty_like(logps)
+        for start, end in chunks:
+            h = hidden[start:end]
+            logits, capped = _chunk_logits(h, weight, bias, softcap)
+            if softcap is not None:
+                mean_logits[start:end] = logits.mean(dim=-1)
+            lse = torch.logsumexp(logits, dim=-1)
+            chunk_logps = logits.gather(1, targets[start:end, None]).squeeze(1) - lse
+            logps[start:end] = chunk_logps
+            with torch.enable_grad():
+                leaf = chunk_logps.detach().requires_grad_()
+                loss = loss_fn(leaf, start, end)
+                (g,) = torch.autograd.grad(loss, leaf)
+            total = total + loss.detach()
+            # Same gradient as _ChunkedTargetLogProbs.backward, while the logits are still here.
+            grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+            grad_logits.scatter_add_(1, targets[start:end, None], g[:, None])
+            if capped is not None:
+                grad_logits.mul_(1.0 - capped * capped)
+            if need_hidden:
+                grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight.add_(grad_logits.T @ h.to(dtype))
+            if need_bias:
+                grad_bias.add_(grad_logits.sum(0))
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(logps, mean_logits)
+        return total, logps, mean_logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logps, _grad_mean_logits):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(weight_dtype)
+        if grad_bias is not None:
+            grad_bias = (grad_bias * grad_loss).to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def fused_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunks: Sequence[tuple[int, int]],
+    loss_fn: ChunkLoss,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A loss that is a sum over chunks of scored tokens, with the LM head fused in.
+
+    Same inputs as :func:`chunked_target_logprobs`, plus ``chunks`` (``(start, end)`` ranges covering
+    ``0..N``, e.g. from :func:`segment_chunks`) and ``loss_fn``. Each chunk's logits are computed
+    once; the gradients into ``hidden``, ``weight`` and ``bias`` are computed in the forward pass
+    and scaled by the incoming gradient in the backward.
+
+    Returns:
+        ``(loss, logps [N], mean_logits [N])``; only ``loss`` carries a gradient.
+    """
+    return _FusedLinearLoss.apply(hidden, weight, bias, targets.long(), list(chunks), loss_fn, softcap)

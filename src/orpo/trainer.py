@@ -27,7 +27,13 @@ from orpo.config import ORPOConfig
 from orpo.data import TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
 from orpo.errors import OrpoError
 from orpo.formats import load_preference_data
-from orpo.logprobs import chunked_target_logprobs, full_target_logprobs
+from orpo.logprobs import (
+    chunk_size_for,
+    chunked_target_logprobs,
+    full_target_logprobs,
+    fused_linear_loss,
+    segment_chunks,
+)
 from orpo.loss import means_from_sums, orpo_loss
 
 logger = logging.getLogger("orpo")
@@ -330,7 +336,9 @@ class ORPOTrainer(Trainer):
             return None
         return plan
 
-    def _chunked_logprobs(self, model, plan: HeadPlan, input_ids, attention_mask, positions, targets):
+    def _head_inputs(self, model, plan: HeadPlan, input_ids, attention_mask, positions):
+        """Run the model body and return ``(hidden [N, H], weight, bias)`` for the scored positions,
+        in the dtype the model's own head would compute in."""
         with capture_head_input(plan.head) as captured:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = captured["hidden"]
@@ -345,8 +353,15 @@ class ORPOTrainer(Trainer):
         hidden = hidden.to(weight.dtype)
         if plan.scale != 1.0:
             hidden = hidden * plan.scale
+        return hidden, weight, bias
+
+    def _chunk_size(self, plan: HeadPlan) -> int:
+        return self.args.logprob_chunk_size or chunk_size_for(plan.head.weight.shape[0])
+
+    def _chunked_logprobs(self, model, plan: HeadPlan, input_ids, attention_mask, positions, targets):
+        hidden, weight, bias = self._head_inputs(model, plan, input_ids, attention_mask, positions)
         return chunked_target_logprobs(
-            hidden, weight, targets, bias, chunk_size=self.args.logprob_chunk_size, softcap=plan.softcap
+            hidden, weight, targets, bias, chunk_size=self._chunk_size(plan), softcap=plan.softcap
         )
 
     def scored_logprobs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,18 +404,33 @@ class ORPOTrainer(Trainer):
         return batch_samples, counts[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps, mean_logits = self.scored_logprobs(model, inputs)
-        loss, stats = orpo_loss(
-            logps,
-            inputs["score_pair"],
-            inputs["score_chosen"],
-            inputs["score_response"],
-            int(inputs["num_pairs"]),
-            alpha=self.args.orpo_alpha,
-            beta=self.args.orpo_beta,
-            nll_normalizer=inputs.get("step_nll_tokens"),
-            pair_normalizer=inputs.get("step_pairs"),
-        )
+        pair, chosen, response = inputs["score_pair"], inputs["score_chosen"], inputs["score_response"]
+        num_pairs = int(inputs["num_pairs"])
+        # Per-micro-batch defaults are the batch's own counts; training passes the whole step's.
+        normalizers = {
+            "nll_normalizer": inputs.get("step_nll_tokens", chosen.sum().clamp(min=1)),
+            "pair_normalizer": inputs.get("step_pairs", max(num_pairs, 1)),
+        }
+
+        def loss_of(logps, pair, chosen, response, num_pairs):
+            return orpo_loss(
+                logps,
+                pair,
+                chosen,
+                response,
+                num_pairs,
+                alpha=self.args.orpo_alpha,
+                beta=self.args.orpo_beta,
+                **normalizers,
+            )
+
+        fused = self._fused_loss(model, inputs, loss_of)
+        if fused is not None:
+            loss, logps, mean_logits = fused
+            _, stats = loss_of(logps, pair, chosen, response, num_pairs)  # metrics; cheap, no head
+        else:
+            logps, mean_logits = self.scored_logprobs(model, inputs)
+            loss, stats = loss_of(logps, pair, chosen, response, num_pairs)
         if "step_pairs" in inputs and self.accelerator.num_processes > 1:
             # Normalised by global counts, but DDP averages gradients over processes: undo that.
             loss = loss * self.accelerator.num_processes
@@ -408,6 +438,48 @@ class ORPOTrainer(Trainer):
         if return_outputs:
             return loss, {"chosen_logps": stats.chosen_logps, "rejected_logps": stats.rejected_logps}
         return loss
+
+    def _fused_loss(self, model, inputs, loss_of):
+        """The loss with the head fused in (:func:`orpo.logprobs.fused_linear_loss`) when it applies:
+        training with gradients, a separable head, and every pair's scored tokens fitting in one
+        chunk (chunks are whole pairs, so each chunk's loss and gradient are complete). Returns
+        ``(loss, logps, mean_logits)``, or None to use the unfused path."""
+        if self._head_plan == "unresolved":
+            self._head_plan = self._resolve_head(model, inputs)
+        plan = self._head_plan
+        if plan is None or not self.args.fused_head_loss or not torch.is_grad_enabled():
+            return None
+        pair, chosen, response = inputs["score_pair"], inputs["score_chosen"], inputs["score_response"]
+        num_pairs = int(inputs["num_pairs"])
+        sizes = torch.bincount(pair, minlength=num_pairs).tolist()  # pairs are contiguous (collator)
+        chunks = segment_chunks(sizes, self._chunk_size(plan))
+        if chunks is None:
+            return None
+        first_pair, offset = {}, 0
+        for index, size in enumerate(sizes):
+            first_pair[offset] = index
+            offset += size
+        first_pair[offset] = num_pairs
+
+        def chunk_loss(logps, start, end):
+            p0 = first_pair[start]
+            loss, _ = loss_of(
+                logps, pair[start:end] - p0, chosen[start:end], response[start:end], first_pair[end] - p0
+            )
+            return loss
+
+        hidden, weight, bias = self._head_inputs(
+            model, plan, inputs["input_ids"], inputs["attention_mask"], inputs["score_positions"]
+        )
+        return fused_linear_loss(
+            hidden,
+            weight,
+            inputs["score_targets"],
+            bias,
+            chunks=chunks,
+            loss_fn=chunk_loss,
+            softcap=plan.softcap,
+        )
 
     def _record_metrics(self, mode, stats, mean_logits, inputs) -> None:
         sums = self._metric_sums[mode]
