@@ -178,6 +178,9 @@ def test_segment_chunks_groups_whole_segments():
     assert segment_chunks([3, 5], 100) == [(0, 8)]
     assert segment_chunks([3, 10, 2], 9) is None  # a segment that cannot fit: the caller falls back
     assert segment_chunks([], 4) == []
+    # an oversized segment may take a chunk of its own, up to max_chunk_size
+    assert segment_chunks([3, 10, 2, 2], 9, max_chunk_size=12) == [(0, 3), (3, 13), (13, 17)]
+    assert segment_chunks([3, 13], 9, max_chunk_size=12) is None
 
 
 def test_chunk_size_follows_the_vocabulary():

@@ -31,14 +31,19 @@ def chunk_size_for(vocab_size: int, budget_mib: float = DEFAULT_CHUNK_MIB) -> in
     return max(1, int(budget_mib * 2**20 // (4 * vocab_size)))
 
 
-def segment_chunks(segment_sizes: Sequence[int], chunk_size: int) -> list[tuple[int, int]] | None:
+def segment_chunks(
+    segment_sizes: Sequence[int], chunk_size: int, max_chunk_size: int | None = None
+) -> list[tuple[int, int]] | None:
     """Group consecutive segments (token counts) into ``(start, end)`` token ranges of at most
-    ``chunk_size`` tokens, never splitting a segment; None if one segment alone is larger."""
+    ``chunk_size`` tokens, never splitting a segment. A segment larger than ``chunk_size`` gets a
+    chunk of its own if it has at most ``max_chunk_size`` tokens (default: ``chunk_size``);
+    returns None if one is larger still."""
+    limit = max(chunk_size, max_chunk_size or chunk_size)
     chunks, start, end = [], 0, 0
     for size in segment_sizes:
-        if size > chunk_size:
+        if size > limit:
             return None
-        if end + size - start > chunk_size:
+        if end > start and end + size - start > chunk_size:
             chunks.append((start, end))
             start = end
         end += size
@@ -60,6 +65,15 @@ def _chunk_logits(
         return logits, None
     capped = torch.tanh(logits / softcap)
     return capped * softcap, capped
+
+
+def _logsumexp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lse [n], exps, sums [n, 1])`` with ``exps = exp(logits - max)`` written over ``logits``: one
+    ``[chunk, V]`` buffer instead of the two ``torch.logsumexp`` needs; ``exps / sums`` is the softmax."""
+    peak = logits.amax(dim=-1, keepdim=True)
+    exps = logits.sub_(peak).exp_()
+    sums = exps.sum(dim=-1, keepdim=True)
+    return (peak + sums.log()).squeeze(1), exps, sums
 
 
 def _mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -86,8 +100,9 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
             logits, _ = _chunk_logits(hidden[start:end], weight, bias, softcap)
             if softcap is not None:
                 mean_logits[start:end] = logits.mean(dim=-1)
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
-            logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+            target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
+            lse[start:end], _, _ = _logsumexp_(logits)
+            logps[start:end] = target_logits - lse[start:end]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
         ctx.softcap = softcap
@@ -185,8 +200,9 @@ class _FusedLinearLoss(torch.autograd.Function):
             logits, capped = _chunk_logits(h, weight, bias, softcap)
             if softcap is not None:
                 mean_logits[start:end] = logits.mean(dim=-1)
-            lse = torch.logsumexp(logits, dim=-1)
-            chunk_logps = logits.gather(1, targets[start:end, None]).squeeze(1) - lse
+            target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
+            lse, exps, sums = _logsumexp_(logits)
+            chunk_logps = target_logits - lse
             logps[start:end] = chunk_logps
             with torch.enable_grad():
                 leaf = chunk_logps.detach().requires_grad_()
@@ -194,7 +210,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 (g,) = torch.autograd.grad(loss, leaf)
             total = total + loss.detach()
             # Same gradient as _ChunkedTargetLogProbs.backward, while the logits are still here.
-            grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+            grad_logits = exps.mul_(-g[:, None] / sums)  # = -g · softmax, in place
             grad_logits.scatter_add_(1, targets[start:end, None], g[:, None])
             if capped is not None:
                 grad_logits.mul_(1.0 - capped * capped)

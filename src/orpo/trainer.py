@@ -38,6 +38,10 @@ from orpo.loss import means_from_sums, orpo_loss
 
 logger = logging.getLogger("orpo")
 
+# The largest chunk (in chunk sizes) the fused head+loss takes for a single pair; beyond it, the
+# unfused head keeps memory at one chunk.
+_FUSED_MAX_CHUNKS = 4
+
 # How many tokens of the first batch's first row the one-off head self-check compares.
 _HEAD_CHECK_TOKENS = 64
 
@@ -452,7 +456,10 @@ class ORPOTrainer(Trainer):
         pair, chosen, response = inputs["score_pair"], inputs["score_chosen"], inputs["score_response"]
         num_pairs = int(inputs["num_pairs"])
         sizes = torch.bincount(pair, minlength=num_pairs).tolist()  # pairs are contiguous (collator)
-        chunks = segment_chunks(sizes, self._chunk_size(plan))
+        chunk_size = self._chunk_size(plan)
+        # A pair larger than a chunk gets a chunk of its own, up to 4 chunks' worth of logits (still
+        # less than a one-pair-per-chunk fused loss such as Liger's holds: it scores the prompt too).
+        chunks = segment_chunks(sizes, chunk_size, max_chunk_size=_FUSED_MAX_CHUNKS * chunk_size)
         if chunks is None:
             return None
         first_pair, offset = {}, 0

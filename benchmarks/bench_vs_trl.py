@@ -1,0 +1,285 @@
+"""End-to-end ``train()``: orpo's ORPOTrainer vs TRL's ``trl.experimental.orpo.ORPOTrainer``.
+
+Same model (built from a config with a fixed seed, random init), same data, same hyper-parameters,
+same objective (orpo runs with ``nll_include_prompt=True``, TRL's NLL convention; alpha = TRL's
+``beta``), fp32, no gradient checkpointing. Each run is its own subprocess, alternating
+orpo, TRL, orpo, TRL, ...; the table shows the best and median of each, and ratios orpo/TRL.
+
+Usage::
+
+    pip install -e '.[bench]'      # pulls trl and liger-kernel
+    python benchmarks/bench_vs_trl.py --scenario small-vocab
+    python benchmarks/bench_vs_trl.py --all --repeats 3 --json .benchmarks/vs_trl.json
+    python benchmarks/bench_vs_trl.py --scenario micro --check-loss   # seconds
+
+``--check-loss`` also compares the two trainers' loss on the same first batch (one process, two
+copies of the same model). Data: random letters, one token each under the shipped byte-level
+tokenizer, so a row's token count is exactly the drawn length; the model's vocabulary is the
+scenario's (only the first 259 ids ever appear as targets, which changes no cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+ALPHA = 0.1
+
+
+@dataclass
+class Scenario:
+    vocab_sizes: list[int]
+    hidden: int = 256
+    layers: int = 4
+    prompt: tuple[int, int] = (32, 128)  # token-length range, uniform
+    response: tuple[int, int] = (32, 128)
+    skewed: bool = False  # long-tailed lengths instead of uniform
+    batch: int = 4
+    steps: int = 12
+    max_length: int = 2048
+    extra: dict = field(default_factory=dict)
+
+
+SCENARIOS = {
+    "small-vocab": Scenario([32_000]),
+    "large-vocab": Scenario([151_936, 128_256], layers=2, steps=8),
+    "long-prompt": Scenario([32_000], prompt=(512, 1024), steps=8),
+    # Most rows short, a few near max_length, as real chat data is.
+    "skewed": Scenario(
+        [32_000], prompt=(16, 1024), response=(16, 512), skewed=True, steps=12, max_length=1536
+    ),
+    "micro": Scenario([1000], hidden=32, layers=1, prompt=(4, 12), response=(4, 12), batch=2, steps=3),
+}
+
+
+def draw_length(rng: random.Random, bounds: tuple[int, int], skewed: bool) -> int:
+    low, high = bounds
+    if not skewed:
+        return rng.randint(low, high)
+    # Log-normal around ~4x the minimum, clipped: median ~64 tokens, a 2-3% tail near the maximum.
+    return int(min(high, max(low, rng.lognormvariate(4.1, 0.9))))
+
+
+def make_rows(scenario: Scenario, n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def text(length: int) -> str:
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
+
+    rows = []
+    for _ in range(n):
+        prompt = text(draw_length(rng, scenario.prompt, scenario.skewed))
+        chosen = text(draw_length(rng, scenario.response, scenario.skewed))
+        rejected = text(draw_length(rng, scenario.response, scenario.skewed))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list[dict], seed: int = 0):
+    """A trainer of ``impl`` ('orpo' or 'trl') on a fresh seed-built model."""
+    from datasets import Dataset
+
+    from orpo.demo import demo_tokenizer, tiny_model
+
+    model = tiny_model(
+        seed=seed,
+        vocab_size=vocab,
+        hidden_size=scenario.hidden,
+        intermediate_size=scenario.hidden * 8 // 3,
+        num_hidden_layers=scenario.layers,
+        num_attention_heads=max(1, scenario.hidden // 64),
+        num_key_value_heads=max(1, scenario.hidden // 64),
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    tokenizer = demo_tokenizer()
+    common = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=scenario.batch,
+        max_steps=scenario.steps,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        logging_steps=scenario.steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=scenario.max_length,
+        dataloader_num_workers=0,
+    )
+    dataset = Dataset.from_list(rows)
+    if impl == "orpo":
+        from orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(
+            orpo_alpha=ALPHA,
+            nll_include_prompt=True,
+            max_prompt_length=scenario.max_length - 1,
+            **common,
+        )
+        return ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.orpo import ORPOConfig as TRLConfig
+    from trl.experimental.orpo import ORPOTrainer as TRLTrainer
+
+    args = TRLConfig(beta=ALPHA, **common)
+    return TRLTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+def train_once(impl: str, scenario: Scenario, vocab: int) -> dict:
+    """One measured run, in this (child) process."""
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+    rows = make_rows(scenario, scenario.steps * scenario.batch)
+    tokens = sum(2 * len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]) + 2 for r in rows)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = build(impl, scenario, vocab, out, rows)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "samples_per_s": len(rows) / seconds,
+        "peak_increase_mib": (peak - base) / 1024,
+        "train_loss": trainer.state.log_history[-1].get("train_loss"),
+    }
+
+
+def check_loss(scenario: Scenario, vocab: int) -> dict:
+    """Loss of the same first batch under both trainers (same initial weights)."""
+    import torch
+
+    rows = make_rows(scenario, scenario.batch)
+    with tempfile.TemporaryDirectory() as out:
+        ours = build("orpo", scenario, vocab, out, rows)
+        theirs = build("trl", scenario, vocab, out, rows)
+        with torch.no_grad():
+            features = [ours.train_dataset[i] for i in range(len(rows))]
+            loss_ours = ours.compute_loss(
+                ours.model, ours._prepare_inputs(ours.data_collator(features))
+            ).item()
+            features = [theirs.train_dataset[i] for i in range(len(rows))]
+            batch = theirs._prepare_inputs(theirs.data_collator(features))
+            loss_trl = theirs.compute_loss(theirs.model, batch).item()
+    return {
+        "orpo": loss_ours,
+        "trl": loss_trl,
+        "relative_difference": abs(loss_ours - loss_trl) / abs(loss_trl),
+    }
+
+
+def run_child(mode: str, name: str, vocab: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--scenario", name, "--vocab", str(vocab)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"{mode} run of {name} (vocab {vocab}) failed:\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {"runs": runs}
+    for key, better in (("seconds", min), ("tokens_per_s", max), ("samples_per_s", max)):
+        out[f"best_{key}"] = better(r[key] for r in runs)
+        out[f"median_{key}"] = statistics.median(r[key] for r in runs)
+    out["median_peak_increase_mib"] = statistics.median(r["peak_increase_mib"] for r in runs)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), action="append")
+    parser.add_argument("--all", action="store_true", help="every scenario but micro")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of each trainer, alternating (default 2)"
+    )
+    parser.add_argument("--check-loss", action="store_true", help="also compare the loss on the same batch")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        scenario = SCENARIOS[args.scenario[0]]
+        if args.child == "check-loss":
+            result = check_loss(scenario, args.vocab)
+        else:
+            result = train_once(args.child, scenario, args.vocab)
+        print(json.dumps(result))
+        return
+    if importlib.util.find_spec("trl") is None:
+        sys.exit("TRL is not installed: pip install -e '.[bench]'")
+    names = [n for n in SCENARIOS if n != "micro"] if args.all else (args.scenario or ["small-vocab"])
+    results = {}
+    for name in names:
+        scenario = SCENARIOS[name]
+        for vocab in scenario.vocab_sizes:
+            key = f"{name} (vocab {vocab})"
+            runs = {"orpo": [], "trl": []}
+            for _ in range(args.repeats):
+                for impl in runs:
+                    runs[impl].append(run_child(impl, name, vocab))
+            results[key] = {impl: summarise(r) for impl, r in runs.items()}
+            results[key]["scenario"] = asdict(scenario)
+            if args.check_loss:
+                results[key]["loss_check"] = run_child("check-loss", name, vocab)
+            print_result(key, results[key], args.repeats)
+    if args.json:
+        import torch
+        import transformers
+        import trl
+
+        meta = {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "cpus": os.cpu_count(),
+        }
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "results": results}, fh, indent=2)
+
+
+def print_result(key: str, result: dict, repeats: int) -> None:
+    ours, trl = result["orpo"], result["trl"]
+    print(f"\n{key}: {repeats} alternating runs each")
+    print(f"{'':>6} {'best s':>8} {'median s':>9} {'tokens/s':>9} {'samples/s':>10} {'peak MiB':>9}")
+    for name, s in (("orpo", ours), ("trl", trl)):
+        print(
+            f"{name:>6} {s['best_seconds']:>8.2f} {s['median_seconds']:>9.2f} {s['best_tokens_per_s']:>9.0f} "
+            f"{s['best_samples_per_s']:>10.2f} {s['median_peak_increase_mib']:>9.0f}"
+        )
+    speed = trl["best_seconds"] / ours["best_seconds"]
+    memory = ours["median_peak_increase_mib"] / max(trl["median_peak_increase_mib"], 1.0)
+    print(
+        f"speed orpo/TRL {speed:.2f}x (best), median {trl['median_seconds'] / ours['median_seconds']:.2f}x; "
+        f"peak memory increase orpo/TRL {memory:.2f}"
+    )
+    if "loss_check" in result:
+        check = result["loss_check"]
+        print(
+            f"same-batch loss: orpo {check['orpo']:.6f} TRL {check['trl']:.6f} "
+            f"(relative difference {check['relative_difference']:.1e})"
+        )
+
+
+if __name__ == "__main__":
+    main()
