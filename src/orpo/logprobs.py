@@ -103,6 +103,7 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
             target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
             lse[start:end], _, _ = _logsumexp_(logits)
             logps[start:end] = target_logits - lse[start:end]
+            del logits  # free this chunk before the next one is allocated: one chunk alive at a time
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
         ctx.softcap = softcap
@@ -136,6 +137,7 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
                 grad_weight.add_(grad_logits.T @ h.to(dtype))
             if need_bias:
                 grad_bias.add_(grad_logits.sum(0))
+            del logits, grad_logits, capped  # one chunk alive at a time
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         if need_bias:
@@ -220,6 +222,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 grad_weight.add_(grad_logits.T @ h.to(dtype))
             if need_bias:
                 grad_bias.add_(grad_logits.sum(0))
+            del logits, exps, grad_logits, capped  # one chunk alive at a time
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(logps, mean_logits)

@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end on their micro presets (so they never rot), and the
+implementations they compare agree on the loss."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script, *args, tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_head_micro_all_variants_agree_on_the_loss(tmp_path):
+    variants = ["orpo", "orpo-unfused", "naive"]
+    if importlib.util.find_spec("liger_kernel") is not None:
+        variants.append("liger")  # the compiled variant takes a minute to compile: not here
+    result, stdout = run(
+        "bench_head.py", "--preset", "micro", "--repeats", "1", "--variants", *variants, tmp_path=tmp_path
+    )
+    point = result["results"]["2x32x1000"]
+    assert set(point) == set(variants)
+    losses = [point[v]["loss"] for v in variants]
+    assert max(losses) - min(losses) <= 1e-5 * abs(losses[0])
+    assert all(point[v]["best_seconds"] > 0 for v in variants)
+    assert "ratios are orpo / variant" in stdout
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("trl") is None, reason="trl is not installed (pip install -e '.[test]')"
+)
+def test_bench_vs_trl_micro_runs_both_trainers_and_the_losses_agree(tmp_path):
+    result, stdout = run(
+        "bench_vs_trl.py", "--scenario", "micro", "--repeats", "1", "--check-loss", tmp_path=tmp_path
+    )
+    micro = result["results"]["micro (vocab 1000)"]
+    for impl in ("orpo", "trl"):
+        assert micro[impl]["best_tokens_per_s"] > 0
+        assert len(micro[impl]["runs"]) == 1
+    # Same model, same batch, orpo with nll_include_prompt=True: TRL's objective, to fp32 rounding.
+    assert micro["loss_check"]["relative_difference"] <= 1e-5
+    assert "speed orpo/TRL" in stdout
