@@ -50,7 +50,7 @@ def main() -> None:
         disable_tqdm=True,
         seed=0,
         use_cpu=True,
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,
         dataloader_num_workers=0,
     )
     trainer = ORPOTrainer(
@@ -62,7 +62,10 @@ def main() -> None:
     trainer.train()
     trainer.save_model(args.out)
     if trainer.is_world_process_zero():
-        history = [{k: v for k, v in entry.items() if isinstance(v, int | float)} for entry in trainer.state.log_history]
+        history = [
+            {k: v for k, v in entry.items() if isinstance(v, int | float)}
+            for entry in trainer.state.log_history
+        ]
         Path(args.out, "history.json").write_text(json.dumps(history, indent=1))
         Path(args.out, "world_size.txt").write_text(str(int(os.environ.get("WORLD_SIZE", "1"))))
 

@@ -518,3 +518,42 @@ def test_bf16_autocast_training_step_on_cpu(tmp_path, model, tokenizer, toy_data
     trainer.train()
     assert trainer._head_plan is not None  # the separated head agreed with the autocast model's own logits
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tokenizer, toy_dataset, fused):
+    def grads(checkpointing):
+        model = make_model(seed=5)
+        model.train()
+        if checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = ORPOTrainer(
+            model=model,
+            args=config(tmp_path, orpo_alpha=0.5, fused_head_loss=fused),
+            train_dataset=toy_dataset,
+            tokenizer=tokenizer,
+        )
+        loss = trainer.compute_loss(model, batch_for(trainer))
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_gradient_checkpointing_training_run(tmp_path, tokenizer, toy_dataset):
+    model = make_model(seed=5)
+    trainer = ORPOTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=2, per_device_train_batch_size=4, activation_checkpointing=True),
+        train_dataset=toy_dataset,
+        tokenizer=tokenizer,
+    )
+    trainer.train()
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
