@@ -78,7 +78,7 @@ def biased_head_model():
     return model
 
 
-@pytest.mark.parametrize(
+HEAD_FACTORIES = pytest.mark.parametrize(
     "factory",
     [
         lambda: make_model(),
@@ -89,6 +89,9 @@ def biased_head_model():
     ],
     ids=["tied", "untied", "bias", "gemma2-softcap", "cohere-logit-scale"],
 )
+
+
+@HEAD_FACTORIES
 def test_chunked_head_equals_full_logits_values_and_gradients(tmp_path, tokenizer, toy_dataset, factory):
     model = factory()
     trainer = ORPOTrainer(
@@ -111,19 +114,6 @@ def test_chunked_head_equals_full_logits_values_and_gradients(tmp_path, tokenize
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, atol=1e-5)
-
-
-HEAD_FACTORIES = pytest.mark.parametrize(
-    "factory",
-    [
-        lambda: make_model(),
-        lambda: make_model(tie_word_embeddings=False),
-        biased_head_model,
-        gemma2_model,
-        cohere_model,
-    ],
-    ids=["tied", "untied", "bias", "gemma2-softcap", "cohere-logit-scale"],
-)
 
 
 @HEAD_FACTORIES
@@ -527,7 +517,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tokenizer, to
         model.train()
         if checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         trainer = ORPOTrainer(

@@ -86,6 +86,24 @@ def _mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return mean + bias.to(dtype).mean() if bias is not None else mean
 
 
+def _backprop_chunk(grad_logits, g, targets, capped, h, weight, start, grads) -> None:
+    """Finish ``grad_logits`` (given as ``-g · softmax``: add ``g`` at the targets, the soft-cap
+    factor) and push it into the hidden-state rows ``start:`` and the head's gradient accumulators
+    (``grads = (grad_hidden, grad_weight, grad_bias)``, any of which may be None)."""
+    grad_hidden, grad_weight, grad_bias = grads
+    grad_logits.scatter_add_(1, targets[:, None], g[:, None])
+    if capped is not None:  # d (cap·tanh(z/cap)) / dz = 1 - tanh²
+        grad_logits.mul_(1.0 - capped * capped)
+    if grad_hidden is not None:
+        grad_hidden[start : start + h.shape[0]] = (grad_logits.to(weight.dtype) @ weight).to(
+            grad_hidden.dtype
+        )
+    if grad_weight is not None:
+        grad_weight.add_(grad_logits.T @ h.to(grad_weight.dtype))
+    if grad_bias is not None:
+        grad_bias.add_(grad_logits.sum(0))
+
+
 class _ChunkedTargetLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap):
@@ -120,6 +138,7 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=dtype) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=dtype) if need_bias else None
         grad_logps = grad_logps.to(dtype)
+        grads = (grad_hidden, grad_weight, grad_bias)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             h = hidden[start:end]
@@ -128,15 +147,7 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
             # d logp_target / d logits = onehot(target) - softmax(logits); softmax in place, to hold
             # one [chunk, V] buffer rather than two.
             grad_logits = logits.sub_(lse[start:end, None]).exp_().mul_(-g[:, None])
-            grad_logits.scatter_add_(1, targets[start:end, None], g[:, None])
-            if capped is not None:  # d (cap·tanh(z/cap)) / dz = 1 - tanh²
-                grad_logits.mul_(1.0 - capped * capped)
-            if need_hidden:
-                grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:
-                grad_weight.add_(grad_logits.T @ h.to(dtype))
-            if need_bias:
-                grad_bias.add_(grad_logits.sum(0))
+            _backprop_chunk(grad_logits, g, targets[start:end], capped, h, weight, start, grads)
             del logits, grad_logits, capped  # one chunk alive at a time
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
@@ -196,6 +207,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=dtype) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=dtype) if need_bias else None
         total = torch.zeros((), dtype=dtype, device=hidden.device)
+        grads = (grad_hidden, grad_weight, grad_bias)
         mean_logits = _mean_logits(hidden, weight, bias) if softcap is None else torch.empty_like(logps)
         for start, end in chunks:
             h = hidden[start:end]
@@ -213,15 +225,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             total = total + loss.detach()
             # Same gradient as _ChunkedTargetLogProbs.backward, while the logits are still here.
             grad_logits = exps.mul_(-g[:, None] / sums)  # = -g · softmax, in place
-            grad_logits.scatter_add_(1, targets[start:end, None], g[:, None])
-            if capped is not None:
-                grad_logits.mul_(1.0 - capped * capped)
-            if need_hidden:
-                grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:
-                grad_weight.add_(grad_logits.T @ h.to(dtype))
-            if need_bias:
-                grad_bias.add_(grad_logits.sum(0))
+            _backprop_chunk(grad_logits, g, targets[start:end], capped, h, weight, start, grads)
             del logits, exps, grad_logits, capped  # one chunk alive at a time
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)

@@ -303,7 +303,9 @@ class ORPOTrainer(Trainer):
         if self._parameters_sharded():
             # FSDP / ZeRO-3 gather the head's weight only inside the model's forward; computing the
             # head outside it would see a shard. The model's own head is exact, at full-logits memory.
-            logger.info("sharded parameters (FSDP or DeepSpeed ZeRO-3): computing the LM head inside the model")
+            logger.info(
+                "sharded parameters (FSDP or DeepSpeed ZeRO-3): computing the LM head inside the model"
+            )
             return None
         unwrapped = self.accelerator.unwrap_model(model)
         plan = head_plan_for(unwrapped)
@@ -348,7 +350,9 @@ class ORPOTrainer(Trainer):
     def _parameters_sharded(self) -> bool:
         if getattr(self, "is_fsdp_enabled", False):
             return True
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        plugin = (
+            getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        )
         return plugin is not None and plugin.zero_stage == 3
 
     def _head_inputs(self, model, plan: HeadPlan, input_ids, attention_mask, positions):
