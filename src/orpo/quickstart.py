@@ -28,7 +28,9 @@ from orpo.trainer import ORPOTrainer
 DEMO_ALPHA = 0.5
 DEMO_STEPS = 1500
 DEMO_BATCH = 16
-DEMO_LR = 5e-3
+# 5e-3 was chaotic: runs that differ only in float summation order ended in different places, and some
+# seeds stalled on a plateau (39% exact match). 2e-3 reached >= 99.5% exact match on seeds 0-4.
+DEMO_LR = 2e-3
 SAMPLES_SHOWN = 3
 MAX_NEW_TOKENS = 16
 
