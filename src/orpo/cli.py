@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from orpo import __version__
@@ -103,6 +104,7 @@ def _train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "orpo_config.yaml").write_text(resolved)
 
+    from orpo.stop_signals import StopOnSignal
     from orpo.trainer import ORPOTrainer
 
     model, tokenizer = _load_trained(
@@ -128,25 +130,35 @@ def _train(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         peft_config=peft_config,
     )
+    again = " ".join(
+        ["orpo train", *([args.config] if args.config else []), *args.extra[bool(args.config) :]]
+    )
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
     try:
-        result = trainer.train(resume_from_checkpoint=True if args.resume else None)
-    except KeyboardInterrupt:
-        # Keep what the finished optimizer steps learned; the step in flight is redone on resume.
-        trainer._save_checkpoint(trainer.model, trial=None)
-        step = trainer.state.global_step
-        again = " ".join(
-            ["orpo train", *([args.config] if args.config else []), *args.extra[bool(args.config) :]]
-        )
+        with stop:
+            result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: stopped mid-step, no new checkpoint
         print(
-            f"\ninterrupted at step {step}; checkpoint saved in {out}/checkpoint-{step}\n"
-            f"resume with: {again} --resume",
+            f"\nstopped at once during step {trainer.state.global_step + 1}; no checkpoint was written for it\n"
+            f"resume from the last checkpoint in {out} with: {again} --resume",
             file=sys.stderr,
         )
-        return 130
+        return stop.exit_code
     except ValueError as err:
         if args.resume and "checkpoint" in str(err):
             raise OrpoError(f"--resume: no checkpoint to resume from in {out} ({err})") from err
         raise
+    if stop.received is not None:
+        # Stopped at a step boundary with a checkpoint; no final model, so the output directory
+        # does not look like a finished run.
+        step = trainer.state.global_step
+        print(
+            f"\n{signal.Signals(stop.received).name}: stopped after step {step}; checkpoint saved in "
+            f"{out}/checkpoint-{step}\nresume with: {again} --resume",
+            file=sys.stderr,
+        )
+        return stop.exit_code
     trainer.save_model(str(out))
     trainer.save_state()
     final = {k: round(result.metrics[k], 4) for k in ("train_loss", "train_runtime") if k in result.metrics}

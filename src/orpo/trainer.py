@@ -22,6 +22,7 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 
+from orpo.checkpoints import AtomicCheckpoints
 from orpo.collator import PaddedPairCollator
 from orpo.config import ORPOConfig
 from orpo.data import TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
@@ -140,7 +141,7 @@ def capture_head_input(head: nn.Module):
         handle.remove()
 
 
-class ORPOTrainer(Trainer):
+class ORPOTrainer(AtomicCheckpoints, Trainer):
     """Odds Ratio Preference Optimization on ``transformers.Trainer``.
 
     Args:
