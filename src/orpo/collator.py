@@ -61,7 +61,7 @@ class PaddedPairCollator:
                 pairs.append(torch.full_like(scored, pair))
                 is_chosen.append(torch.full(scored.shape, chosen, dtype=torch.bool))
                 is_response.append(scored >= len(prompt))
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "score_positions": torch.cat(positions),
@@ -71,3 +71,8 @@ class PaddedPairCollator:
             "score_response": torch.cat(is_response),
             "num_pairs": torch.tensor(num_pairs, dtype=torch.long),
         }
+        if all("row_index" in feature for feature in features):  # dataset rows, for error messages
+            batch["row_index"] = torch.tensor(
+                [feature["row_index"] for feature in features], dtype=torch.long
+            )
+        return batch

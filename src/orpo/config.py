@@ -95,6 +95,14 @@ class ORPOConfig(TrainingArguments):
             f"default: chunks of about {DEFAULT_CHUNK_MIB} MiB of fp32 logits for the model's vocabulary."
         },
     )
+    nan_policy: str = field(
+        default="error",
+        metadata={
+            "help": "A non-finite loss: 'error' saves the last good state and stops, naming the step and the "
+            "dataset rows of the batch; 'skip' leaves that micro-batch out of the update and counts it "
+            "('nan_skipped_batches' in the log)."
+        },
+    )
     fused_head_loss: bool = field(
         default=True,
         metadata={
@@ -149,5 +157,7 @@ class ORPOConfig(TrainingArguments):
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                 f"({self.max_length}), or no response token would fit"
             )
+        if self.nan_policy not in ("error", "skip"):
+            raise OrpoError(f"nan_policy must be 'error' or 'skip', got {self.nan_policy!r}")
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
             raise OrpoError(f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")

@@ -26,7 +26,8 @@ logger = logging.getLogger("orpo")
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-CACHE_FORMAT = 1  # bump when the tokenized layout or the rules above change
+ROW_INDEX = "row_index"  # the row's index in the dataset before tokenization, for error messages
+CACHE_FORMAT = 2  # bump when the tokenized layout or the rules above change
 
 
 @dataclass
@@ -226,7 +227,9 @@ def tokenize_dataset(
     bos_id = tokenizer.bos_token_id
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out = {name: [] for name in (*TOKENIZED_COLUMNS, "_prompt_truncated", "_response_truncated")}
+        out = {
+            name: [] for name in (*TOKENIZED_COLUMNS, ROW_INDEX, "_prompt_truncated", "_response_truncated")
+        }
         for k, index in enumerate(indices):
             ids = pair_tokenizer({name: values[k] for name, values in batch.items()}, index)
             prompt, chosen, rejected = (ids[name] for name in TOKENIZED_COLUMNS)
@@ -234,6 +237,7 @@ def tokenize_dataset(
             out["prompt_input_ids"].append(new_prompt)
             out["chosen_input_ids"].append(new_chosen)
             out["rejected_input_ids"].append(new_rejected)
+            out[ROW_INDEX].append(index)
             out["_prompt_truncated"].append(len(new_prompt) < len(prompt))
             out["_response_truncated"].append(
                 len(new_chosen) < len(chosen) or len(new_rejected) < len(rejected)

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, T
 from orpo.checkpoints import AtomicCheckpoints
 from orpo.collator import PaddedPairCollator
 from orpo.config import ORPOConfig
-from orpo.data import TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
+from orpo.data import ROW_INDEX, TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
 from orpo.errors import OrpoError
 from orpo.formats import load_preference_data
 from orpo.logprobs import (
@@ -206,6 +206,11 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
                 tokenizer.pad_token_id, nll_include_prompt=args.nll_include_prompt
             )
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._nan_skipped = 0
+        if args.nan_policy == "skip" and args.world_size > 1:
+            raise OrpoError(
+                "nan_policy 'skip' works in single-process training only; use 'error' with several processes"
+            )
         self._head_plan: HeadPlan | None | str = "unresolved"
         self._eval_prefix = "eval"
 
@@ -294,7 +299,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         # The collator needs the tokenized columns, not the model's forward arguments, so even with
         # remove_unused_columns=True nothing it needs is dropped.
         if self._signature_columns is None:
-            self._signature_columns = list(TOKENIZED_COLUMNS)
+            self._signature_columns = [*TOKENIZED_COLUMNS, ROW_INDEX]
 
     # ---- forward: hidden states -> log-probs of the scored tokens --------------------------------
 
@@ -451,13 +456,53 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         else:
             logps, mean_logits = self.scored_logprobs(model, inputs)
             loss, stats = loss_of(logps, pair, chosen, response, num_pairs)
+        skipped = False
+        if model.training and not self._all_finite(loss):
+            loss, skipped = self._non_finite_loss(model, loss, inputs), True
         if "step_pairs" in inputs and self.accelerator.num_processes > 1:
             # Normalised by global counts, but DDP averages gradients over processes: undo that.
             loss = loss * self.accelerator.num_processes
-        self._record_metrics("train" if model.training else "eval", stats, mean_logits, inputs)
+        if not skipped:
+            self._record_metrics("train" if model.training else "eval", stats, mean_logits, inputs)
         if return_outputs:
             return loss, {"chosen_logps": stats.chosen_logps, "rejected_logps": stats.rejected_logps}
         return loss
+
+    def _all_finite(self, loss) -> bool:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.accelerator.num_processes > 1:  # every process takes the same branch, or DDP hangs
+            finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
+        return bool(finite == 1)
+
+    def _non_finite_loss(self, model, loss, inputs):
+        """``nan_policy``: 'error' checkpoints the last good state (the weights before this step)
+        and stops with the step and rows; 'skip' returns a zero loss so the micro-batch adds nothing."""
+        step = self.state.global_step + 1
+        rows = inputs[ROW_INDEX].tolist() if ROW_INDEX in inputs else "unknown"
+        if self.args.nan_policy == "skip":
+            self._nan_skipped += 1
+            logger.warning(
+                f"non-finite loss ({loss.item()}) at step {step}, dataset rows {rows}: batch skipped"
+            )
+            return torch.zeros((), device=loss.device, requires_grad=True)
+        self._save_checkpoint(model, trial=None)
+        raise OrpoError(
+            f"non-finite loss ({loss.item()}) at step {step}, dataset rows {rows}; the weights before this "
+            f"step are saved in {self.args.output_dir}/checkpoint-{self.state.global_step}. Check those rows "
+            "and the learning rate, or pass --nan-policy skip to leave such batches out"
+        )
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
+            # A finite loss with a non-finite gradient cannot be left out of an update already
+            # accumulated, so both policies stop here, before the optimizer applies it.
+            self._save_checkpoint(model, trial=None)
+            raise OrpoError(
+                f"non-finite gradient norm ({float(grad_norm)}) at step {self.state.global_step + 1}; the weights "
+                f"before this step are saved in {self.args.output_dir}/checkpoint-{self.state.global_step}"
+            )
+        return grad_norm
 
     def _fused_loss(self, model, inputs, loss_of):
         """The loss with the head fused in (:func:`orpo.logprobs.fused_linear_loss`) when it applies:
@@ -548,4 +593,6 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             for name, mean in means_from_sums(dict(zip(names, values.cpu(), strict=True))).items():
                 logs[prefix + name] = mean
             sums.clear()
+        if mode == "train" and self._nan_skipped:
+            logs["nan_skipped_batches"] = self._nan_skipped  # since the start of training
         super().log(logs, start_time)
