@@ -105,3 +105,29 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert (out / f"checkpoint-{step}" / "model.safetensors").is_file()
     assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
     assert not (out / "model.safetensors").exists()  # not a finished-looking output directory
+
+
+def test_resume_loads_checkpoints_with_weights_only(tmp_path, monkeypatch):
+    """Models come from safetensors; every torch.load on resume (optimizer, scheduler, RNG) is weights_only."""
+    from orpo.cli import main
+
+    out = tmp_path / "run"
+    argv = train_argv(out, steps=4)
+    argv[argv.index("--save_steps") + 1] = "2"
+    assert main(argv) == 0
+    checkpoint = out / "checkpoint-4"
+    assert (checkpoint / "model.safetensors").is_file()
+    assert not list(out.rglob("pytorch_model*.bin"))
+
+    real_load = torch.load
+    calls = []
+
+    def guarded_load(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, f"torch.load without weights_only=True: {args[:1]}"
+        calls.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", guarded_load)
+    argv[argv.index("--max_steps") + 1] = "6"
+    assert main([*argv, "--resume"]) == 0
+    assert any(str(c).endswith("optimizer.pt") for c in calls)  # the guard saw the resume's loads
