@@ -133,7 +133,8 @@ class PairTokenizer:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise OrpoError(
                 f"{self.source}, row {index + 1}: conversational rows need a tokenizer with a chat "
-                "template; set tokenizer.chat_template or use a chat model's tokenizer"
+                "template; add `chat_template: chatml` (or a Jinja template or file) to the config, set "
+                "tokenizer.chat_template in Python, or use a chat model's tokenizer"
             )
         prompt = self.tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
         responses = []

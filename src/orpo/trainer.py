@@ -82,7 +82,10 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None) -> PreTra
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
-        raise OrpoError(f"could not load a causal LM from '{name_or_path}': {err}") from err
+        reason = str(err)
+        if "Unrecognized configuration class" in reason:  # transformers then lists every causal LM config
+            reason = reason.split("\n")[0].split(" for this kind")[0] + " is not a causal language model"
+        raise OrpoError(f"could not load a causal LM from '{name_or_path}': {reason}") from err
 
 
 def load_tokenizer(name_or_path: str):

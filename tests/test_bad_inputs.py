@@ -1,0 +1,115 @@
+"""The fault table: each bad input to ``orpo train`` gives a clear message, a non-zero exit code, no
+traceback (without ``--debug``) and no output directory that looks like a finished model."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orpo.cli import main
+from orpo.demo import TOKENIZER_DIR
+
+DATA = Path(__file__).resolve().parent / "data"
+RUN = ["--max_steps", "1", "--disable_tqdm", "true", "--save_strategy", "no"]
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def yaml_config(tmp_path, extra):
+    lines = ["model: demo", "datasets: demo:test", *extra]
+    return ["train", write(tmp_path, "run.yaml", "\n".join(lines) + "\n")]
+
+
+def not_causal_lm(tmp_path):
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8, "num_layers": 1}))
+    return str(folder)
+
+
+def tokenizer_without_template(tmp_path):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for file in TOKENIZER_DIR.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return str(folder)
+
+
+# (id, argv builder, exit code, message fragment). Exit 2: the command line or config is wrong;
+# exit 1: a failure while working (data, model, tokenizer, state on disk).
+def data(name):
+    return lambda t: ["train", "--model", "demo", "--dataset", str(DATA / name)]
+
+
+def flags(*extra):
+    return lambda t: ["train", "--model", "demo", "--dataset", "demo:test", *extra]
+
+
+def no_template(t):
+    text = f"model: demo\ntokenizer: {tokenizer_without_template(t)}\ndatasets: {DATA / 'conversational.jsonl'}\n"
+    return ["train", write(t, "c.yaml", text)]
+
+
+# fmt: off
+CASES = [
+    # config files
+    ("config-missing", lambda t: ["train", str(t / "nope.yaml")], 2, "config file"),
+    ("config-yaml-syntax", lambda t: ["train", write(t, "x.yaml", "model: [demo\n")], 2, "x.yaml"),
+    ("config-not-a-mapping", lambda t: ["train", write(t, "x.yaml", "- a\n- b\n")], 2, "x.yaml"),
+    ("config-unknown-key", lambda t: yaml_config(t, ["learning_rat: 1e-5"]), 2, "did you mean 'learning_rate'"),
+    ("config-wrong-type", lambda t: yaml_config(t, ["learning_rate: fast"]), 2, "must be float"),
+    ("config-float-batch", lambda t: yaml_config(t, ["per_device_train_batch_size: 1.5"]), 2, "must be int"),
+    ("config-alpha-negative", lambda t: yaml_config(t, ["orpo_alpha: -1"]), 2, "orpo_alpha"),
+    ("config-max-length-zero", lambda t: yaml_config(t, ["max_length: 0"]), 2, "max_length"),
+    ("config-max-length-negative", lambda t: yaml_config(t, ["max_length: -5"]), 2, "max_length"),
+    ("config-prompt-not-shorter", lambda t: yaml_config(t, ["max_length: 64", "max_prompt_length: 64"]), 2, "max_prompt_length"),
+    ("config-nan-policy", lambda t: yaml_config(t, ["nan_policy: ignore"]), 2, "nan_policy must be 'error' or 'skip'"),
+    ("config-beta-and-alpha", lambda t: yaml_config(t, ["beta: 0.1", "orpo_alpha: 0.2"]), 2, "both 'beta' and 'orpo_alpha'"),
+    ("config-no-datasets", lambda t: ["train", write(t, "x.yaml", "model: demo\n")], 2, "needs 'datasets'"),
+    # command line
+    ("cli-flag-wrong-type", flags("--learning_rate", "abc"), 2, "learning_rate"),
+    ("cli-unknown-flag", flags("--lerning_rate", "1"), 2, "did you mean 'learning_rate'"),
+    ("cli-no-model", lambda t: ["train", "--dataset", "demo:test"], 2, "model"),
+    ("cli-resume-without-checkpoint", flags("--resume"), 1, "no checkpoint to resume from"),
+    # data
+    ("data-file-missing", lambda t: ["train", "--model", "demo", "--dataset", str(t / "none.jsonl")], 1, "none.jsonl"),
+    ("data-bad-json", data("bad_json.jsonl"), 1, "bad_json.jsonl:2"),
+    ("data-missing-field", data("missing_field.jsonl"), 1, "rejected"),
+    ("data-null-response", data("null_response.jsonl"), 1, "null_response.jsonl"),
+    ("data-non-string", data("non_string.jsonl"), 1, "non_string.jsonl:2"),
+    ("data-empty-response", data("empty_response.jsonl"), 1, "empty_response.jsonl:2"),
+    ("data-non-utf8", data("non_utf8.jsonl"), 1, "non_utf8.jsonl"),
+    ("data-unknown-role", data("unknown_role.jsonl"), 1, "unknown_role.jsonl"),
+    ("data-empty-file", lambda t: ["train", "--model", "demo", "--dataset", write(t, "empty.jsonl", "")], 1, "empty.jsonl"),
+    # model and tokenizer
+    ("model-path-missing", lambda t: ["train", "--model", str(t / "no-model"), "--dataset", "demo:test"], 1, "no-model"),
+    ("model-not-causal-lm", lambda t: ["train", "--model", not_causal_lm(t), "--dataset", "demo:test"], 1, "causal"),
+    ("tokenizer-no-chat-template", no_template, 1, "chat_template"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("builder,code,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_error(tmp_path, capsys, monkeypatch, builder, code, message):
+    monkeypatch.chdir(tmp_path)
+    argv = builder(tmp_path)
+    out = tmp_path / "out"
+    if argv[0] == "train" and "--output-dir" not in argv:
+        argv = [*argv, "--output-dir", str(out)]
+    assert main([*argv, *RUN]) == code
+    err = capsys.readouterr().err
+    assert message in err, err[-2000:]
+    assert "Traceback" not in err
+    assert not (out / "model.safetensors").exists()
+
+
+def test_the_table_is_long_enough():
+    assert len(CASES) >= 25
