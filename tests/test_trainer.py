@@ -618,3 +618,18 @@ def test_nan_policy_is_validated():
 
     with pytest.raises(OrpoError, match="nan_policy must be 'error' or 'skip'"):
         ORPOConfig(output_dir="x", nan_policy="ignore")
+
+
+def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, tokenizer, toy_dataset, caplog):
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None
+    with caplog.at_level("WARNING", logger="orpo"):
+        trainer = ORPOTrainer(
+            model=make_model(),
+            args=config(tmp_path, max_steps=1),
+            train_dataset=toy_dataset,
+            tokenizer=tokenizer,
+        )
+    assert "no pad token; using its eos token" in caplog.text
+    assert trainer.data_collator.pad_token_id == tokenizer.eos_token_id
+    trainer.train()
