@@ -87,7 +87,7 @@ def make_rows(scenario: Scenario, n: int, seed: int = 0) -> list[dict]:
 
 
 def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list[dict], seed: int = 0):
-    """A trainer of ``impl`` ('orpo' or 'trl') on a fresh seed-built model."""
+    """A trainer of ``impl`` ('orpo', 'orpo-packed' or 'trl') on a fresh seed-built model."""
     from datasets import Dataset
 
     from orpo.demo import demo_tokenizer, tiny_model
@@ -121,10 +121,11 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
         dataloader_num_workers=0,
     )
     dataset = Dataset.from_list(rows)
-    if impl == "orpo":
+    if impl in ("orpo", "orpo-packed"):
         from orpo import ORPOConfig, ORPOTrainer
 
         args = ORPOConfig(
+            padding_free=impl == "orpo-packed",
             orpo_alpha=ALPHA,
             nll_include_prompt=True,
             max_prompt_length=scenario.max_length - 1,
@@ -212,6 +213,13 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=2, help="runs of each trainer, alternating (default 2)"
     )
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=["orpo", "trl"],
+        choices=["orpo", "orpo-packed", "trl"],
+        help="trainers to compare (default: orpo trl); ratios are against the last one",
+    )
     parser.add_argument("--check-loss", action="store_true", help="also compare the loss on the same batch")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -233,7 +241,7 @@ def main() -> None:
         scenario = SCENARIOS[name]
         for vocab in scenario.vocab_sizes:
             key = f"{name} (vocab {vocab})"
-            runs = {"orpo": [], "trl": []}
+            runs = {impl: [] for impl in args.impls}
             for _ in range(args.repeats):
                 for impl in runs:
                     runs[impl].append(run_child(impl, name, vocab))
@@ -259,20 +267,26 @@ def main() -> None:
 
 
 def print_result(key: str, result: dict, repeats: int) -> None:
-    ours, trl = result["orpo"], result["trl"]
+    impls = [name for name in result if name not in ("scenario", "loss_check")]
     print(f"\n{key}: {repeats} alternating runs each")
-    print(f"{'':>6} {'best s':>8} {'median s':>9} {'tokens/s':>9} {'samples/s':>10} {'peak MiB':>9}")
-    for name, s in (("orpo", ours), ("trl", trl)):
+    print(f"{'':>12} {'best s':>8} {'median s':>9} {'tokens/s':>9} {'samples/s':>10} {'peak MiB':>9}")
+    for name in impls:
+        s = result[name]
         print(
-            f"{name:>6} {s['best_seconds']:>8.2f} {s['median_seconds']:>9.2f} {s['best_tokens_per_s']:>9.0f} "
+            f"{name:>12} {s['best_seconds']:>8.2f} {s['median_seconds']:>9.2f} {s['best_tokens_per_s']:>9.0f} "
             f"{s['best_samples_per_s']:>10.2f} {s['median_peak_increase_mib']:>9.0f}"
         )
-    speed = trl["best_seconds"] / ours["best_seconds"]
-    memory = ours["median_peak_increase_mib"] / max(trl["median_peak_increase_mib"], 1.0)
-    print(
-        f"speed orpo/TRL {speed:.2f}x (best), median {trl['median_seconds'] / ours['median_seconds']:.2f}x; "
-        f"peak memory increase orpo/TRL {memory:.2f}"
-    )
+    base_name = impls[-1]
+    base = result[base_name]
+    label = "TRL" if base_name == "trl" else base_name
+    for name in impls[:-1]:
+        ours = result[name]
+        speed = base["best_seconds"] / ours["best_seconds"]
+        memory = ours["median_peak_increase_mib"] / max(base["median_peak_increase_mib"], 1.0)
+        print(
+            f"speed {name}/{label} {speed:.2f}x (best), median {base['median_seconds'] / ours['median_seconds']:.2f}x; "
+            f"peak memory increase {name}/{label} {memory:.2f}"
+        )
     if "loss_check" in result:
         check = result["loss_check"]
         print(

@@ -20,6 +20,50 @@ from dataclasses import dataclass
 import torch
 
 
+def _pair_rows(features: list[dict]) -> list[tuple[list[int], list[int], int, bool]]:
+    """``(prompt ids, response ids, pair, chosen)`` for the 2B sequences: chosen ones first."""
+    rows = []
+    for chosen in (True, False):
+        key = "chosen_input_ids" if chosen else "rejected_input_ids"
+        for pair, feature in enumerate(features):
+            rows.append((list(feature["prompt_input_ids"]), list(feature[key]), pair, chosen))
+    return rows
+
+
+def _scored_tokens(rows, starts: list[int], nll_include_prompt: bool) -> dict[str, torch.Tensor]:
+    """The ``score_*`` fields, pair by pair (pair 0 chosen, pair 0 rejected, pair 1 chosen, ...) so
+    each pair's tokens are contiguous and the head can work on chunks of whole pairs. ``starts[r]``
+    is the flat index of sequence ``r``'s first token in ``input_ids``."""
+    num_pairs = len(rows) // 2
+    positions, targets, pairs, is_chosen, is_response = [], [], [], [], []
+    for pair in range(num_pairs):
+        for row in (pair, num_pairs + pair):
+            prompt, response, _, chosen = rows[row]
+            tokens = torch.tensor(prompt + response, dtype=torch.long)
+            # Token t is predicted by the hidden state at t - 1; position 0 has no predictor.
+            first = 1 if (chosen and nll_include_prompt) else max(len(prompt), 1)
+            scored = torch.arange(first, len(tokens))
+            positions.append(starts[row] + scored - 1)
+            targets.append(tokens[first:])
+            pairs.append(torch.full_like(scored, pair))
+            is_chosen.append(torch.full(scored.shape, chosen, dtype=torch.bool))
+            is_response.append(scored >= len(prompt))
+    return {
+        "score_positions": torch.cat(positions),
+        "score_targets": torch.cat(targets),
+        "score_pair": torch.cat(pairs),
+        "score_chosen": torch.cat(is_chosen),
+        "score_response": torch.cat(is_response),
+    }
+
+
+def _finish(batch: dict, features: list[dict]) -> dict:
+    batch["num_pairs"] = torch.tensor(len(features), dtype=torch.long)
+    if all("row_index" in feature for feature in features):  # dataset rows, for error messages
+        batch["row_index"] = torch.tensor([feature["row_index"] for feature in features], dtype=torch.long)
+    return batch
+
+
 @dataclass
 class PaddedPairCollator:
     """Chosen and rejected sequences of B pairs stacked as ``2B`` right-padded rows:
@@ -31,48 +75,41 @@ class PaddedPairCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        num_pairs = len(features)
-        rows = []  # (prompt ids, response ids, pair, chosen)
-        for chosen in (True, False):
-            key = "chosen_input_ids" if chosen else "rejected_input_ids"
-            for pair, feature in enumerate(features):
-                rows.append((list(feature["prompt_input_ids"]), list(feature[key]), pair, chosen))
+        rows = _pair_rows(features)
         seq_len = max(len(p) + len(r) for p, r, _, _ in rows)
         if self.pad_to_multiple_of:
             seq_len = -(-seq_len // self.pad_to_multiple_of) * self.pad_to_multiple_of
-
         input_ids = torch.full((len(rows), seq_len), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
         for row, (prompt, response, _, _) in enumerate(rows):
             input_ids[row, : len(prompt) + len(response)] = torch.tensor(prompt + response, dtype=torch.long)
             attention_mask[row, : len(prompt) + len(response)] = 1
+        starts = [row * seq_len for row in range(len(rows))]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch.update(_scored_tokens(rows, starts, self.nll_include_prompt))
+        return _finish(batch, features)
 
-        # Scored tokens pair by pair (pair 0 chosen, pair 0 rejected, pair 1 chosen, ...): each
-        # pair's tokens are contiguous, so the head can work on chunks of whole pairs.
-        positions, targets, pairs, is_chosen, is_response = [], [], [], [], []
-        for pair in range(num_pairs):
-            for row in (pair, num_pairs + pair):
-                prompt, response, _, chosen = rows[row]
-                # Token t is predicted by the hidden state at t - 1; position 0 has no predictor.
-                first = 1 if (chosen and self.nll_include_prompt) else max(len(prompt), 1)
-                scored = torch.arange(first, len(prompt) + len(response))
-                positions.append(row * seq_len + scored - 1)
-                targets.append(input_ids[row, first : len(prompt) + len(response)])
-                pairs.append(torch.full_like(scored, pair))
-                is_chosen.append(torch.full(scored.shape, chosen, dtype=torch.bool))
-                is_response.append(scored >= len(prompt))
+
+@dataclass
+class PackedPairCollator:
+    """Padding-free: the 2B sequences (chosen ones first) concatenated into one row of
+    ``input_ids [1, total]`` with ``position_ids`` restarting at 0 for each sequence and no
+    attention mask; transformers then confines attention to each sequence (a block-causal mask for
+    eager / sdpa / flex, variable-length kernels for flash attention). No padding token is processed."""
+
+    pad_token_id: int
+    nll_include_prompt: bool = False
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        rows = _pair_rows(features)
+        ids, position_ids, starts = [], [], []
+        for prompt, response, _, _ in rows:
+            starts.append(len(ids))
+            ids.extend(prompt + response)
+            position_ids.extend(range(len(prompt) + len(response)))
         batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "score_positions": torch.cat(positions),
-            "score_targets": torch.cat(targets),
-            "score_pair": torch.cat(pairs),
-            "score_chosen": torch.cat(is_chosen),
-            "score_response": torch.cat(is_response),
-            "num_pairs": torch.tensor(num_pairs, dtype=torch.long),
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "position_ids": torch.tensor([position_ids], dtype=torch.long),
         }
-        if all("row_index" in feature for feature in features):  # dataset rows, for error messages
-            batch["row_index"] = torch.tensor(
-                [feature["row_index"] for feature in features], dtype=torch.long
-            )
-        return batch
+        batch.update(_scored_tokens(rows, starts, self.nll_include_prompt))
+        return _finish(batch, features)

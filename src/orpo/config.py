@@ -95,6 +95,14 @@ class ORPOConfig(TrainingArguments):
             f"default: chunks of about {DEFAULT_CHUNK_MIB} MiB of fp32 logits for the model's vocabulary."
         },
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack each batch's sequences into one row with restarting position_ids and no padding "
+            "(checked on the first batch: a model or attention backend that lets packed sequences see each "
+            "other is an error)."
+        },
+    )
     nan_policy: str = field(
         default="error",
         metadata={

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 
 from orpo.checkpoints import AtomicCheckpoints
-from orpo.collator import PaddedPairCollator
+from orpo.collator import PackedPairCollator, PaddedPairCollator
 from orpo.config import ORPOConfig
 from orpo.data import ROW_INDEX, TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
 from orpo.errors import OrpoError
@@ -45,6 +45,24 @@ _FUSED_MAX_CHUNKS = 4
 
 # How many tokens of the first batch's first row the one-off head self-check compares.
 _HEAD_CHECK_TOKENS = 64
+
+
+def _model_inputs(inputs: dict) -> dict:
+    """The model's forward arguments of a batch from either layout: padded rows carry an
+    ``attention_mask``; packed rows carry restarting ``position_ids`` and must have no mask (that is
+    how transformers recognises packed sequences)."""
+    return {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
+
+
+def _first_sequence(inputs: dict, max_tokens: int) -> dict:
+    """The first sequence of a batch (at most ``max_tokens``), unpadded, as model inputs."""
+    if "position_ids" in inputs:
+        restarts = (inputs["position_ids"][0, 1:] == 0).nonzero()
+        length = int(restarts[0]) + 1 if len(restarts) else inputs["input_ids"].shape[1]
+    else:
+        length = int(inputs["attention_mask"][0].sum())
+    ids = inputs["input_ids"][:1, : min(length, max_tokens)]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 @dataclass
@@ -205,9 +223,9 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
                 eval_dataset = self._prepare_dataset(eval_dataset, tokenizer, limits, args, "eval_dataset")
 
         if data_collator is None:
-            data_collator = PaddedPairCollator(
-                tokenizer.pad_token_id, nll_include_prompt=args.nll_include_prompt
-            )
+            layout = PackedPairCollator if args.padding_free else PaddedPairCollator
+            data_collator = layout(tokenizer.pad_token_id, nll_include_prompt=args.nll_include_prompt)
+            logger.info(f"batch layout: {'padding-free packed rows' if args.padding_free else 'padded rows'}")
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._nan_skipped = 0
         if args.nan_policy == "skip" and args.world_size > 1:
@@ -306,6 +324,43 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
 
     # ---- forward: hidden states -> log-probs of the scored tokens --------------------------------
 
+    def _first_batch_checks(self, model, inputs) -> None:
+        if self._head_plan != "unresolved":
+            return
+        if "position_ids" in inputs:
+            self._check_packing(model, inputs)
+        self._head_plan = self._resolve_head(model, inputs)
+
+    def _check_packing(self, model, inputs) -> None:
+        """Packed sequences must not see each other. Compare the second sequence's log-probs inside
+        the packed row with the same sequence alone; a leak (a model or attention backend that
+        ignores restarting position_ids) is an error, never a silently wrong mask."""
+        position_ids = inputs["position_ids"][0]
+        starts = [*(position_ids == 0).nonzero().flatten().tolist(), len(position_ids)]
+        if len(starts) < 3:
+            return
+        begin, end = starts[1], min(starts[2], starts[1] + _HEAD_CHECK_TOKENS)
+        alone = inputs["input_ids"][:, begin:end]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                packed = model(**_model_inputs(inputs), use_cache=False).logits[0, begin:end].float()
+                single = model(
+                    input_ids=alone, attention_mask=torch.ones_like(alone), use_cache=False
+                ).logits[0]
+        finally:
+            model.train(was_training)
+        error = (packed.log_softmax(-1) - single.float().log_softmax(-1)).abs().max().item()
+        low_precision = self.args.bf16 or self.args.fp16 or packed.dtype != single.dtype
+        if not error <= (5e-2 if low_precision else 1e-4):
+            config = self.accelerator.unwrap_model(model).config
+            raise OrpoError(
+                f"padding_free: {config.model_type} with attn_implementation="
+                f"{getattr(config, '_attn_implementation', None)!r} lets packed sequences attend to each other "
+                f"(max |Δ log p| = {error:.3g}); set padding_free: false or use the 'sdpa' or 'eager' attention"
+            )
+
     def _resolve_head(self, model, inputs) -> HeadPlan | None:
         """Find the separable head once, and check it against the model's own logits on a few
         tokens of the first batch; any mismatch falls back to full logits with a warning."""
@@ -325,21 +380,18 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
                 stacklevel=2,
             )
             return None
-        length = int(min(inputs["attention_mask"][0].sum(), _HEAD_CHECK_TOKENS))
+        check = _first_sequence(inputs, _HEAD_CHECK_TOKENS)
+        length = check["input_ids"].shape[1]
         if length < 2:
             return plan
-        ids = inputs["input_ids"][:1, :length]
-        mask = inputs["attention_mask"][:1, :length]
-        targets = ids[0, 1:]
-        positions = torch.arange(length - 1, device=ids.device)
+        targets = check["input_ids"][0, 1:]
+        positions = torch.arange(length - 1, device=targets.device)
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                reference, _ = full_target_logprobs(
-                    model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0, :-1], targets
-                )
-                ours, _ = self._chunked_logprobs(model, plan, ids, mask, positions, targets)
+                reference, _ = full_target_logprobs(model(**check, use_cache=False).logits[0, :-1], targets)
+                ours, _ = self._chunked_logprobs(model, plan, check, positions, targets)
         finally:
             model.train(was_training)
         # bf16/fp16 logits (a half-precision head, or autocast) differ from an fp32 reference by
@@ -364,11 +416,11 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         )
         return plugin is not None and plugin.zero_stage == 3
 
-    def _head_inputs(self, model, plan: HeadPlan, input_ids, attention_mask, positions):
+    def _head_inputs(self, model, plan: HeadPlan, inputs, positions):
         """Run the model body and return ``(hidden [N, H], weight, bias)`` for the scored positions,
         in the dtype the model's own head would compute in."""
         with capture_head_input(plan.head) as captured:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(**_model_inputs(inputs), use_cache=False)
         hidden = captured["hidden"]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         weight, bias = plan.head.weight, plan.head.bias
@@ -386,24 +438,19 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
     def _chunk_size(self, plan: HeadPlan) -> int:
         return self.args.logprob_chunk_size or chunk_size_for(plan.head.weight.shape[0])
 
-    def _chunked_logprobs(self, model, plan: HeadPlan, input_ids, attention_mask, positions, targets):
-        hidden, weight, bias = self._head_inputs(model, plan, input_ids, attention_mask, positions)
+    def _chunked_logprobs(self, model, plan: HeadPlan, inputs, positions, targets):
+        hidden, weight, bias = self._head_inputs(model, plan, inputs, positions)
         return chunked_target_logprobs(
             hidden, weight, targets, bias, chunk_size=self._chunk_size(plan), softcap=plan.softcap
         )
 
     def scored_logprobs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logps [N], mean_logits [N])`` of the batch's scored tokens (``score_*`` fields)."""
-        if self._head_plan == "unresolved":
-            self._head_plan = self._resolve_head(model, inputs)
+        self._first_batch_checks(model, inputs)
         positions, targets = inputs["score_positions"], inputs["score_targets"]
         if self._head_plan is not None:
-            return self._chunked_logprobs(
-                model, self._head_plan, inputs["input_ids"], inputs["attention_mask"], positions, targets
-            )
-        logits = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-        ).logits
+            return self._chunked_logprobs(model, self._head_plan, inputs, positions, targets)
+        logits = model(**_model_inputs(inputs), use_cache=False).logits
         return full_target_logprobs(logits.reshape(-1, logits.shape[-1]).index_select(0, positions), targets)
 
     # ---- loss and its normalisation over the optimizer step ----------------------------------------
@@ -512,8 +559,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         training with gradients, a separable head, and every pair's scored tokens fitting in one
         chunk (chunks are whole pairs, so each chunk's loss and gradient are complete). Returns
         ``(loss, logps, mean_logits)``, or None to use the unfused path."""
-        if self._head_plan == "unresolved":
-            self._head_plan = self._resolve_head(model, inputs)
+        self._first_batch_checks(model, inputs)
         plan = self._head_plan
         if plan is None or not self.args.fused_head_loss or not torch.is_grad_enabled():
             return None
@@ -539,9 +585,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             )
             return loss
 
-        hidden, weight, bias = self._head_inputs(
-            model, plan, inputs["input_ids"], inputs["attention_mask"], inputs["score_positions"]
-        )
+        hidden, weight, bias = self._head_inputs(model, plan, inputs, inputs["score_positions"])
         return fused_linear_loss(
             hidden,
             weight,
