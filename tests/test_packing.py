@@ -74,15 +74,22 @@ def test_packed_equals_padded(tmp_path, tokenizer, skewed_dataset, family, attn,
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_packed_batch_has_no_padding(tmp_path, tokenizer, skewed_dataset):
+def test_packed_rows_are_fewer_and_no_longer_than_padded_rows(tmp_path, tokenizer, skewed_dataset):
     trainer = trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset, padding_free=True)
     features = [trainer.train_dataset[i] for i in range(6)]
-    batch = trainer.data_collator(features)
-    real = sum(
-        len(f["prompt_input_ids"]) * 2 + len(f["chosen_input_ids"]) + len(f["rejected_input_ids"])
-        for f in features
+    packed = trainer.data_collator(features)
+    padded = trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset).data_collator(features)
+    lengths = padded["attention_mask"].sum(1)
+    assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1] == int(lengths.max())
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # skewed lengths pack well
+    real = int(lengths.sum())
+    assert packed["input_ids"].numel() - real < padded["input_ids"].numel() - real  # less padding
+    # every real token appears once, at its restarting position
+    flat_ids, flat_pos = packed["input_ids"].flatten(), packed["position_ids"].flatten()
+    assert torch.equal(flat_ids[packed["score_positions"] + 1], packed["score_targets"])
+    assert torch.equal(
+        flat_pos[packed["score_positions"] + 1], padded["score_positions"] % padded["input_ids"].shape[1] + 1
     )
-    assert batch["input_ids"].shape == (1, real)
 
 
 def test_a_mask_that_leaks_across_packed_sequences_is_an_error(

@@ -92,24 +92,44 @@ class PaddedPairCollator:
 
 @dataclass
 class PackedPairCollator:
-    """Padding-free: the 2B sequences (chosen ones first) concatenated into one row of
-    ``input_ids [1, total]`` with ``position_ids`` restarting at 0 for each sequence and no
-    attention mask; transformers then confines attention to each sequence (a block-causal mask for
-    eager / sdpa / flex, variable-length kernels for flash attention). No padding token is processed."""
+    """Padding-free: the 2B sequences packed into as few rows as fit, each row no longer than the
+    longest sequence (first-fit decreasing), with ``position_ids`` restarting at 0 for each sequence
+    and no attention mask; transformers then confines attention to each sequence (a block-causal mask
+    for eager / sdpa / flex, variable-length kernels for flash attention). Rows no longer than the
+    padded layout's keep attention cost at or below it; the only padding left is the tail of a row,
+    laid out as a dummy sequence of its own that no real token attends to."""
 
     pad_token_id: int
     nll_include_prompt: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         rows = _pair_rows(features)
-        ids, position_ids, starts = [], [], []
-        for prompt, response, _, _ in rows:
-            starts.append(len(ids))
-            ids.extend(prompt + response)
-            position_ids.extend(range(len(prompt) + len(response)))
-        batch = {
-            "input_ids": torch.tensor([ids], dtype=torch.long),
-            "position_ids": torch.tensor([position_ids], dtype=torch.long),
-        }
+        lengths = [len(p) + len(r) for p, r, _, _ in rows]
+        width = max(lengths)
+        bins: list[list[int]] = []  # sequence indices per packed row
+        room: list[int] = []
+        for seq in sorted(range(len(rows)), key=lambda k: -lengths[k]):
+            target = next((b for b, free in enumerate(room) if free >= lengths[seq]), None)
+            if target is None:
+                bins.append([])
+                room.append(width)
+                target = len(bins) - 1
+            bins[target].append(seq)
+            room[target] -= lengths[seq]
+        input_ids = torch.full((len(bins), width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+        starts = [0] * len(rows)
+        for row, members in enumerate(bins):
+            offset = 0
+            for seq in members:
+                prompt, response, _, _ = rows[seq]
+                starts[seq] = row * width + offset
+                input_ids[row, offset : offset + lengths[seq]] = torch.tensor(
+                    prompt + response, dtype=torch.long
+                )
+                position_ids[row, offset : offset + lengths[seq]] = torch.arange(lengths[seq])
+                offset += lengths[seq]
+            position_ids[row, offset:] = torch.arange(width - offset)  # the tail: a dummy sequence
+        batch = {"input_ids": input_ids, "position_ids": position_ids}
         batch.update(_scored_tokens(rows, starts, self.nll_include_prompt))
         return _finish(batch, features)

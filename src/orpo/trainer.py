@@ -335,17 +335,19 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         """Packed sequences must not see each other. Compare the second sequence's log-probs inside
         the packed row with the same sequence alone; a leak (a model or attention backend that
         ignores restarting position_ids) is an error, never a silently wrong mask."""
-        position_ids = inputs["position_ids"][0]
-        starts = [*(position_ids == 0).nonzero().flatten().tolist(), len(position_ids)]
-        if len(starts) < 3:
+        for row, position_ids in enumerate(inputs["position_ids"]):  # noqa: B007 (row is used below)
+            starts = [*(position_ids == 0).nonzero().flatten().tolist(), len(position_ids)]
+            if len(starts) >= 3:  # a row holding two sequences (the second may be the padding tail)
+                break
+        else:
             return
         begin, end = starts[1], min(starts[2], starts[1] + _HEAD_CHECK_TOKENS)
-        alone = inputs["input_ids"][:, begin:end]
+        alone = inputs["input_ids"][row : row + 1, begin:end]
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                packed = model(**_model_inputs(inputs), use_cache=False).logits[0, begin:end].float()
+                packed = model(**_model_inputs(inputs), use_cache=False).logits[row, begin:end].float()
                 single = model(
                     input_ids=alone, attention_mask=torch.ones_like(alone), use_cache=False
                 ).logits[0]
