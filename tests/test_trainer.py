@@ -249,7 +249,8 @@ def test_padding_and_row_order_do_not_change_the_loss(tmp_path, model, tokenizer
     assert reordered == pytest.approx(base, rel=1e-5)
 
 
-def test_gradient_accumulation_does_not_change_the_update(tmp_path, tokenizer):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_gradient_accumulation_does_not_change_the_update(tmp_path, tokenizer, padding_free):
     rows = toy_rows(32, seed=1)
     dataset = Dataset.from_list(rows)
 
@@ -265,6 +266,7 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path, tokenizer):
             lr_scheduler_type="constant",
             max_grad_norm=0.0,
             orpo_alpha=0.5,
+            padding_free=padding_free,
         )
         trainer = ORPOTrainer(model=model, args=args, train_dataset=dataset, tokenizer=tokenizer)
         trainer.train()
