@@ -38,6 +38,25 @@ def make_model(seed: int = 0, **overrides):
     return tiny_model(seed=seed, **{**TINY, **overrides})
 
 
+def family_model(config_class, seed: int = 0, attn_implementation: str | None = None, **special):
+    """A tiny model of any family (config class), e.g. to test its logit transform or attention masks."""
+    from transformers import AutoModelForCausalLM
+
+    config = config_class(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=None,
+        **special,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
 @pytest.fixture
 def model():
     return make_model()

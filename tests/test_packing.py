@@ -3,8 +3,9 @@ attention backend; a mask that lets packed sequences see each other is an error,
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import LlamaConfig, Qwen2Config
 
+from conftest import family_model
 from orpo import ORPOConfig, ORPOTrainer
 from orpo.errors import OrpoError
 
@@ -12,19 +13,13 @@ FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 
 
 def tiny(family, attn, seed=0):
-    config = FAMILIES[family](
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+    return family_model(
+        FAMILIES[family],
+        seed=seed,
+        attn_implementation=attn,
+        num_key_value_heads=1,
         tie_word_embeddings=False,
     )
-    config._attn_implementation = attn
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
 
 
 def trainer_for(tmp_path, model, tokenizer, dataset, **kwargs):

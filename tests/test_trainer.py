@@ -9,7 +9,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config
 
-from conftest import make_model, toy_rows
+from conftest import family_model, make_model, toy_rows
 from orpo import ORPOConfig, ORPOTrainer
 from orpo.logprobs import full_target_logprobs
 from orpo.loss import orpo_loss
@@ -46,29 +46,12 @@ def reference_logps(model, batch):
 # ---- the separated head equals the model's own logits ---------------------------------------------
 
 
-def other_family_model(config_class, **special):
-    """A tiny model of another family, with the post-head logit transform under test."""
-    cfg = config_class(
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=None,
-        **special,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg)
-
-
 def gemma2_model():
-    return other_family_model(Gemma2Config, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0)
+    return family_model(Gemma2Config, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0)
 
 
 def cohere_model():
-    return other_family_model(CohereConfig, num_key_value_heads=2, logit_scale=0.5)
+    return family_model(CohereConfig, num_key_value_heads=2, logit_scale=0.5)
 
 
 def biased_head_model():
