@@ -87,7 +87,7 @@ def make_rows(scenario: Scenario, n: int, seed: int = 0) -> list[dict]:
 
 
 def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list[dict], seed: int = 0):
-    """A trainer of ``impl`` ('orpo', 'orpo-packed' or 'trl') on a fresh seed-built model."""
+    """A trainer of ``impl`` ('orpo', 'orpo-packed', 'orpo-shared' or 'trl') on a fresh seed-built model."""
     from datasets import Dataset
 
     from orpo.demo import demo_tokenizer, tiny_model
@@ -121,11 +121,12 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
         dataloader_num_workers=0,
     )
     dataset = Dataset.from_list(rows)
-    if impl in ("orpo", "orpo-packed"):
+    if impl in ("orpo", "orpo-packed", "orpo-shared"):
         from orpo import ORPOConfig, ORPOTrainer
 
         args = ORPOConfig(
             padding_free=impl == "orpo-packed",
+            prefix_sharing=impl == "orpo-shared",
             orpo_alpha=ALPHA,
             nll_include_prompt=True,
             max_prompt_length=scenario.max_length - 1,
@@ -217,7 +218,7 @@ def main() -> None:
         "--impls",
         nargs="+",
         default=["orpo", "trl"],
-        choices=["orpo", "orpo-packed", "trl"],
+        choices=["orpo", "orpo-packed", "orpo-shared", "trl"],
         help="trainers to compare (default: orpo trl); ratios are against the last one",
     )
     parser.add_argument("--check-loss", action="store_true", help="also compare the loss on the same batch")

@@ -30,10 +30,11 @@ def _pair_rows(features: list[dict]) -> list[tuple[list[int], list[int], int, bo
     return rows
 
 
-def _scored_tokens(rows, starts: list[int], nll_include_prompt: bool) -> dict[str, torch.Tensor]:
+def _scored_tokens(rows, starts, nll_include_prompt: bool, flat_index=None) -> dict[str, torch.Tensor]:
     """The ``score_*`` fields, pair by pair (pair 0 chosen, pair 0 rejected, pair 1 chosen, ...) so
     each pair's tokens are contiguous and the head can work on chunks of whole pairs. ``starts[r]``
-    is the flat index of sequence ``r``'s first token in ``input_ids``."""
+    is the flat index of sequence ``r``'s first token in ``input_ids`` (contiguous sequences), or
+    ``flat_index[r][t]`` the flat index of its token ``t`` (sequences laid out in pieces)."""
     num_pairs = len(rows) // 2
     positions, targets, pairs, is_chosen, is_response = [], [], [], [], []
     for pair in range(num_pairs):
@@ -43,7 +44,10 @@ def _scored_tokens(rows, starts: list[int], nll_include_prompt: bool) -> dict[st
             # Token t is predicted by the hidden state at t - 1; position 0 has no predictor.
             first = 1 if (chosen and nll_include_prompt) else max(len(prompt), 1)
             scored = torch.arange(first, len(tokens))
-            positions.append(starts[row] + scored - 1)
+            if flat_index is None:
+                positions.append(starts[row] + scored - 1)
+            else:
+                positions.append(torch.tensor(flat_index[row], dtype=torch.long)[scored - 1])
             targets.append(tokens[first:])
             pairs.append(torch.full_like(scored, pair))
             is_chosen.append(torch.full(scored.shape, chosen, dtype=torch.bool))
@@ -132,4 +136,48 @@ class PackedPairCollator:
             position_ids[row, offset:] = torch.arange(width - offset)  # the tail: a dummy sequence
         batch = {"input_ids": input_ids, "position_ids": position_ids}
         batch.update(_scored_tokens(rows, starts, self.nll_include_prompt))
+        return _finish(batch, features)
+
+
+@dataclass
+class SharedPrefixCollator:
+    """Prompt prefix sharing: one row per pair, ``[prompt][chosen][rejected]`` right-padded, so each
+    prompt is processed once. ``position_ids`` of the rejected tokens continue from the prompt, as if
+    chosen were not there, and ``segment_ids`` (0 prompt, 1 chosen, 2 rejected, -1 padding) let the
+    trainer build the attention mask: causal, except that rejected tokens do not see chosen ones.
+    The first chosen and the first rejected token are both predicted by the last prompt token."""
+
+    pad_token_id: int
+    nll_include_prompt: bool = False
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        rows = _pair_rows(features)  # chosen sequences first, then rejected, each with its prompt
+        num_pairs = len(features)
+        width = max(
+            len(f["prompt_input_ids"]) + len(f["chosen_input_ids"]) + len(f["rejected_input_ids"])
+            for f in features
+        )
+        input_ids = torch.full((num_pairs, width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((num_pairs, width), dtype=torch.long)
+        segment_ids = torch.full((num_pairs, width), -1, dtype=torch.long)
+        # Where each of the 2B sequences' tokens sit in the flat [B * width] layout, token by token.
+        flat_index: list[list[int]] = [[] for _ in rows]
+        for pair, feature in enumerate(features):
+            prompt, chosen, rejected = (
+                list(feature[k]) for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+            )
+            p, c, r = len(prompt), len(chosen), len(rejected)
+            input_ids[pair, : p + c + r] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
+            position_ids[pair, : p + c] = torch.arange(p + c)
+            position_ids[pair, p + c : p + c + r] = torch.arange(p, p + r)
+            segment_ids[pair, :p], segment_ids[pair, p : p + c], segment_ids[pair, p + c : p + c + r] = (
+                0,
+                1,
+                2,
+            )
+            base = pair * width
+            flat_index[pair] = [base + t for t in range(p + c)]
+            flat_index[num_pairs + pair] = [base + t for t in range(p)] + [base + p + c + t for t in range(r)]
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids}
+        batch.update(_scored_tokens(rows, None, self.nll_include_prompt, flat_index))
         return _finish(batch, features)

@@ -103,6 +103,13 @@ class ORPOConfig(TrainingArguments):
             "other is an error)."
         },
     )
+    prefix_sharing: bool = field(
+        default=False,
+        metadata={
+            "help": "One row per pair, [prompt][chosen][rejected], with a mask that hides chosen from rejected: "
+            "each prompt is processed once (eager and sdpa attention)."
+        },
+    )
     nan_policy: str = field(
         default="error",
         metadata={
@@ -165,6 +172,8 @@ class ORPOConfig(TrainingArguments):
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                 f"({self.max_length}), or no response token would fit"
             )
+        if self.prefix_sharing and self.padding_free:
+            raise OrpoError("prefix_sharing and padding_free cannot be combined yet; choose one")
         if self.nan_policy not in ("error", "skip"):
             raise OrpoError(f"nan_policy must be 'error' or 'skip', got {self.nan_policy!r}")
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:

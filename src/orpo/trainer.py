@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 
 from orpo.checkpoints import AtomicCheckpoints
-from orpo.collator import PackedPairCollator, PaddedPairCollator
+from orpo.collator import PackedPairCollator, PaddedPairCollator, SharedPrefixCollator
 from orpo.config import ORPOConfig
 from orpo.data import ROW_INDEX, TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
 from orpo.errors import OrpoError
@@ -54,9 +54,32 @@ def _model_inputs(inputs: dict) -> dict:
     return {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
 
 
+def shared_prefix_mask(
+    segment_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """The 4D attention mask of :class:`~orpo.collator.SharedPrefixCollator` rows: causal, no
+    padding keys, and rejected tokens (segment 2) never see chosen ones (segment 1). Boolean for
+    sdpa; additive (0 / dtype min) for eager, which adds the mask to the scores."""
+    length = segment_ids.shape[1]
+    index = torch.arange(length, device=segment_ids.device)
+    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+    allowed = (index[:, None] >= index[None, :]) & (key >= 0) & ~((query == 2) & (key == 1))
+    allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device)  # padding rows: not empty
+    allowed = allowed[:, None]  # [B, 1, T, T]
+    if attn_implementation == "sdpa":
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+PREFIX_SHARING_BACKENDS = ("eager", "sdpa")
+
+
 def _first_sequence(inputs: dict, max_tokens: int) -> dict:
     """The first sequence of a batch (at most ``max_tokens``), unpadded, as model inputs."""
-    if "position_ids" in inputs:
+    if "segment_ids" in inputs:  # shared prefix: the prompt and chosen tokens of the first row
+        length = int((inputs["segment_ids"][0] >= 0).logical_and(inputs["segment_ids"][0] <= 1).sum())
+    elif "position_ids" in inputs:
         restarts = (inputs["position_ids"][0, 1:] == 0).nonzero()
         length = int(restarts[0]) + 1 if len(restarts) else inputs["input_ids"].shape[1]
     else:
@@ -223,9 +246,14 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
                 eval_dataset = self._prepare_dataset(eval_dataset, tokenizer, limits, args, "eval_dataset")
 
         if data_collator is None:
-            layout = PackedPairCollator if args.padding_free else PaddedPairCollator
+            if args.prefix_sharing:
+                layout, name = SharedPrefixCollator, "shared prompt prefix, one row per pair"
+            elif args.padding_free:
+                layout, name = PackedPairCollator, "padding-free packed rows"
+            else:
+                layout, name = PaddedPairCollator, "padded rows"
             data_collator = layout(tokenizer.pad_token_id, nll_include_prompt=args.nll_include_prompt)
-            logger.info(f"batch layout: {'padding-free packed rows' if args.padding_free else 'padded rows'}")
+            logger.info(f"batch layout: {name}")
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._nan_skipped = 0
         if args.nan_policy == "skip" and args.world_size > 1:
@@ -324,10 +352,25 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
 
     # ---- forward: hidden states -> log-probs of the scored tokens --------------------------------
 
+    def _forward_kwargs(self, model, inputs) -> dict:
+        kwargs = _model_inputs(inputs)
+        if "segment_ids" in inputs:
+            config = self.accelerator.unwrap_model(model).config
+            impl = getattr(config, "_attn_implementation", None)
+            if impl not in PREFIX_SHARING_BACKENDS:
+                raise OrpoError(
+                    f"prefix_sharing: {config.model_type} with attn_implementation={impl!r} is not supported "
+                    f"(supported: {', '.join(PREFIX_SHARING_BACKENDS)}); set prefix_sharing: false or "
+                    "attn_implementation: sdpa"
+                )
+            dtype = next(model.parameters()).dtype
+            kwargs["attention_mask"] = shared_prefix_mask(inputs["segment_ids"], impl, dtype)
+        return kwargs
+
     def _first_batch_checks(self, model, inputs) -> None:
         if self._head_plan != "unresolved":
             return
-        if "position_ids" in inputs:
+        if "position_ids" in inputs and "segment_ids" not in inputs:
             self._check_packing(model, inputs)
         self._head_plan = self._resolve_head(model, inputs)
 
@@ -422,7 +465,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         """Run the model body and return ``(hidden [N, H], weight, bias)`` for the scored positions,
         in the dtype the model's own head would compute in."""
         with capture_head_input(plan.head) as captured:
-            model(**_model_inputs(inputs), use_cache=False)
+            model(**self._forward_kwargs(model, inputs), use_cache=False)
         hidden = captured["hidden"]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         weight, bias = plan.head.weight, plan.head.bias
@@ -452,7 +495,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         positions, targets = inputs["score_positions"], inputs["score_targets"]
         if self._head_plan is not None:
             return self._chunked_logprobs(model, self._head_plan, inputs, positions, targets)
-        logits = model(**_model_inputs(inputs), use_cache=False).logits
+        logits = model(**self._forward_kwargs(model, inputs), use_cache=False).logits
         return full_target_logprobs(logits.reshape(-1, logits.shape[-1]).index_select(0, positions), targets)
 
     # ---- loss and its normalisation over the optimizer step ----------------------------------------
