@@ -174,7 +174,9 @@ def test_prefix_sharing_needs_a_supported_backend(tmp_path, tokenizer, skewed_da
     model = tiny("llama", "sdpa")
     trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, prefix_sharing=True)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    with pytest.raises(OrpoError, match="prefix_sharing: llama with attn_implementation='sdpa' is not supported"):
+    with pytest.raises(
+        OrpoError, match="prefix_sharing: llama with attn_implementation='sdpa' is not supported"
+    ):
         trainer.compute_loss(model, batch)
 
 
@@ -191,3 +193,19 @@ def test_prefix_sharing_training_run(tmp_path, tokenizer, skewed_dataset):
     )
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_a_model_that_ignores_the_shared_prefix_mask_is_an_error(
+    tmp_path, tokenizer, skewed_dataset, monkeypatch
+):
+    import orpo.trainer
+
+    # Simulate a model that drops our 4D mask: plain causal attention over [prompt][chosen][rejected].
+    monkeypatch.setattr(orpo.trainer, "shared_prefix_mask", lambda segment_ids, impl, dtype: None)
+    model = tiny("llama", "sdpa")
+    trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, prefix_sharing=True)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    with pytest.raises(
+        OrpoError, match="prefix_sharing: llama with attn_implementation='sdpa' does not apply"
+    ):
+        trainer.compute_loss(model, batch)

@@ -370,9 +370,43 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
     def _first_batch_checks(self, model, inputs) -> None:
         if self._head_plan != "unresolved":
             return
-        if "position_ids" in inputs and "segment_ids" not in inputs:
+        if "segment_ids" in inputs:
+            self._check_shared_prefix(model, inputs)
+        elif "position_ids" in inputs:
             self._check_packing(model, inputs)
         self._head_plan = self._resolve_head(model, inputs)
+
+    def _check_shared_prefix(self, model, inputs) -> None:
+        """The first pair's rejected tokens in the shared row must score as in ``prompt + rejected``
+        alone: a model that ignores our 4D mask or position_ids is an error, not a wrong loss."""
+        segments = inputs["segment_ids"][0]
+        prompt = (segments == 0).nonzero().flatten()
+        rejected = (segments == 2).nonzero().flatten()[:_HEAD_CHECK_TOKENS]
+        if len(rejected) == 0:
+            return
+        alone = torch.cat([inputs["input_ids"][0, prompt], inputs["input_ids"][0, rejected]])[None]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                shared = (
+                    model(**self._forward_kwargs(model, inputs), use_cache=False).logits[0, rejected].float()
+                )
+                single = model(
+                    input_ids=alone, attention_mask=torch.ones_like(alone), use_cache=False
+                ).logits[0]
+        finally:
+            model.train(was_training)
+        single = single[len(prompt) :].float()
+        error = (shared.log_softmax(-1) - single.log_softmax(-1)).abs().max().item()
+        low_precision = self.args.bf16 or self.args.fp16 or next(model.parameters()).dtype != torch.float32
+        if not error <= (5e-2 if low_precision else 1e-4):
+            config = self.accelerator.unwrap_model(model).config
+            raise OrpoError(
+                f"prefix_sharing: {config.model_type} with attn_implementation="
+                f"{getattr(config, '_attn_implementation', None)!r} does not apply the shared-prefix mask "
+                f"(max |Δ log p| = {error:.3g}); set prefix_sharing: false"
+            )
 
     def _check_packing(self, model, inputs) -> None:
         """Packed sequences must not see each other. Compare the second sequence's log-probs inside
