@@ -1,6 +1,8 @@
 """Padding-free packing gives the padded layout's log-probs, loss and gradients, per model family and
 attention backend; a mask that lets packed sequences see each other is an error, not a wrong result."""
 
+import re
+
 import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config
@@ -40,28 +42,33 @@ def skewed_dataset():
     return Dataset.from_list(rows)
 
 
+@pytest.mark.parametrize("layout", ["padding_free", "prefix_sharing"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("include_prompt", [False, True])
-def test_packed_equals_padded(tmp_path, tokenizer, skewed_dataset, family, attn, include_prompt):
+def test_layout_equals_padded(tmp_path, tokenizer, skewed_dataset, layout, family, attn, include_prompt):
+    """Per-token log-probs, loss and gradients of a layout equal the padded layout's."""
     model = tiny(family, attn)
     params = [p for p in model.parameters() if p.requires_grad]
     results = {}
-    for padding_free in (False, True):
+    for on in (False, True):
         trainer = trainer_for(
             tmp_path,
             model,
             tokenizer,
             skewed_dataset,
-            padding_free=padding_free,
             nll_include_prompt=include_prompt,
             orpo_alpha=0.5,
+            **{layout: on},
         )
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
-        assert ("position_ids" in batch) == padding_free and ("attention_mask" in batch) != padding_free
+        if on and layout == "padding_free":
+            assert "position_ids" in batch and "attention_mask" not in batch
+        if on and layout == "prefix_sharing":
+            assert batch["input_ids"].shape[0] == 6  # one row per pair
         logps, _ = trainer.scored_logprobs(model, batch)
         loss = trainer.compute_loss(model, batch)
-        results[padding_free] = (logps.detach(), loss, torch.autograd.grad(loss, params))
+        results[on] = (logps.detach(), loss, torch.autograd.grad(loss, params))
     (logps_a, loss_a, grads_a), (logps_b, loss_b, grads_b) = results[False], results[True]
     assert torch.allclose(logps_a, logps_b, atol=1e-5)
     assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-5)
@@ -87,67 +94,7 @@ def test_packed_rows_are_fewer_and_no_longer_than_padded_rows(tmp_path, tokenize
     )
 
 
-def test_a_mask_that_leaks_across_packed_sequences_is_an_error(
-    tmp_path, tokenizer, skewed_dataset, monkeypatch
-):
-    import transformers.masking_utils as masking
-
-    # Simulate a backend that ignores restarting position_ids: one causal mask over the whole row.
-    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
-    model = tiny("llama", "sdpa")
-    trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, padding_free=True)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
-    with pytest.raises(
-        OrpoError, match="padding_free: llama with attn_implementation='sdpa' lets packed sequences"
-    ):
-        trainer.compute_loss(model, batch)
-
-
-def test_packed_training_run(tmp_path, tokenizer, skewed_dataset):
-    model = tiny("qwen2", "sdpa")
-    trainer = trainer_for(
-        tmp_path,
-        model,
-        tokenizer,
-        skewed_dataset,
-        padding_free=True,
-        max_steps=2,
-        per_device_train_batch_size=3,
-    )
-    trainer.train()
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
-
-
 # ---- prompt prefix sharing ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("include_prompt", [False, True])
-def test_shared_prefix_equals_padded(tmp_path, tokenizer, skewed_dataset, family, attn, include_prompt):
-    model = tiny(family, attn)
-    params = [p for p in model.parameters() if p.requires_grad]
-    results = {}
-    for shared in (False, True):
-        trainer = trainer_for(
-            tmp_path,
-            model,
-            tokenizer,
-            skewed_dataset,
-            prefix_sharing=shared,
-            nll_include_prompt=include_prompt,
-            orpo_alpha=0.5,
-        )
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
-        assert batch["input_ids"].shape[0] == (6 if shared else 12)  # one row per pair
-        logps, _ = trainer.scored_logprobs(model, batch)
-        loss = trainer.compute_loss(model, batch)
-        results[shared] = (logps.detach(), loss, torch.autograd.grad(loss, params))
-    (logps_a, loss_a, grads_a), (logps_b, loss_b, grads_b) = results[False], results[True]
-    assert torch.allclose(logps_a, logps_b, atol=1e-5)
-    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-5)
-    for a, b in zip(grads_a, grads_b, strict=True):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -180,32 +127,49 @@ def test_prefix_sharing_needs_a_supported_backend(tmp_path, tokenizer, skewed_da
         trainer.compute_loss(model, batch)
 
 
-def test_prefix_sharing_training_run(tmp_path, tokenizer, skewed_dataset):
+@pytest.mark.parametrize(
+    "layout,patch,message",
+    [
+        # a backend that ignores restarting position_ids: one causal mask over the whole packed row
+        (
+            "padding_free",
+            ("transformers.masking_utils", "find_packed_sequence_indices", lambda position_ids: None),
+            "padding_free: llama with attn_implementation='sdpa' lets packed sequences attend to each other",
+        ),
+        # a model that drops our 4D mask
+        (
+            "prefix_sharing",
+            ("orpo.trainer", "shared_prefix_mask", lambda segment_ids, impl, dtype: None),
+            "prefix_sharing: llama with attn_implementation='sdpa' does not apply the shared-prefix mask",
+        ),
+    ],
+    ids=["packing-leak", "ignored-shared-mask"],
+)
+def test_a_layout_the_model_does_not_honour_is_an_error(
+    tmp_path, tokenizer, skewed_dataset, monkeypatch, layout, patch, message
+):
+    import importlib
+
+    module, name, replacement = patch
+    monkeypatch.setattr(importlib.import_module(module), name, replacement)
+    model = tiny("llama", "sdpa")
+    trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, **{layout: True})
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    with pytest.raises(OrpoError, match=re.escape(message)):
+        trainer.compute_loss(model, batch)
+
+
+@pytest.mark.parametrize("layout", ["padding_free", "prefix_sharing"])
+def test_training_run(tmp_path, tokenizer, skewed_dataset, layout):
     model = tiny("qwen2", "sdpa")
     trainer = trainer_for(
         tmp_path,
         model,
         tokenizer,
         skewed_dataset,
-        prefix_sharing=True,
         max_steps=2,
         per_device_train_batch_size=3,
+        **{layout: True},
     )
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
-
-
-def test_a_model_that_ignores_the_shared_prefix_mask_is_an_error(
-    tmp_path, tokenizer, skewed_dataset, monkeypatch
-):
-    import orpo.trainer
-
-    # Simulate a model that drops our 4D mask: plain causal attention over [prompt][chosen][rejected].
-    monkeypatch.setattr(orpo.trainer, "shared_prefix_mask", lambda segment_ids, impl, dtype: None)
-    model = tiny("llama", "sdpa")
-    trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, prefix_sharing=True)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
-    with pytest.raises(
-        OrpoError, match="prefix_sharing: llama with attn_implementation='sdpa' does not apply"
-    ):
-        trainer.compute_loss(model, batch)

@@ -385,28 +385,19 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         if len(rejected) == 0:
             return
         alone = torch.cat([inputs["input_ids"][0, prompt], inputs["input_ids"][0, rejected]])[None]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                shared = (
-                    model(**self._forward_kwargs(model, inputs), use_cache=False).logits[0, rejected].float()
-                )
-                single = model(
-                    input_ids=alone, attention_mask=torch.ones_like(alone), use_cache=False
-                ).logits[0]
-        finally:
-            model.train(was_training)
-        single = single[len(prompt) :].float()
-        error = (shared.log_softmax(-1) - single.log_softmax(-1)).abs().max().item()
-        low_precision = self.args.bf16 or self.args.fp16 or next(model.parameters()).dtype != torch.float32
-        if not error <= (5e-2 if low_precision else 1e-4):
-            config = self.accelerator.unwrap_model(model).config
-            raise OrpoError(
-                f"prefix_sharing: {config.model_type} with attn_implementation="
-                f"{getattr(config, '_attn_implementation', None)!r} does not apply the shared-prefix mask "
-                f"(max |Δ log p| = {error:.3g}); set prefix_sharing: false"
-            )
+        error = self._layout_error(
+            model,
+            lambda: model(**self._forward_kwargs(model, inputs), use_cache=False).logits[0, rejected],
+            alone,
+            len(prompt),
+        )
+        self._raise_if_leaky(
+            model,
+            error,
+            "prefix_sharing",
+            "does not apply the shared-prefix mask",
+            "set prefix_sharing: false",
+        )
 
     def _check_packing(self, model, inputs) -> None:
         """Packed sequences must not see each other. Compare the second sequence's log-probs inside
@@ -420,24 +411,37 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             return
         begin, end = starts[1], min(starts[2], starts[1] + _HEAD_CHECK_TOKENS)
         alone = inputs["input_ids"][row : row + 1, begin:end]
+        error = self._layout_error(
+            model, lambda: model(**_model_inputs(inputs), use_cache=False).logits[row, begin:end], alone
+        )
+        self._raise_if_leaky(
+            model,
+            error,
+            "padding_free",
+            "lets packed sequences attend to each other",
+            "set padding_free: false or use the 'sdpa' or 'eager' attention",
+        )
+
+    def _layout_error(self, model, layout_logits, alone, skip: int = 0) -> float:
+        """max |Δ log p| between ``layout_logits()`` (tokens as laid out in a batch) and the same
+        tokens run alone (``alone``, dropping its first ``skip`` positions), in eval mode."""
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                packed = model(**_model_inputs(inputs), use_cache=False).logits[row, begin:end].float()
-                single = model(
-                    input_ids=alone, attention_mask=torch.ones_like(alone), use_cache=False
-                ).logits[0]
+                ours = layout_logits().float()
+                single = model(input_ids=alone, attention_mask=torch.ones_like(alone), use_cache=False).logits
         finally:
             model.train(was_training)
-        error = (packed.log_softmax(-1) - single.float().log_softmax(-1)).abs().max().item()
-        low_precision = self.args.bf16 or self.args.fp16 or packed.dtype != single.dtype
+        return (ours.log_softmax(-1) - single[0, skip:].float().log_softmax(-1)).abs().max().item()
+
+    def _raise_if_leaky(self, model, error: float, option: str, problem: str, fix: str) -> None:
+        low_precision = self.args.bf16 or self.args.fp16 or next(model.parameters()).dtype != torch.float32
         if not error <= (5e-2 if low_precision else 1e-4):
             config = self.accelerator.unwrap_model(model).config
             raise OrpoError(
-                f"padding_free: {config.model_type} with attn_implementation="
-                f"{getattr(config, '_attn_implementation', None)!r} lets packed sequences attend to each other "
-                f"(max |Δ log p| = {error:.3g}); set padding_free: false or use the 'sdpa' or 'eager' attention"
+                f"{option}: {config.model_type} with attn_implementation="
+                f"{getattr(config, '_attn_implementation', None)!r} {problem} (max |Δ log p| = {error:.3g}); {fix}"
             )
 
     def _resolve_head(self, model, inputs) -> HeadPlan | None:
