@@ -22,6 +22,19 @@ TINY = dict(
 )
 
 
+# Logged metrics that equivalent runs (accumulation, processes, layouts) must agree on.
+STEP_METRICS = (
+    "loss",
+    "nll_loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "log_odds_ratio",
+    "logits/chosen",
+)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -14,18 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_model
+from conftest import STEP_METRICS, make_model
 
 RUN = Path(__file__).resolve().parent / "distributed_run.py"
-COMPARED = (
-    "loss",
-    "nll_loss",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "log_odds_ratio",
-)
 
 
 def launch(tmp_path, name, processes, batch, accum=1, steps=3, *extra):
@@ -55,7 +46,7 @@ def assert_same_run(a, b):
     (history_a, weights_a), (history_b, weights_b) = a, b
     assert len(history_a) == len(history_b) > 0
     for step_a, step_b in zip(history_a, history_b, strict=True):
-        for name in COMPARED:
+        for name in STEP_METRICS:
             assert step_a[name] == pytest.approx(step_b[name], rel=1e-5, abs=1e-7), (step_a["step"], name)
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
