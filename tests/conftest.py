@@ -41,6 +41,16 @@ def _deterministic():
     torch.use_deterministic_algorithms(False)
 
 
+def demo_train_argv(output_dir, *flags: str, **options) -> list[str]:
+    """``orpo train`` arguments for the demo model on the held-out demo data, without a progress bar;
+    ``options`` become ``--key value``, ``flags`` (e.g. ``--resume``) are appended as they are."""
+    argv = ["train", "--model", "demo", "--dataset", "demo:test", "--output-dir", str(output_dir)]
+    argv += ["--disable_tqdm", "true"]
+    for key, value in options.items():
+        argv += [f"--{key}", str(value)]
+    return [*argv, *flags]
+
+
 @pytest.fixture
 def tokenizer():
     return demo_tokenizer()

@@ -5,34 +5,14 @@ import logging
 
 import pytest
 
+from conftest import demo_train_argv
 from orpo.cli import main
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "demo",
-                "--dataset",
-                "demo:test",
-                "--output-dir",
-                str(out),
-                "--max_steps",
-                "4",
-                "--logging_steps",
-                "1",
-                "--save_strategy",
-                "no",
-                "--disable_tqdm",
-                "true",
-            ]
-        )
-        == 0
-    )
+    assert main(demo_train_argv(out, max_steps=4, logging_steps=1, save_strategy="no")) == 0
     return out
 
 

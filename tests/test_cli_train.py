@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import demo_train_argv
 from orpo.cli import main
 from orpo.errors import OrpoError
 from orpo.run_config import read_config_file, resolve
@@ -119,22 +120,7 @@ def test_cli_errors_exit_non_zero_without_traceback(tmp_path, capsys):
 
 
 def test_resume_without_checkpoint_says_so(tmp_path, capsys):
-    code = main(
-        [
-            "train",
-            "--model",
-            "demo",
-            "--dataset",
-            "demo:test",
-            "--output-dir",
-            str(tmp_path / "r"),
-            "--resume",
-            "--max_steps",
-            "1",
-            "--disable_tqdm",
-            "true",
-        ]
-    )
+    code = main(demo_train_argv(tmp_path / "r", "--resume", max_steps=1))
     assert code == 1
     assert "--resume: no checkpoint to resume from" in capsys.readouterr().err
 
@@ -184,23 +170,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, capsys, monkey
     from orpo.trainer import ORPOTrainer
 
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--model",
-        "demo",
-        "--dataset",
-        "demo:test",
-        "--output-dir",
-        str(out),
-        "--max_steps",
-        "4",
-        "--save_strategy",
-        "no",
-        "--disable_tqdm",
-        "true",
-        "--per_device_train_batch_size",
-        "8",
-    ]
+    argv = demo_train_argv(out, max_steps=4, save_strategy="no", per_device_train_batch_size=8)
     real_step = ORPOTrainer.training_step
     calls = []
 

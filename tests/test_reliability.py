@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from conftest import demo_train_argv
+
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -19,12 +21,16 @@ ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 def train_argv(out, steps=30):
     # demo:test has 200 rows: 4 x 2 accumulated = 8 pairs a step, 25 steps an epoch, so 30 steps cross
     # into a second epoch (shuffled again); save every 10 steps.
-    return [
-        "train", "--model", "demo", "--dataset", "demo:test", "--output-dir", str(out),
-        "--max_steps", str(steps), "--save_steps", "10", "--per_device_train_batch_size", "4",
-        "--gradient_accumulation_steps", "2",
-        "--learning_rate", "1e-3", "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "0",
-    ]  # fmt: skip
+    return demo_train_argv(
+        out,
+        max_steps=steps,
+        save_steps=10,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate="1e-3",
+        logging_steps=1,
+        seed=0,
+    )
 
 
 def run_cli(argv, timeout=300):
