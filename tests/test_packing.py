@@ -42,7 +42,16 @@ def skewed_dataset():
     return Dataset.from_list(rows)
 
 
-@pytest.mark.parametrize("layout", ["padding_free", "prefix_sharing"])
+# (padding_free, prefix_sharing) of each layout besides padded rows.
+LAYOUTS = {
+    "packed": {"padding_free": True, "prefix_sharing": False},
+    "shared": {"padding_free": False, "prefix_sharing": True},
+    "packed-shared": {"padding_free": True, "prefix_sharing": True},
+}
+PADDED = {"padding_free": False, "prefix_sharing": False}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("include_prompt", [False, True])
@@ -51,7 +60,7 @@ def test_layout_equals_padded(tmp_path, tokenizer, skewed_dataset, layout, famil
     model = tiny(family, attn)
     params = [p for p in model.parameters() if p.requires_grad]
     results = {}
-    for on in (False, True):
+    for name, options in (("padded", PADDED), (layout, LAYOUTS[layout])):
         trainer = trainer_for(
             tmp_path,
             model,
@@ -59,17 +68,20 @@ def test_layout_equals_padded(tmp_path, tokenizer, skewed_dataset, layout, famil
             skewed_dataset,
             nll_include_prompt=include_prompt,
             orpo_alpha=0.5,
-            **{layout: on},
+            **options,
         )
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
-        if on and layout == "padding_free":
-            assert "position_ids" in batch and "attention_mask" not in batch
-        if on and layout == "prefix_sharing":
-            assert batch["input_ids"].shape[0] == 6  # one row per pair
+        rows = batch["input_ids"].shape[0]
+        if name == "packed":
+            assert "position_ids" in batch and "attention_mask" not in batch and rows < 12
+        if name == "shared":
+            assert rows == 6  # one row per pair
+        if name == "packed-shared":
+            assert rows < 6  # pairs share rows
         logps, _ = trainer.scored_logprobs(model, batch)
         loss = trainer.compute_loss(model, batch)
-        results[on] = (logps.detach(), loss, torch.autograd.grad(loss, params))
-    (logps_a, loss_a, grads_a), (logps_b, loss_b, grads_b) = results[False], results[True]
+        results[name] = (logps.detach(), loss, torch.autograd.grad(loss, params))
+    (logps_a, loss_a, grads_a), (logps_b, loss_b, grads_b) = results["padded"], results[layout]
     assert torch.allclose(logps_a, logps_b, atol=1e-5)
     assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-5)
     for a, b in zip(grads_a, grads_b, strict=True):
@@ -77,10 +89,12 @@ def test_layout_equals_padded(tmp_path, tokenizer, skewed_dataset, layout, famil
 
 
 def test_packed_rows_are_fewer_and_no_longer_than_padded_rows(tmp_path, tokenizer, skewed_dataset):
-    trainer = trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset, padding_free=True)
+    trainer = trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset, **LAYOUTS["packed"])
     features = [trainer.train_dataset[i] for i in range(6)]
     packed = trainer.data_collator(features)
-    padded = trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset).data_collator(features)
+    padded = trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset, **PADDED).data_collator(
+        features
+    )
     lengths = padded["attention_mask"].sum(1)
     assert packed["input_ids"].shape[1] == padded["input_ids"].shape[1] == int(lengths.max())
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # skewed lengths pack well
@@ -97,10 +111,11 @@ def test_packed_rows_are_fewer_and_no_longer_than_padded_rows(tmp_path, tokenize
 # ---- prompt prefix sharing ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("layout", ["shared", "packed-shared"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_rejected_never_sees_chosen(tmp_path, tokenizer, skewed_dataset, attn):
+def test_rejected_never_sees_chosen(tmp_path, tokenizer, skewed_dataset, attn, layout):
     model = tiny("llama", attn)
-    trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, prefix_sharing=True)
+    trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, **LAYOUTS[layout])
     features = [trainer.train_dataset[i] for i in range(6)]
     changed = [
         {**f, "chosen_input_ids": [(t * 7 + 3) % 259 for t in f["chosen_input_ids"]]} for f in features
@@ -113,53 +128,128 @@ def test_rejected_never_sees_chosen(tmp_path, tokenizer, skewed_dataset, attn):
     assert not torch.allclose(a[~rejected], b[~rejected])  # (chosen did change)
 
 
-def test_prefix_sharing_needs_a_supported_backend(tmp_path, tokenizer, skewed_dataset, monkeypatch):
-    import orpo.trainer
+def test_packed_pairs_never_see_each_other(tmp_path, tokenizer, skewed_dataset):
+    model = tiny("llama", "sdpa")
+    trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, **LAYOUTS["packed-shared"])
+    features = [trainer.train_dataset[i] for i in range(6)]
+    batch = trainer.data_collator(features)
+    row_of_token = batch["score_positions"] // batch["input_ids"].shape[1]
+    # a pair that shares its row with another pair is kept; every other pair changes entirely
+    kept = next(
+        pair
+        for pair in range(6)
+        if int((batch["segment_ids"][row_of_token[batch["score_pair"] == pair][0]] // 3).max()) >= 1
+    )
+    changed = [
+        f
+        if i == kept
+        else {k: [(t * 7 + 3) % 259 for t in v] if k.endswith("input_ids") else v for k, v in f.items()}
+        for i, f in enumerate(features)
+    ]
+    with torch.no_grad():
+        a, _ = trainer.scored_logprobs(model, batch)
+        b, _ = trainer.scored_logprobs(model, trainer.data_collator(changed))
+    assert torch.equal(
+        trainer.data_collator(changed)["score_positions"], batch["score_positions"]
+    )  # same places
+    same = batch["score_pair"] == kept
+    assert torch.equal(a[same], b[same])
+    assert not torch.allclose(a[~same], b[~same])
+
+
+# ---- choosing the layout -------------------------------------------------------------------------------
+
+IGNORE_PACKING = ("transformers.masking_utils", "find_packed_sequence_indices", lambda position_ids: None)
+IGNORE_SHARED_MASK = ("orpo.layouts", "shared_prefix_mask", lambda segment_ids, impl, dtype: None)
+
+
+def _patch(monkeypatch, *patches):
+    import importlib
+
+    for module, name, replacement in patches:
+        monkeypatch.setattr(importlib.import_module(module), name, replacement)
+
+
+@pytest.mark.parametrize("attn,expected", [("sdpa", "packed-shared"), ("eager", "packed-shared")])
+def test_default_is_the_fastest_exact_layout(tmp_path, tokenizer, skewed_dataset, attn, expected):
+    trainer = trainer_for(tmp_path, tiny("llama", attn), tokenizer, skewed_dataset)
+    assert (trainer.layout.packed, trainer.layout.shared) == tuple(LAYOUTS[expected].values())
+    assert trainer.layout.description == "shared prompt prefix, pairs packed into rows"
+
+
+@pytest.mark.parametrize(
+    "patches,expected",
+    [
+        ((IGNORE_SHARED_MASK,), "padding-free packed rows"),
+        ((IGNORE_SHARED_MASK, IGNORE_PACKING), "padded rows"),
+    ],
+    ids=["mask-ignored", "mask-and-packing-ignored"],
+)
+def test_default_falls_back_when_the_model_leaks(
+    tmp_path, tokenizer, skewed_dataset, monkeypatch, patches, expected
+):
+    _patch(monkeypatch, *patches)
+    with pytest.warns(UserWarning, match="does not keep this layout exact"):
+        trainer = trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset)
+    assert trainer.layout.description == expected
+
+
+def test_default_keeps_to_supported_backends(tmp_path, tokenizer, skewed_dataset, monkeypatch):
+    import orpo.layouts
 
     # flash attention cannot take our mask; stand in for it by taking sdpa off the supported list
-    monkeypatch.setattr(orpo.trainer, "PREFIX_SHARING_BACKENDS", ("eager",))
-    model = tiny("llama", "sdpa")
-    trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, prefix_sharing=True)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    monkeypatch.setattr(orpo.layouts, "PREFIX_SHARING_BACKENDS", ("eager",))
+    trainer = trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset)
+    assert trainer.layout.description == "padding-free packed rows"
     with pytest.raises(
         OrpoError, match="prefix_sharing: llama with attn_implementation='sdpa' is not supported"
     ):
-        trainer.compute_loss(model, batch)
+        trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset, prefix_sharing=True)
 
 
 @pytest.mark.parametrize(
     "layout,patch,message",
     [
-        # a backend that ignores restarting position_ids: one causal mask over the whole packed row
         (
-            "padding_free",
-            ("transformers.masking_utils", "find_packed_sequence_indices", lambda position_ids: None),
-            "padding_free: llama with attn_implementation='sdpa' lets packed sequences attend to each other",
+            "packed",
+            IGNORE_PACKING,
+            "padding_free=true, prefix_sharing=false: llama with attn_implementation='sdpa' does not keep this "
+            "layout exact (packed sequences attend to each other",
         ),
-        # a model that drops our 4D mask
         (
-            "prefix_sharing",
-            ("orpo.trainer", "shared_prefix_mask", lambda segment_ids, impl, dtype: None),
-            "prefix_sharing: llama with attn_implementation='sdpa' does not apply the shared-prefix mask",
+            "shared",
+            IGNORE_SHARED_MASK,
+            "padding_free=false, prefix_sharing=true: llama with attn_implementation='sdpa' does not keep this "
+            "layout exact (rejected tokens see chosen ones",
         ),
     ],
     ids=["packing-leak", "ignored-shared-mask"],
 )
-def test_a_layout_the_model_does_not_honour_is_an_error(
+def test_a_layout_asked_for_that_the_model_does_not_honour_is_an_error(
     tmp_path, tokenizer, skewed_dataset, monkeypatch, layout, patch, message
 ):
-    import importlib
-
-    module, name, replacement = patch
-    monkeypatch.setattr(importlib.import_module(module), name, replacement)
-    model = tiny("llama", "sdpa")
-    trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, **{layout: True})
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    _patch(monkeypatch, patch)
     with pytest.raises(OrpoError, match=re.escape(message)):
+        trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset, **LAYOUTS[layout])
+
+
+def test_sharded_models_check_the_layout_on_the_first_batch(tmp_path, tokenizer, skewed_dataset, monkeypatch):
+    """Under FSDP / ZeRO-3 the model runs only once the engine has prepared it: auto means padded, and
+    a layout asked for is checked on the first batch."""
+    monkeypatch.setattr(ORPOTrainer, "_parameters_sharded", lambda self: True)
+    assert (
+        trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset).layout.description
+        == "padded rows"
+    )
+    _patch(monkeypatch, IGNORE_PACKING)
+    model = tiny("llama", "sdpa")
+    trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, **LAYOUTS["packed"])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    with pytest.raises(OrpoError, match="packed sequences attend to each other"):
         trainer.compute_loss(model, batch)
 
 
-@pytest.mark.parametrize("layout", ["padding_free", "prefix_sharing"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_training_run(tmp_path, tokenizer, skewed_dataset, layout):
     model = tiny("qwen2", "sdpa")
     trainer = trainer_for(
@@ -169,7 +259,7 @@ def test_training_run(tmp_path, tokenizer, skewed_dataset, layout):
         skewed_dataset,
         max_steps=2,
         per_device_train_batch_size=3,
-        **{layout: True},
+        **LAYOUTS[layout],
     )
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)

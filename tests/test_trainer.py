@@ -18,7 +18,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def config(tmp_path, **kwargs):
+    """Padded rows unless a test asks for another layout: the head and loss checks compare against the
+    model's own forward on padded rows (tests/test_packing.py compares every layout with padded rows)."""
     base = dict(
+        padding_free=False,
+        prefix_sharing=False,
         output_dir=str(tmp_path / "out"),
         report_to="none",
         logging_steps=1,
@@ -232,8 +236,8 @@ def test_padding_and_row_order_do_not_change_the_loss(tmp_path, model, tokenizer
     assert reordered == pytest.approx(base, rel=1e-5)
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
-def test_gradient_accumulation_does_not_change_the_update(tmp_path, tokenizer, padding_free):
+@pytest.mark.parametrize("layout", ["padded", "packed", "default"])
+def test_gradient_accumulation_does_not_change_the_update(tmp_path, tokenizer, layout):
     rows = toy_rows(32, seed=1)
     dataset = Dataset.from_list(rows)
 
@@ -249,7 +253,8 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path, tokenizer, p
             lr_scheduler_type="constant",
             max_grad_norm=0.0,
             orpo_alpha=0.5,
-            padding_free=padding_free,
+            padding_free={"padded": False, "packed": True, "default": None}[layout],
+            prefix_sharing={"padded": False, "packed": False, "default": None}[layout],
         )
         trainer = ORPOTrainer(model=model, args=args, train_dataset=dataset, tokenizer=tokenizer)
         trainer.train()

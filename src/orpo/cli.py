@@ -130,6 +130,7 @@ def _train(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         peft_config=peft_config,
     )
+    print(f"batch layout: {trainer.layout.description}", flush=True)
     again = " ".join(
         ["orpo train", *([args.config] if args.config else []), *args.extra[bool(args.config) :]]
     )

@@ -94,6 +94,22 @@ class PaddedPairCollator:
         return _finish(batch, features)
 
 
+def first_fit_decreasing(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into bins of at most ``width`` tokens, longest first, each into
+    the first bin with room: few bins, and none longer than ``width``."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for item in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        target = next((b for b, free in enumerate(room) if free >= lengths[item]), None)
+        if target is None:
+            bins.append([])
+            room.append(width)
+            target = len(bins) - 1
+        bins[target].append(item)
+        room[target] -= lengths[item]
+    return bins
+
+
 @dataclass
 class PackedPairCollator:
     """Padding-free: the 2B sequences packed into as few rows as fit, each row no longer than the
@@ -110,16 +126,7 @@ class PackedPairCollator:
         rows = _pair_rows(features)
         lengths = [len(p) + len(r) for p, r, _, _ in rows]
         width = max(lengths)
-        bins: list[list[int]] = []  # sequence indices per packed row
-        room: list[int] = []
-        for seq in sorted(range(len(rows)), key=lambda k: -lengths[k]):
-            target = next((b for b, free in enumerate(room) if free >= lengths[seq]), None)
-            if target is None:
-                bins.append([])
-                room.append(width)
-                target = len(bins) - 1
-            bins[target].append(seq)
-            room[target] -= lengths[seq]
+        bins = first_fit_decreasing(lengths, width)
         input_ids = torch.full((len(bins), width), self.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros((len(bins), width), dtype=torch.long)
         starts = [0] * len(rows)
@@ -139,45 +146,64 @@ class PackedPairCollator:
         return _finish(batch, features)
 
 
+# Segment kinds of the shared-prefix layout; ``segment_ids = 3 * unit + kind`` (-1: padding), where
+# ``unit`` numbers the pairs laid out in one row.
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+
+
 @dataclass
 class SharedPrefixCollator:
-    """Prompt prefix sharing: one row per pair, ``[prompt][chosen][rejected]`` right-padded, so each
-    prompt is processed once. ``position_ids`` of the rejected tokens continue from the prompt, as if
-    chosen were not there, and ``segment_ids`` (0 prompt, 1 chosen, 2 rejected, -1 padding) let the
-    trainer build the attention mask: causal, except that rejected tokens do not see chosen ones.
-    The first chosen and the first rejected token are both predicted by the last prompt token."""
+    """Prompt prefix sharing: each pair laid out once as ``[prompt][chosen][rejected]``, so each prompt
+    is processed once. ``position_ids`` of the rejected tokens continue from the prompt, as if chosen
+    were not there, and ``segment_ids`` (``3 * unit + kind``, -1 padding) let the trainer build the
+    attention mask: causal within a unit, except that rejected tokens do not see chosen ones. The
+    first chosen and the first rejected token are both predicted by the last prompt token.
+
+    One pair per row, or with ``pack`` the pairs packed first-fit decreasing into rows no longer than
+    the longest pair (units never see each other: the mask is per unit)."""
 
     pad_token_id: int
     nll_include_prompt: bool = False
+    pack: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        rows = _pair_rows(features)  # chosen sequences first, then rejected, each with its prompt
-        num_pairs = len(features)
-        width = max(
+        lengths = [
             len(f["prompt_input_ids"]) + len(f["chosen_input_ids"]) + len(f["rejected_input_ids"])
             for f in features
+        ]
+        width = max(lengths)
+        bins = (
+            first_fit_decreasing(lengths, width) if self.pack else [[pair] for pair in range(len(features))]
         )
-        input_ids = torch.full((num_pairs, width), self.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros((num_pairs, width), dtype=torch.long)
-        segment_ids = torch.full((num_pairs, width), -1, dtype=torch.long)
-        # Where each of the 2B sequences' tokens sit in the flat [B * width] layout, token by token.
+        return self.lay_out(features, bins, width)
+
+    def lay_out(self, features: list[dict], bins: list[list[int]], width: int) -> dict[str, torch.Tensor]:
+        """The batch with pairs ``bins[row]`` side by side in row ``row`` of ``width`` tokens."""
+        rows = _pair_rows(features)  # chosen sequences first, then rejected, each with its prompt
+        num_pairs = len(features)
+        input_ids = torch.full((len(bins), width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+        segment_ids = torch.full((len(bins), width), -1, dtype=torch.long)
+        # Where each of the 2B sequences' tokens sit in the flat [rows * width] layout, token by token.
         flat_index: list[list[int]] = [[] for _ in rows]
-        for pair, feature in enumerate(features):
-            prompt, chosen, rejected = (
-                list(feature[k]) for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-            )
-            p, c, r = len(prompt), len(chosen), len(rejected)
-            input_ids[pair, : p + c + r] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
-            position_ids[pair, : p + c] = torch.arange(p + c)
-            position_ids[pair, p + c : p + c + r] = torch.arange(p, p + r)
-            segment_ids[pair, :p], segment_ids[pair, p : p + c], segment_ids[pair, p + c : p + c + r] = (
-                0,
-                1,
-                2,
-            )
-            base = pair * width
-            flat_index[pair] = [base + t for t in range(p + c)]
-            flat_index[num_pairs + pair] = [base + t for t in range(p)] + [base + p + c + t for t in range(r)]
+        for row, members in enumerate(bins):
+            offset = 0
+            for unit, pair in enumerate(members):
+                prompt, chosen, rejected = (
+                    list(features[pair][k])
+                    for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+                )
+                p, c, r = len(prompt), len(chosen), len(rejected)
+                span = slice(offset, offset + p + c + r)
+                input_ids[row, span] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
+                position_ids[row, span] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+                segment_ids[row, span] = 3 * unit + torch.tensor([PROMPT] * p + [CHOSEN] * c + [REJECTED] * r)
+                base = row * width + offset
+                flat_index[pair] = [base + t for t in range(p + c)]
+                flat_index[num_pairs + pair] = [base + t for t in range(p)] + [
+                    base + p + c + t for t in range(r)
+                ]
+                offset += p + c + r
         batch = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids}
         batch.update(_scored_tokens(rows, None, self.nll_include_prompt, flat_index))
         return _finish(batch, features)

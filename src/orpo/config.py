@@ -95,19 +95,20 @@ class ORPOConfig(TrainingArguments):
             f"default: chunks of about {DEFAULT_CHUNK_MIB} MiB of fp32 logits for the model's vocabulary."
         },
     )
-    padding_free: bool = field(
-        default=False,
+    padding_free: bool | None = field(
+        default=None,
         metadata={
-            "help": "Pack each batch's sequences into one row with restarting position_ids and no padding "
-            "(checked on the first batch: a model or attention backend that lets packed sequences see each "
-            "other is an error)."
+            "help": "Pack sequences into shared rows with restarting position_ids and no padding. Default (unset): "
+            "on where the attention backend supports it and a check on the first data row shows it exact; "
+            "true: required (an unsupported model is an error); false: off."
         },
     )
-    prefix_sharing: bool = field(
-        default=False,
+    prefix_sharing: bool | None = field(
+        default=None,
         metadata={
-            "help": "One row per pair, [prompt][chosen][rejected], with a mask that hides chosen from rejected: "
-            "each prompt is processed once (eager and sdpa attention)."
+            "help": "Lay each pair out as [prompt][chosen][rejected] with a mask that hides chosen from rejected, "
+            "so each prompt is processed once (eager and sdpa attention). Default (unset): on where supported "
+            "and checked exact; true: required; false: off. With padding_free, pairs are packed into rows."
         },
     )
     nan_policy: str = field(
@@ -172,8 +173,9 @@ class ORPOConfig(TrainingArguments):
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                 f"({self.max_length}), or no response token would fit"
             )
-        if self.prefix_sharing and self.padding_free:
-            raise OrpoError("prefix_sharing and padding_free cannot be combined yet; choose one")
+        for name in ("padding_free", "prefix_sharing"):
+            if getattr(self, name) not in (None, True, False):
+                raise OrpoError(f"{name} must be true, false or unset (auto), got {getattr(self, name)!r}")
         if self.nan_policy not in ("error", "skip"):
             raise OrpoError(f"nan_policy must be 'error' or 'skip', got {self.nan_policy!r}")
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:

@@ -23,11 +23,19 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
 
 from orpo.checkpoints import AtomicCheckpoints
-from orpo.collator import PackedPairCollator, PaddedPairCollator, SharedPrefixCollator
 from orpo.config import ORPOConfig
 from orpo.data import ROW_INDEX, TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
 from orpo.errors import OrpoError
 from orpo.formats import load_preference_data
+from orpo.layouts import (
+    PADDED,
+    Layout,
+    candidate_layouts,
+    layout_error,
+    model_inputs,
+    tolerance,
+    unsupported_reason,
+)
 from orpo.logprobs import (
     chunk_size_for,
     chunked_target_logprobs,
@@ -45,34 +53,6 @@ _FUSED_MAX_CHUNKS = 4
 
 # How many tokens of the first batch's first row the one-off head self-check compares.
 _HEAD_CHECK_TOKENS = 64
-
-
-def _model_inputs(inputs: dict) -> dict:
-    """The model's forward arguments of a batch from either layout: padded rows carry an
-    ``attention_mask``; packed rows carry restarting ``position_ids`` and must have no mask (that is
-    how transformers recognises packed sequences)."""
-    return {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
-
-
-def shared_prefix_mask(
-    segment_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype
-) -> torch.Tensor:
-    """The 4D attention mask of :class:`~orpo.collator.SharedPrefixCollator` rows: causal, no
-    padding keys, and rejected tokens (segment 2) never see chosen ones (segment 1). Boolean for
-    sdpa; additive (0 / dtype min) for eager, which adds the mask to the scores."""
-    length = segment_ids.shape[1]
-    index = torch.arange(length, device=segment_ids.device)
-    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
-    allowed = (index[:, None] >= index[None, :]) & (key >= 0) & ~((query == 2) & (key == 1))
-    allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device)  # padding rows: not empty
-    allowed = allowed[:, None]  # [B, 1, T, T]
-    if attn_implementation == "sdpa":
-        return allowed
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-PREFIX_SHARING_BACKENDS = ("eager", "sdpa")
 
 
 def _first_sequence(inputs: dict, max_tokens: int) -> dict:
@@ -245,15 +225,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             else:
                 eval_dataset = self._prepare_dataset(eval_dataset, tokenizer, limits, args, "eval_dataset")
 
-        if data_collator is None:
-            if args.prefix_sharing:
-                layout, name = SharedPrefixCollator, "shared prompt prefix, one row per pair"
-            elif args.padding_free:
-                layout, name = PackedPairCollator, "padding-free packed rows"
-            else:
-                layout, name = PaddedPairCollator, "padded rows"
-            data_collator = layout(tokenizer.pad_token_id, nll_include_prompt=args.nll_include_prompt)
-            logger.info(f"batch layout: {name}")
+        self.layout: Layout | None = None  # the batch layout, when the trainer chooses the collator
+        self._layout_unverified = False
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._nan_skipped = 0
         if args.nan_policy == "skip" and args.world_size > 1:
@@ -266,7 +239,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator,
+            data_collator=data_collator or PADDED.collator(tokenizer.pad_token_id, args.nll_include_prompt),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
@@ -276,6 +249,10 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             optimizers=optimizers,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        if data_collator is None:
+            self.layout = self._choose_layout()
+            self.data_collator = self.layout.collator(tokenizer.pad_token_id, args.nll_include_prompt)
+            logger.info(f"batch layout: {self.layout.description}")
 
     # ---- construction helpers -----------------------------------------------------------------
 
@@ -353,96 +330,90 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
     # ---- forward: hidden states -> log-probs of the scored tokens --------------------------------
 
     def _forward_kwargs(self, model, inputs) -> dict:
-        kwargs = _model_inputs(inputs)
-        if "segment_ids" in inputs:
-            config = self.accelerator.unwrap_model(model).config
-            impl = getattr(config, "_attn_implementation", None)
-            if impl not in PREFIX_SHARING_BACKENDS:
-                raise OrpoError(
-                    f"prefix_sharing: {config.model_type} with attn_implementation={impl!r} is not supported "
-                    f"(supported: {', '.join(PREFIX_SHARING_BACKENDS)}); set prefix_sharing: false or "
-                    "attn_implementation: sdpa"
-                )
-            dtype = next(model.parameters()).dtype
-            kwargs["attention_mask"] = shared_prefix_mask(inputs["segment_ids"], impl, dtype)
-        return kwargs
+        config = self.accelerator.unwrap_model(model).config
+        try:
+            return model_inputs(inputs, config, next(model.parameters()).dtype)
+        except ValueError as err:
+            raise OrpoError(f"{err}; set prefix_sharing: false or attn_implementation: sdpa") from err
+
+    # ---- batch layout: the fastest one the model runs exactly ---------------------------------------
+
+    def _probe_row(self) -> dict | None:
+        """The first tokenized pair of the training (else evaluation) data, for the layout check."""
+        for dataset in (self.train_dataset, self.eval_dataset):
+            if isinstance(dataset, dict):
+                dataset = next(iter(dataset.values()), None)
+            if isinstance(dataset, Dataset) and len(dataset):
+                return dataset[0]
+        return None
+
+    def _low_precision(self, model) -> bool:
+        return bool(self.args.bf16 or self.args.fp16 or next(model.parameters()).dtype != torch.float32)
+
+    def _choose_layout(self) -> Layout:
+        """The first of the candidate layouts (``padding_free`` / ``prefix_sharing``: True, False or None
+        = auto; fastest first) that the attention backend supports and the model honours exactly,
+        checked on the first data row. An auto choice that fails falls back to the next one with a
+        warning; a layout asked for that fails is an error."""
+        model = self.model
+        config = self.accelerator.unwrap_model(model).config
+        row = self._probe_row()
+        # Sharded or not-yet-placed models (FSDP, DeepSpeed, model parallel) are checked on the first
+        # batch, once the engine has prepared them, where a failure can only be an error: so there
+        # only the layouts asked for explicitly run, and auto means padded.
+        defer = not self.place_model_on_device or self._parameters_sharded()
+        if defer:
+            candidates = candidate_layouts(bool(self.args.padding_free), bool(self.args.prefix_sharing))
+        else:
+            candidates = candidate_layouts(self.args.padding_free, self.args.prefix_sharing)
+        for index, layout in enumerate(candidates):
+            last = index == len(candidates) - 1
+            reason = unsupported_reason(layout, config)
+            if reason is not None:
+                if last:
+                    option = "prefix_sharing" if layout.shared else "padding_free"
+                    raise OrpoError(f"{reason}; set {option}: false or attn_implementation: sdpa")
+                continue
+            if row is None or layout == PADDED:
+                return layout
+            if defer:
+                self._layout_unverified = True
+                return layout
+            error = layout_error(model, config, layout, row)
+            if error <= tolerance(self._low_precision(model)):
+                return layout
+            problem = self._leak_message(config, layout, error)
+            if last:
+                raise OrpoError(problem)
+            warnings.warn(f"{problem}; trying the next layout", stacklevel=3)
+        raise AssertionError("unreachable: the candidates end with a layout that is always accepted")
+
+    @staticmethod
+    def _leak_message(config, layout: Layout, error: float) -> str:
+        leak = (
+            "rejected tokens see chosen ones or pairs see each other"
+            if layout.shared
+            else ("packed sequences attend to each other")
+        )
+        return (
+            f"{layout.options}: {config.model_type} with attn_implementation="
+            f"{getattr(config, '_attn_implementation', None)!r} does not keep this layout exact ({leak}; "
+            f"max |Δ log p| = {error:.3g} against the sequences alone)"
+        )
 
     def _first_batch_checks(self, model, inputs) -> None:
         if self._head_plan != "unresolved":
             return
-        if "segment_ids" in inputs:
-            self._check_shared_prefix(model, inputs)
-        elif "position_ids" in inputs:
-            self._check_packing(model, inputs)
-        self._head_plan = self._resolve_head(model, inputs)
-
-    def _check_shared_prefix(self, model, inputs) -> None:
-        """The first pair's rejected tokens in the shared row must score as in ``prompt + rejected``
-        alone: a model that ignores our 4D mask or position_ids is an error, not a wrong loss."""
-        segments = inputs["segment_ids"][0]
-        prompt = (segments == 0).nonzero().flatten()
-        rejected = (segments == 2).nonzero().flatten()[:_HEAD_CHECK_TOKENS]
-        if len(rejected) == 0:
-            return
-        alone = torch.cat([inputs["input_ids"][0, prompt], inputs["input_ids"][0, rejected]])[None]
-        error = self._layout_error(
-            model,
-            lambda: model(**self._forward_kwargs(model, inputs), use_cache=False).logits[0, rejected],
-            alone,
-            len(prompt),
-        )
-        self._raise_if_leaky(
-            model,
-            error,
-            "prefix_sharing",
-            "does not apply the shared-prefix mask",
-            "set prefix_sharing: false",
-        )
-
-    def _check_packing(self, model, inputs) -> None:
-        """Packed sequences must not see each other. Compare the second sequence's log-probs inside
-        the packed row with the same sequence alone; a leak (a model or attention backend that
-        ignores restarting position_ids) is an error, never a silently wrong mask."""
-        for row, position_ids in enumerate(inputs["position_ids"]):  # noqa: B007 (row is used below)
-            starts = [*(position_ids == 0).nonzero().flatten().tolist(), len(position_ids)]
-            if len(starts) >= 3:  # a row holding two sequences (the second may be the padding tail)
-                break
-        else:
-            return
-        begin, end = starts[1], min(starts[2], starts[1] + _HEAD_CHECK_TOKENS)
-        alone = inputs["input_ids"][row : row + 1, begin:end]
-        error = self._layout_error(
-            model, lambda: model(**_model_inputs(inputs), use_cache=False).logits[row, begin:end], alone
-        )
-        self._raise_if_leaky(
-            model,
-            error,
-            "padding_free",
-            "lets packed sequences attend to each other",
-            "set padding_free: false or use the 'sdpa' or 'eager' attention",
-        )
-
-    def _layout_error(self, model, layout_logits, alone, skip: int = 0) -> float:
-        """max |Δ log p| between ``layout_logits()`` (tokens as laid out in a batch) and the same
-        tokens run alone (``alone``, dropping its first ``skip`` positions), in eval mode."""
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                ours = layout_logits().float()
-                single = model(input_ids=alone, attention_mask=torch.ones_like(alone), use_cache=False).logits
-        finally:
-            model.train(was_training)
-        return (ours.log_softmax(-1) - single[0, skip:].float().log_softmax(-1)).abs().max().item()
-
-    def _raise_if_leaky(self, model, error: float, option: str, problem: str, fix: str) -> None:
-        low_precision = self.args.bf16 or self.args.fp16 or next(model.parameters()).dtype != torch.float32
-        if not error <= (5e-2 if low_precision else 1e-4):
+        if self._layout_unverified:  # checked now that the engine has prepared the model
             config = self.accelerator.unwrap_model(model).config
-            raise OrpoError(
-                f"{option}: {config.model_type} with attn_implementation="
-                f"{getattr(config, '_attn_implementation', None)!r} {problem} (max |Δ log p| = {error:.3g}); {fix}"
-            )
+            error = layout_error(model, config, self.layout, self._probe_row())
+            if not error <= tolerance(self._low_precision(model)):
+                raise OrpoError(
+                    self._leak_message(config, self.layout, error)
+                    + "; set padding_free: false and prefix_sharing: false"
+                )
+            self._layout_unverified = False
+        self._head_plan = self._resolve_head(model, inputs)
 
     def _resolve_head(self, model, inputs) -> HeadPlan | None:
         """Find the separable head once, and check it against the model's own logits on a few

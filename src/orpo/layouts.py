@@ -1,0 +1,204 @@
+"""Which batch layout a model can run exactly, the model inputs of each layout, and the check that
+proves it on the model itself.
+
+The collators (:mod:`orpo.collator`) lay tokens out; this module decides which of them a model and
+attention backend support and turns a collated batch into forward arguments (the shared-prefix
+layouts need a 4D mask). A layout is never trusted on the backend's name alone: :func:`layout_error`
+runs one preference row laid out both ways and compares the log-probs, so a model that ignores
+restarting ``position_ids`` or a 4D mask is caught before it trains on a wrong loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from orpo.collator import CHOSEN, REJECTED, PackedPairCollator, PaddedPairCollator, SharedPrefixCollator
+
+# Backends that take our 4D shared-prefix mask as it is (flash attention takes no mask at all).
+PREFIX_SHARING_BACKENDS = ("eager", "sdpa")
+# Backends whose transformers integration confines attention to each packed sequence from restarting
+# position_ids (block-causal masks for eager / sdpa / flex, variable-length kernels for flash).
+PACKING_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+# Tokens of the probe row's prompt (its end) and responses (their start) the layout check uses.
+_PROBE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A batch layout: ``packed`` sequences (or pairs) share rows; ``shared`` prompts run once per pair."""
+
+    packed: bool = False
+    shared: bool = False
+
+    @property
+    def description(self) -> str:
+        if self.shared:
+            return "shared prompt prefix" + (
+                ", pairs packed into rows" if self.packed else ", one row per pair"
+            )
+        return "padding-free packed rows" if self.packed else "padded rows"
+
+    @property
+    def options(self) -> str:
+        """The config options that select this layout, for messages."""
+        return f"padding_free={str(self.packed).lower()}, prefix_sharing={str(self.shared).lower()}"
+
+    def collator(self, pad_token_id: int, nll_include_prompt: bool):
+        if self.shared:
+            return SharedPrefixCollator(pad_token_id, nll_include_prompt, pack=self.packed)
+        if self.packed:
+            return PackedPairCollator(pad_token_id, nll_include_prompt)
+        return PaddedPairCollator(pad_token_id, nll_include_prompt)
+
+
+PADDED = Layout()
+
+
+def attn_implementation(config) -> str | None:
+    return getattr(config, "_attn_implementation", None)
+
+
+def unsupported_reason(layout: Layout, config) -> str | None:
+    """Why ``layout`` cannot run on a model with this config, or None if its backend supports it."""
+    impl = attn_implementation(config)
+    if layout.shared and impl not in PREFIX_SHARING_BACKENDS:
+        return (
+            f"prefix_sharing: {config.model_type} with attn_implementation={impl!r} is not supported "
+            f"(supported: {', '.join(PREFIX_SHARING_BACKENDS)})"
+        )
+    if layout.packed and not layout.shared and impl not in PACKING_BACKENDS:
+        return (
+            f"padding_free: {config.model_type} with attn_implementation={impl!r} is not supported "
+            f"(supported: {', '.join(PACKING_BACKENDS)})"
+        )
+    return None
+
+
+def candidate_layouts(padding_free: bool | None, prefix_sharing: bool | None) -> list[Layout]:
+    """Layouts to try, fastest first: an option set to True or False is fixed, None (auto) tries both."""
+    packed = [True, False] if padding_free is None else [padding_free]
+    shared = [True, False] if prefix_sharing is None else [prefix_sharing]
+    return [Layout(packed=p, shared=s) for s in shared for p in packed]
+
+
+def shared_prefix_mask(
+    segment_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """The 4D attention mask of :class:`~orpo.collator.SharedPrefixCollator` rows: causal within each
+    unit (pair), no padding keys, and rejected tokens never see chosen ones. Boolean for sdpa;
+    additive (0 / dtype min) for eager, which adds the mask to the scores."""
+    length = segment_ids.shape[1]
+    index = torch.arange(length, device=segment_ids.device)
+    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+    allowed = (
+        (index[:, None] >= index[None, :])
+        & (key >= 0)
+        & (query // 3 == key // 3)  # same unit
+        & ~((query % 3 == REJECTED) & (key % 3 == CHOSEN))
+    )
+    allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device)  # padding rows: not empty
+    allowed = allowed[:, None]  # [B, 1, T, T]
+    if attn_implementation == "sdpa":
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def model_inputs(batch: dict, config, dtype: torch.dtype) -> dict:
+    """The forward arguments of a collated batch: padded rows carry an ``attention_mask``; packed rows
+    carry restarting ``position_ids`` and no mask (that is how transformers recognises packed
+    sequences); shared-prefix rows get their 4D mask built from ``segment_ids``."""
+    kwargs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    if "segment_ids" in batch:
+        impl = attn_implementation(config)
+        if impl not in PREFIX_SHARING_BACKENDS:
+            raise ValueError(unsupported_reason(Layout(shared=True), config))
+        kwargs["attention_mask"] = shared_prefix_mask(batch["segment_ids"], impl, dtype)
+    return kwargs
+
+
+def _probe_feature(feature: dict) -> dict:
+    """A short copy of a tokenized pair: the prompt's end, the responses' start."""
+    return {
+        "prompt_input_ids": list(feature["prompt_input_ids"])[-_PROBE_TOKENS:],
+        "chosen_input_ids": list(feature["chosen_input_ids"])[:_PROBE_TOKENS],
+        "rejected_input_ids": list(feature["rejected_input_ids"])[:_PROBE_TOKENS],
+    }
+
+
+def _probe_batch(layout: Layout, feature: dict) -> dict:
+    """Two copies of one pair in one row of ``layout`` (the second copy is the one compared, so
+    leaks between sequences or units, as well as the chosen-hiding mask, show up)."""
+    features = [feature, feature]
+    if layout.shared:
+        width = 2 * sum(
+            len(feature[k]) for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+        )
+        bins = [[0, 1]] if layout.packed else [[0], [1]]
+        return SharedPrefixCollator(0, nll_include_prompt=True).lay_out(features, bins, width)
+    if layout.packed:
+        # Force the pair's chosen and rejected sequences into one row: pack into twice the width.
+        prompt, chosen, rejected = (
+            feature[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+        )
+        ids = [*prompt, *chosen, *prompt, *rejected]
+        positions = [*range(len(prompt) + len(chosen)), *range(len(prompt) + len(rejected))]
+        return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions])}
+    return PaddedPairCollator(0, nll_include_prompt=True)(features)
+
+
+def _compared_positions(layout: Layout, p: int, c: int, r: int, width: int) -> dict[str, torch.Tensor]:
+    """Flat positions, in :func:`_probe_batch`'s rows, of the second copy's ``prompt + chosen`` and
+    ``prompt + rejected`` tokens (packed only: of the rejected sequence that follows the chosen one)."""
+    if not layout.shared:
+        return {"rejected": torch.arange(p + c, p + c + p + r)}
+    start = p + c + r if layout.packed else width  # after the first unit, or the second row
+    prompt = torch.arange(start, start + p)
+    return {
+        "chosen": torch.cat([prompt, torch.arange(start + p, start + p + c)]),
+        "rejected": torch.cat([prompt, torch.arange(start + p + c, start + p + c + r)]),
+    }
+
+
+def layout_error(model, config, layout: Layout, feature: dict) -> float:
+    """max |Δ log p| between a pair's tokens laid out in ``layout`` (beside another copy of the pair)
+    and the same sequences run alone, in eval mode without gradients: rounding only when the model
+    honours the layout, far more when attention leaks between sequences, units or chosen and rejected."""
+    if layout == PADDED:
+        return 0.0
+    feature = _probe_feature(feature)
+    prompt, chosen, rejected = (
+        feature[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+    )
+    parameter = next(model.parameters())
+    batch = {
+        k: v.to(parameter.device) for k, v in _probe_batch(layout, feature).items() if torch.is_tensor(v)
+    }
+    compared = _compared_positions(
+        layout, len(prompt), len(chosen), len(rejected), batch["input_ids"].shape[1]
+    )
+    was_training = model.training
+    model.eval()
+    error = 0.0
+    try:
+        with torch.no_grad():
+            logits = model(**model_inputs(batch, config, parameter.dtype), use_cache=False).logits
+            laid_out = logits.reshape(-1, logits.shape[-1]).float().log_softmax(-1)
+            for side, positions in compared.items():
+                ids = torch.tensor(
+                    [prompt + (chosen if side == "chosen" else rejected)], device=parameter.device
+                )
+                alone = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+                difference = laid_out[positions.to(parameter.device)] - alone[0].float().log_softmax(-1)
+                error = max(error, difference.abs().max().item())
+    finally:
+        model.train(was_training)
+    return error
+
+
+def tolerance(low_precision: bool) -> float:
+    """How far a layout's log-probs may differ from the sequences alone: rounding only."""
+    return 5e-2 if low_precision else 1e-4
