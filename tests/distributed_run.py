@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens_per_batch")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -52,6 +53,7 @@ def main() -> None:
         use_cpu=True,
         activation_checkpointing=args.gradient_checkpointing,
         dataloader_num_workers=0,
+        max_tokens_per_batch=args.max_tokens,
     )
     trainer = ORPOTrainer(
         model=make_model(seed=3),

@@ -69,3 +69,11 @@ def test_processes_times_accumulation_equal_one_process_accumulating(tmp_path):
     one = launch(tmp_path, "one", processes=1, batch=1, accum=4)
     two = launch(tmp_path, "two", processes=2, batch=1, accum=2)
     assert_same_run(one, two)
+
+
+def test_token_budget_batches_split_across_processes(tmp_path):
+    """With max_tokens_per_batch each process takes every other batch of the same order, so 2 processes
+    equal 1 process accumulating 2 of those batches."""
+    one = launch(tmp_path, "one", 1, 1, 2, 3, "--max-tokens", "150")
+    two = launch(tmp_path, "two", 2, 1, 1, 3, "--max-tokens", "150")
+    assert_same_run(one, two)

@@ -111,6 +111,13 @@ class ORPOConfig(TrainingArguments):
             "and checked exact; true: required; false: off. With padding_free, pairs are packed into rows."
         },
     )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Training micro-batches of as many pairs as fit in this many tokens (padding included, as the "
+            "batch layout lays them out), grouped by length, instead of per_device_train_batch_size pairs."
+        },
+    )
     nan_policy: str = field(
         default="error",
         metadata={
@@ -178,5 +185,7 @@ class ORPOConfig(TrainingArguments):
                 raise OrpoError(f"{name} must be true, false or unset (auto), got {getattr(self, name)!r}")
         if self.nan_policy not in ("error", "skip"):
             raise OrpoError(f"nan_policy must be 'error' or 'skip', got {self.nan_policy!r}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            raise OrpoError(f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch}")
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
             raise OrpoError(f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from orpo.collator import CHOSEN, REJECTED, PackedPairCollator, PaddedPairCollator, SharedPrefixCollator
+from orpo.collator import (
+    CHOSEN,
+    REJECTED,
+    PackedPairCollator,
+    PaddedPairCollator,
+    SharedPrefixCollator,
+    first_fit_decreasing,
+)
 
 # Backends that take our 4D shared-prefix mask as it is (flash attention takes no mask at all).
 PREFIX_SHARING_BACKENDS = ("eager", "sdpa")
@@ -45,6 +52,17 @@ class Layout:
     def options(self) -> str:
         """The config options that select this layout, for messages."""
         return f"padding_free={str(self.packed).lower()}, prefix_sharing={str(self.shared).lower()}"
+
+    def batch_tokens(self, pairs: list[tuple[int, int, int]]) -> int:
+        """Tokens (padding included) a batch of pairs with these ``(prompt, chosen, rejected)`` lengths
+        takes in this layout: rows times row width, as the collators lay them out."""
+        if self.shared:
+            units = [p + c + r for p, c, r in pairs]
+        else:
+            units = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+        width = max(units)
+        rows = len(first_fit_decreasing(units, width)) if self.packed else len(units)
+        return rows * width
 
     def collator(self, pad_token_id: int, nll_include_prompt: bool):
         if self.shared:

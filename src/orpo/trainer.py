@@ -16,12 +16,16 @@ import logging
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from datasets import Dataset, DatasetDict
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import seed_worker
 
+from orpo.batching import TokenBudgetBatchSampler, pair_lengths
 from orpo.checkpoints import AtomicCheckpoints
 from orpo.config import ORPOConfig
 from orpo.data import ROW_INDEX, TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
@@ -320,6 +324,39 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         )
         self.tokenize_reports[name] = report
         return tokenized
+
+    def get_train_dataloader(self):
+        """Trainer's loader, or with ``max_tokens_per_batch`` one whose batches fill a token budget (see
+        :mod:`orpo.batching`); that sampler is already split across processes, so accelerate's own
+        per-process split is turned into a pass-through."""
+        budget = self.args.max_tokens_per_batch
+        if budget is None or self.train_dataset is None:
+            return super().get_train_dataloader()
+        sampler = TokenBudgetBatchSampler(
+            pair_lengths(self.train_dataset),
+            budget,
+            (self.layout or PADDED).batch_tokens,
+            seed=self.args.seed,
+            num_processes=self.accelerator.num_processes,
+            process_index=self.accelerator.process_index,
+            row_index=self.train_dataset[ROW_INDEX] if ROW_INDEX in self.train_dataset.column_names else None,
+        )
+        loader = DataLoader(
+            self._remove_unused_columns(self.train_dataset, description="Training"),
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers,
+            worker_init_fn=partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            ),
+        )
+        loader = self.accelerator.prepare(loader)
+        shard = getattr(loader, "batch_sampler", None)
+        if shard is not sampler and getattr(shard, "batch_sampler", None) is sampler:
+            shard.num_processes, shard.process_index = 1, 0
+        return loader
 
     def _set_signature_columns_if_needed(self):
         # The collator needs the tokenized columns, not the model's forward arguments, so even with

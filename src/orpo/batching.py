@@ -1,0 +1,109 @@
+"""Token-budget batching: micro-batches of as many pairs as fit in ``max_tokens_per_batch`` tokens (padding
+included, as the batch layout lays them out), grouped by length so a batch of short pairs and a batch
+of long pairs cost about the same and little is padded.
+
+The batches are fixed for the run (pairs sorted by length, cut greedily at the budget); each epoch
+visits them in a new order drawn from the seed and the epoch, so the number of batches per epoch never
+changes and a resumed run replays the same order. With several processes each takes every N-th batch
+of that order (the last round wraps around to the start), so all take the same number of steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset
+
+from orpo.data import TOKENIZED_COLUMNS
+from orpo.errors import OrpoError
+
+# (prompt, chosen, rejected) token counts of one pair.
+PairLengths = tuple[int, int, int]
+
+
+def pair_lengths(dataset: Dataset) -> list[PairLengths]:
+    """Token counts of every pair of a tokenized dataset, read from the Arrow columns (no row decoding)."""
+    table = dataset.select_columns(list(TOKENIZED_COLUMNS)).with_format("arrow")[:]
+    columns = [pc.list_value_length(table.column(name)).to_pylist() for name in TOKENIZED_COLUMNS]
+    return list(zip(*columns, strict=True))
+
+
+class _EpochSeed:
+    """The epoch the order is drawn for. Kept as ``.sampler`` because that is where accelerate's
+    data loader looks for ``set_epoch`` behind its per-process wrapper."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class TokenBudgetBatchSampler:
+    """Batches of dataset indices whose batch layout holds at most ``max_tokens`` tokens.
+
+    Args:
+        lengths: ``(prompt, chosen, rejected)`` token counts per pair.
+        max_tokens: the budget per micro-batch, padding included.
+        batch_tokens: tokens the batch layout processes for a list of pairs (see
+            :meth:`orpo.layouts.Layout.batch_tokens`).
+        seed: the order of batches in epoch ``e`` is drawn from ``seed + e``.
+        num_processes / process_index: data-parallel sharding; this process yields every
+            ``num_processes``-th batch starting at ``process_index``.
+        source / row_index: the dataset and its rows' original indices, named in the error when one
+            pair alone exceeds the budget.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[PairLengths],
+        max_tokens: int,
+        batch_tokens: Callable[[list[PairLengths]], int],
+        seed: int = 0,
+        num_processes: int = 1,
+        process_index: int = 0,
+        source: str = "train_dataset",
+        row_index: Sequence[int] | None = None,
+    ):
+        self.seed, self.num_processes, self.process_index = seed, num_processes, process_index
+        self.sampler = _EpochSeed()
+        self.batches = self._cut(lengths, max_tokens, batch_tokens, source, row_index)
+
+    @staticmethod
+    def _cut(lengths, max_tokens, batch_tokens, source, row_index) -> list[list[int]]:
+        # Longest first: the first pair of a batch sets its width, the rest are no longer.
+        order = sorted(range(len(lengths)), key=lambda i: (-sum(lengths[i]), i))
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for index in order:
+            needed = batch_tokens([lengths[index]])
+            if needed > max_tokens:
+                raise OrpoError(
+                    f"max_tokens_per_batch={max_tokens} is smaller than row {row_index[index] if row_index else index} of {source}, which takes "
+                    f"{needed} tokens on its own in this batch layout; raise max_tokens_per_batch to at least "
+                    f"{needed} or lower max_length"
+                )
+            if current and batch_tokens([lengths[i] for i in current] + [lengths[index]]) > max_tokens:
+                batches.append(current)
+                current = []
+            current.append(index)
+        if current:
+            batches.append(current)
+        return batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.num_processes)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.sampler.epoch)
+        order = torch.randperm(len(self.batches), generator=generator).tolist()
+        rounds = len(self)
+        order += order[: rounds * self.num_processes - len(order)]  # every process the same count
+        for step in range(rounds):
+            yield self.batches[order[step * self.num_processes + self.process_index]]
