@@ -129,6 +129,8 @@ def test_training_with_a_token_budget(tmp_path, tokenizer):
     assert len({int(b["num_pairs"]) for b in batches}) > 1  # batch sizes follow the lengths
     trainer.train()
     assert trainer.state.global_step == 2 * len(loader)
+    fractions = [h["padding_fraction"] for h in trainer.state.log_history if "padding_fraction" in h]
+    assert fractions and all(0 <= f < 0.5 for f in fractions)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
 
 

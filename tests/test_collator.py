@@ -42,3 +42,24 @@ def test_pad_to_multiple_of_only_adds_padding():
     assert b["input_ids"].shape[1] == 8
     assert torch.equal(b["input_ids"][:, :5], a["input_ids"]) and (b["input_ids"][:, 5:] == 0).all()
     assert torch.equal(b["input_ids"].flatten()[b["score_positions"] + 1], a["score_targets"])
+
+
+def test_packed_shared_prefix_layout():
+    from orpo.collator import SharedPrefixCollator
+
+    features = [
+        {"prompt_input_ids": [1, 2, 3, 4], "chosen_input_ids": [5, 6], "rejected_input_ids": [7, 8]},
+        {"prompt_input_ids": [9], "chosen_input_ids": [10], "rejected_input_ids": [11]},
+        {"prompt_input_ids": [12], "chosen_input_ids": [13, 14], "rejected_input_ids": [15]},
+    ]
+    batch = SharedPrefixCollator(pad_token_id=0, pack=True)(features)
+    # first-fit decreasing into rows as wide as the longest pair: pair 0 alone, then pairs 2 and 1
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [12, 13, 14, 15, 9, 10, 11, 0]]
+    # rejected positions continue from the prompt, as if chosen were not there; each pair restarts at 0
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 4, 5], [0, 1, 2, 1, 0, 1, 1, 0]]
+    # 3 * unit + kind (0 prompt, 1 chosen, 2 rejected); -1 padding
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 2, 3, 4, 5, -1]]
+    # pair 1's rejected token 11 is predicted by its prompt token 9 (flat 12), not by chosen token 10
+    assert batch["score_targets"].tolist() == [5, 6, 7, 8, 10, 11, 13, 14, 15]
+    assert batch["score_positions"].tolist()[5] == 12
+    assert int(batch["num_tokens"]) == 15 and int(batch["num_pairs"]) == 3

@@ -78,6 +78,11 @@ def test_layout_equals_padded(tmp_path, tokenizer, skewed_dataset, layout, famil
             assert rows == 6  # one row per pair
         if name == "packed-shared":
             assert rows < 6  # pairs share rows
+        real = int(batch["attention_mask"].sum()) if name == "padded" else None
+        results.setdefault("real", real)
+        # every layout counts the same real tokens, but shared prefixes count each prompt once
+        if name != "padded" and "segment_ids" not in batch:
+            assert int(batch["num_tokens"]) == results["real"]
         logps, _ = trainer.scored_logprobs(model, batch)
         loss = trainer.compute_loss(model, batch)
         results[name] = (logps.detach(), loss, torch.autograd.grad(loss, params))

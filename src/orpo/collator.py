@@ -61,8 +61,11 @@ def _scored_tokens(rows, starts, nll_include_prompt: bool, flat_index=None) -> d
     }
 
 
-def _finish(batch: dict, features: list[dict]) -> dict:
+def _finish(batch: dict, features: list[dict], real_tokens: int) -> dict:
+    """Counts every layout adds: pairs (the loss normaliser) and the real, non-padding tokens laid out
+    (for the ``padding_fraction`` metric)."""
     batch["num_pairs"] = torch.tensor(len(features), dtype=torch.long)
+    batch["num_tokens"] = torch.tensor(real_tokens, dtype=torch.long)
     if all("row_index" in feature for feature in features):  # dataset rows, for error messages
         batch["row_index"] = torch.tensor([feature["row_index"] for feature in features], dtype=torch.long)
     return batch
@@ -91,7 +94,7 @@ class PaddedPairCollator:
         starts = [row * seq_len for row in range(len(rows))]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         batch.update(_scored_tokens(rows, starts, self.nll_include_prompt))
-        return _finish(batch, features)
+        return _finish(batch, features, sum(len(p) + len(r) for p, r, _, _ in rows))
 
 
 def first_fit_decreasing(lengths: list[int], width: int) -> list[list[int]]:
@@ -143,7 +146,7 @@ class PackedPairCollator:
             position_ids[row, offset:] = torch.arange(width - offset)  # the tail: a dummy sequence
         batch = {"input_ids": input_ids, "position_ids": position_ids}
         batch.update(_scored_tokens(rows, starts, self.nll_include_prompt))
-        return _finish(batch, features)
+        return _finish(batch, features, sum(lengths))
 
 
 # Segment kinds of the shared-prefix layout; ``segment_ids = 3 * unit + kind`` (-1: padding), where
@@ -206,4 +209,4 @@ class SharedPrefixCollator:
                 offset += p + c + r
         batch = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids}
         batch.update(_scored_tokens(rows, None, self.nll_include_prompt, flat_index))
-        return _finish(batch, features)
+        return _finish(batch, features, int((segment_ids >= 0).sum()))

@@ -101,7 +101,7 @@ class ORPOStats:
 
 def means_from_sums(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """Turn accumulated :meth:`ORPOStats.metric_sums` (and ``logits/*`` sums, divided by the
-    ``*_tokens`` count next to them) into means."""
+    ``*_tokens`` count next to them; ``padding_fraction`` by ``layout_tokens``) into means."""
     pairs = max(float(sums["pairs"]), 1.0)
     out = {}
     for name, value in sums.items():
@@ -111,6 +111,8 @@ def means_from_sums(sums: dict[str, torch.Tensor]) -> dict[str, float]:
             denom = max(float(sums["nll_tokens"]), 1.0)
         elif name.startswith("logits/"):
             denom = max(float(sums[name + "_tokens"]), 1.0)
+        elif name == "padding_fraction":  # padding tokens over all tokens the batches laid out
+            denom = max(float(sums["layout_tokens"]), 1.0)
         else:
             denom = pairs
         out[name] = float(value) / denom

@@ -698,6 +698,10 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         ):
             sums[f"logits/{side}"] += mean_logits[selected].sum()
             sums[f"logits/{side}_tokens"] += selected.sum().float()
+        if "num_tokens" in inputs:  # collators of this package count their real tokens
+            laid_out = inputs["input_ids"].numel()
+            sums["padding_fraction"] += laid_out - inputs["num_tokens"].float()
+            sums["layout_tokens"] += laid_out
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
