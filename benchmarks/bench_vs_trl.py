@@ -86,8 +86,19 @@ def make_rows(scenario: Scenario, n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+# orpo's batch layouts and head, for the ablation: (padding_free, prefix_sharing, chunked head).
+# "orpo" is the default: the fastest layout the model supports exactly (packed shared-prefix rows here).
+ORPO_VARIANTS = {
+    "orpo": (None, None, True),
+    "orpo-padded-full": (False, False, False),  # padded rows, full [tokens, vocab] logits
+    "orpo-padded": (False, False, True),
+    "orpo-packed": (True, False, True),
+    "orpo-shared": (False, True, True),
+}
+
+
 def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list[dict], seed: int = 0):
-    """A trainer of ``impl`` ('orpo', 'orpo-packed', 'orpo-shared' or 'trl') on a fresh seed-built model."""
+    """A trainer of ``impl`` (one of ``ORPO_VARIANTS`` or 'trl') on a fresh seed-built model."""
     from datasets import Dataset
 
     from orpo.demo import demo_tokenizer, tiny_model
@@ -121,18 +132,22 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
         dataloader_num_workers=0,
     )
     dataset = Dataset.from_list(rows)
-    if impl in ("orpo", "orpo-packed", "orpo-shared"):
+    if impl in ORPO_VARIANTS:
         from orpo import ORPOConfig, ORPOTrainer
 
+        padding_free, prefix_sharing, chunked_head = ORPO_VARIANTS[impl]
         args = ORPOConfig(
-            padding_free=impl == "orpo-packed",
-            prefix_sharing=impl == "orpo-shared",
+            padding_free=padding_free,
+            prefix_sharing=prefix_sharing,
             orpo_alpha=ALPHA,
             nll_include_prompt=True,
             max_prompt_length=scenario.max_length - 1,
             **common,
         )
-        return ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        if not chunked_head:
+            trainer._resolve_head = lambda model, inputs: None  # the model's own full logits
+        return trainer
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.orpo import ORPOConfig as TRLConfig
     from trl.experimental.orpo import ORPOTrainer as TRLTrainer
@@ -161,6 +176,10 @@ def train_once(impl: str, scenario: Scenario, vocab: int) -> dict:
         "samples_per_s": len(rows) / seconds,
         "peak_increase_mib": (peak - base) / 1024,
         "train_loss": trainer.state.log_history[-1].get("train_loss"),
+        # orpo logs it (padding over all tokens laid out); TRL does not
+        "padding_fraction": next(
+            (h["padding_fraction"] for h in trainer.state.log_history if "padding_fraction" in h), None
+        ),
     }
 
 
@@ -202,6 +221,7 @@ def summarise(runs: list[dict]) -> dict:
         out[f"best_{key}"] = better(r[key] for r in runs)
         out[f"median_{key}"] = statistics.median(r[key] for r in runs)
     out["median_peak_increase_mib"] = statistics.median(r["peak_increase_mib"] for r in runs)
+    out["padding_fraction"] = runs[0].get("padding_fraction")
     return out
 
 
@@ -218,7 +238,7 @@ def main() -> None:
         "--impls",
         nargs="+",
         default=["orpo", "trl"],
-        choices=["orpo", "orpo-packed", "orpo-shared", "trl"],
+        choices=[*ORPO_VARIANTS, "trl"],
         help="trainers to compare (default: orpo trl); ratios are against the last one",
     )
     parser.add_argument("--check-loss", action="store_true", help="also compare the loss on the same batch")
@@ -270,12 +290,15 @@ def main() -> None:
 def print_result(key: str, result: dict, repeats: int) -> None:
     impls = [name for name in result if name not in ("scenario", "loss_check")]
     print(f"\n{key}: {repeats} alternating runs each")
-    print(f"{'':>12} {'best s':>8} {'median s':>9} {'tokens/s':>9} {'samples/s':>10} {'peak MiB':>9}")
+    print(
+        f"{'':>16} {'best s':>8} {'median s':>9} {'tokens/s':>9} {'samples/s':>10} {'peak MiB':>9} {'padding':>8}"
+    )
     for name in impls:
         s = result[name]
+        padding = "-" if s.get("padding_fraction") is None else f"{s['padding_fraction']:.1%}"
         print(
-            f"{name:>12} {s['best_seconds']:>8.2f} {s['median_seconds']:>9.2f} {s['best_tokens_per_s']:>9.0f} "
-            f"{s['best_samples_per_s']:>10.2f} {s['median_peak_increase_mib']:>9.0f}"
+            f"{name:>16} {s['best_seconds']:>8.2f} {s['median_seconds']:>9.2f} {s['best_tokens_per_s']:>9.0f} "
+            f"{s['best_samples_per_s']:>10.2f} {s['median_peak_increase_mib']:>9.0f} {padding:>8}"
         )
     base_name = impls[-1]
     base = result[base_name]

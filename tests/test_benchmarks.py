@@ -43,13 +43,28 @@ def test_bench_head_micro_all_variants_agree_on_the_loss(tmp_path):
     importlib.util.find_spec("trl") is None, reason="trl is not installed (pip install -e '.[test]')"
 )
 def test_bench_vs_trl_micro_runs_both_trainers_and_the_losses_agree(tmp_path):
+    orpo_variants = ["orpo-padded-full", "orpo-padded", "orpo-packed", "orpo-shared", "orpo"]
     result, stdout = run(
-        "bench_vs_trl.py", "--scenario", "micro", "--repeats", "1", "--check-loss", tmp_path=tmp_path
+        "bench_vs_trl.py",
+        "--scenario",
+        "micro",
+        "--repeats",
+        "1",
+        "--check-loss",
+        "--impls",
+        *orpo_variants,
+        "trl",
+        tmp_path=tmp_path,
     )
     micro = result["results"]["micro (vocab 1000)"]
-    for impl in ("orpo", "trl"):
+    for impl in (*orpo_variants, "trl"):
         assert micro[impl]["best_tokens_per_s"] > 0
         assert len(micro[impl]["runs"]) == 1
+    # The ablation's variants train on the same batches: layouts and head change the cost, not the loss.
+    losses = [micro[impl]["runs"][0]["train_loss"] for impl in orpo_variants]
+    assert max(losses) - min(losses) <= 1e-4 * abs(losses[0])
+    fractions = {impl: micro[impl]["padding_fraction"] for impl in orpo_variants}
+    assert fractions["orpo-padded"] >= fractions["orpo-packed"] and fractions["orpo-padded"] > fractions["orpo"]
     # Same model, same batch, orpo with nll_include_prompt=True: TRL's objective, to fp32 rounding.
     assert micro["loss_check"]["relative_difference"] <= 1e-5
     assert "speed orpo/TRL" in stdout
