@@ -48,18 +48,29 @@ class Scenario:
     batch: int = 4
     steps: int = 12
     max_length: int = 2048
+    # max_tokens_per_batch of the "orpo-budget" variant: about the real tokens of `batch` pairs, so its
+    # one epoch over the same rows takes about as many (length-grouped) steps
+    token_budget: int = 1024
     extra: dict = field(default_factory=dict)
 
 
 SCENARIOS = {
     "small-vocab": Scenario([32_000]),
     "large-vocab": Scenario([151_936, 128_256], layers=2, steps=8),
-    "long-prompt": Scenario([32_000], prompt=(512, 1024), steps=8),
+    "long-prompt": Scenario([32_000], prompt=(512, 1024), steps=8, token_budget=4096),
     # Most rows short, a few near max_length, as real chat data is.
     "skewed": Scenario(
-        [32_000], prompt=(16, 1024), response=(16, 512), skewed=True, steps=12, max_length=1536
+        [32_000],
+        prompt=(16, 1024),
+        response=(16, 512),
+        skewed=True,
+        steps=12,
+        max_length=1536,
+        token_budget=1280,
     ),
-    "micro": Scenario([1000], hidden=32, layers=1, prompt=(4, 12), response=(4, 12), batch=2, steps=3),
+    "micro": Scenario(
+        [1000], hidden=32, layers=1, prompt=(4, 12), response=(4, 12), batch=2, steps=3, token_budget=64
+    ),
 }
 
 
@@ -94,6 +105,7 @@ ORPO_VARIANTS = {
     "orpo-padded": (False, False, True),
     "orpo-packed": (True, False, True),
     "orpo-shared": (False, True, True),
+    "orpo-budget": (None, None, True),  # the default plus max_tokens_per_batch (length-grouped batches)
 }
 
 
@@ -136,7 +148,10 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
         from orpo import ORPOConfig, ORPOTrainer
 
         padding_free, prefix_sharing, chunked_head = ORPO_VARIANTS[impl]
+        if impl == "orpo-budget":  # one epoch over the same rows, in budget-sized batches
+            common.update(max_steps=-1, num_train_epochs=1, logging_steps=1000)
         args = ORPOConfig(
+            max_tokens_per_batch=scenario.token_budget if impl == "orpo-budget" else None,
             padding_free=padding_free,
             prefix_sharing=prefix_sharing,
             orpo_alpha=ALPHA,
