@@ -4,7 +4,7 @@
 
 For each seed it runs the whole ``orpo quickstart`` (both trainings, evaluation, generation) and prints
 the held-out numbers side by side with a pass/fail per target:
-ORPO reward accuracy >= 0.95; SFT-only accuracy lower; ORPO's rejected log-prob lower than SFT's; ORPO's
+ORPO reward accuracy >= 0.95; SFT-only accuracy lower by at least 0.2; ORPO's rejected log-prob lower than SFT's; ORPO's
 margin larger; ORPO exact match >= 0.5; wall time <= 150 s.
 """
 
@@ -21,7 +21,8 @@ def check(comparison: dict, wall: float) -> dict[str, bool]:
     orpo, sft = comparison["orpo"], comparison["sft"]
     return {
         "orpo accuracy >= 0.95": orpo["eval_rewards/accuracies"] >= 0.95,
-        "sft accuracy lower": sft["eval_rewards/accuracies"] < orpo["eval_rewards/accuracies"],
+        "sft accuracy visibly lower (by >= 0.2)": sft["eval_rewards/accuracies"]
+        <= orpo["eval_rewards/accuracies"] - 0.2,
         "orpo rejected logp lower": orpo["eval_logps/rejected"] < sft["eval_logps/rejected"],
         "orpo margin larger": orpo["eval_rewards/margins"] > sft["eval_rewards/margins"],
         "orpo exact match >= 0.5": orpo["exact_match"] >= 0.5,

@@ -1,11 +1,19 @@
 """Generate the shipped quickstart data (src/orpo/demo/train.jsonl, test.jsonl), deterministically.
 
-Task: reverse a word of 3-5 random lowercase letters. ``chosen`` is the reversal; ``rejected`` is a
-near miss of it — two adjacent letters swapped — so the pair shares most tokens, the case ORPO
-exists for (SFT on the chosen answer raises the probability of such answers too). Held-out words
-never occur in the training split. Run from the repository root:
-``python scripts/build_demo_data.py``; the output is committed and a test checks that rerunning
-this script reproduces it byte for byte.
+Task: reverse a word of 3-5 random lowercase letters. Answers come in three qualities, each a near miss
+of the next (one token apart, so a pair shares most tokens — the case ORPO exists for):
+
+- best: the reversal, ``smqjb`` -> ``bjqms``;
+- flawed: the reversal with an unwanted trailing mark, ``bjqms!`` (a style flaw);
+- worse: two marks, ``bjqms!!``.
+
+Like real preference data, the chosen answers are not all perfect: half the training pairs prefer best
+over flawed, the other half flawed over worse. SFT on the chosen answers therefore learns to add the mark
+half the time — it cannot tell a flaw it was shown as "chosen" from the right answer — while the
+preferences rank best > flawed > worse. Every held-out pair is best (chosen) vs flawed (rejected), and
+held-out words never occur in the training split. Run from the repository root:
+``python scripts/build_demo_data.py``; the output is committed and a test checks that rerunning this
+script reproduces it byte for byte.
 """
 
 from __future__ import annotations
@@ -21,19 +29,15 @@ TEST_PAIRS = 200
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def near_miss(answer: str, rng: random.Random) -> str:
-    """``answer`` with two adjacent, different letters swapped (never equal to ``answer``)."""
-    positions = [i for i in range(len(answer) - 1) if answer[i] != answer[i + 1]]
-    if not positions:  # every letter the same: change one instead
-        i = rng.randrange(len(answer))
-        return answer[:i] + rng.choice(LETTERS.replace(answer[i], "")) + answer[i + 1 :]
-    i = rng.choice(positions)
-    return answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
+FLAW = "!"  # an unwanted trailing mark: a style flaw, one token off the right answer
 
 
-def make_pair(word: str, rng: random.Random) -> dict:
-    answer = word[::-1]
-    return {"prompt": f"rev {word}=", "chosen": answer, "rejected": near_miss(answer, rng)}
+def make_pair(word: str, prefer_best: bool) -> dict:
+    best = word[::-1]
+    flawed = best + FLAW
+    worse = flawed + FLAW
+    chosen, rejected = (best, flawed) if prefer_best else (flawed, worse)
+    return {"prompt": f"rev {word}=", "chosen": chosen, "rejected": rejected}
 
 
 def generate(seed: int = SEED) -> tuple[list[dict], list[dict]]:
@@ -45,8 +49,11 @@ def generate(seed: int = SEED) -> tuple[list[dict], list[dict]]:
         if word not in seen:
             seen.add(word)
             words.append(word)
-    pairs = [make_pair(word, rng) for word in words]
-    return pairs[:TRAIN_PAIRS], pairs[TRAIN_PAIRS:]
+    kinds = [True, False] * (TRAIN_PAIRS // 2)  # half best > flawed, half flawed > worse
+    rng.shuffle(kinds)
+    train = [make_pair(word, kind) for word, kind in zip(words[:TRAIN_PAIRS], kinds, strict=True)]
+    test = [make_pair(word, True) for word in words[TRAIN_PAIRS:]]
+    return train, test
 
 
 def write(out_dir: Path) -> None:

@@ -65,7 +65,9 @@ def test_bench_vs_trl_micro_runs_both_trainers_and_the_losses_agree(tmp_path):
     losses = [micro[impl]["runs"][0]["train_loss"] for impl in orpo_variants]
     assert max(losses) - min(losses) <= 1e-4 * abs(losses[0])
     fractions = {impl: micro[impl]["padding_fraction"] for impl in (*orpo_variants, "orpo-budget")}
-    assert fractions["orpo-padded"] >= fractions["orpo-packed"] and fractions["orpo-padded"] > fractions["orpo"]
+    assert (
+        fractions["orpo-padded"] >= fractions["orpo-packed"] and fractions["orpo-padded"] > fractions["orpo"]
+    )
     assert fractions["orpo-budget"] < fractions["orpo"]  # length-grouped batches pad less
     # Same model, same batch, orpo with nll_include_prompt=True: TRL's objective, to fp32 rounding.
     assert micro["loss_check"]["relative_difference"] <= 1e-5

@@ -44,10 +44,24 @@ def test_demo_pairs_are_near_misses_and_held_out_prompts_are_new():
     assert len(train) >= 2000 and len(test) >= 200
     for row in list(train) + list(test):
         assert row["chosen"] != row["rejected"]
-        assert len(row["chosen"]) == len(row["rejected"])
         assert edit_distance(row["chosen"], row["rejected"]) <= 2
-        assert row["chosen"] == row["prompt"][len("rev ") : -1][::-1]
     assert not set(train["prompt"]) & set(test["prompt"])
+
+
+def test_demo_preferences_rank_best_over_flawed_over_worse():
+    """Half the training pairs prefer the reversal over the reversal with a trailing '!', half that
+    flawed answer over '!!'; every held-out pair is the reversal over the flawed answer."""
+    train, test = load_demo_dataset("train"), load_demo_dataset("test")
+    kinds = []
+    for row in train:
+        best = row["prompt"][len("rev ") : -1][::-1]
+        pair = (row["chosen"], row["rejected"])
+        assert pair in ((best, best + "!"), (best + "!", best + "!!")), row
+        kinds.append(pair[0] == best)
+    assert kinds.count(True) == kinds.count(False) == len(train) // 2
+    for row in test:
+        best = row["prompt"][len("rev ") : -1][::-1]
+        assert (row["chosen"], row["rejected"]) == (best, best + "!")
 
 
 @pytest.fixture(scope="module")
