@@ -51,5 +51,15 @@ def test_deepspeed_accepts_the_zero_config(name):
     plugin = DeepSpeedPlugin(
         **{k: v for k, v in config.deepspeed_config.items() if k != "deepspeed_multinode_launcher"}
     )
-    json.dumps(plugin.deepspeed_config)  # a complete, serialisable DeepSpeed config
-    assert plugin.deepspeed_config["zero_optimization"]["stage"] == config.deepspeed_config["zero_stage"]
+    ds_config = json.loads(json.dumps(plugin.deepspeed_config))  # a complete, serialisable DeepSpeed config
+    assert ds_config["zero_optimization"]["stage"] == config.deepspeed_config["zero_stage"]
+    # DeepSpeed's own parser accepts it once the "auto" values are filled in, as accelerate does from the
+    # training arguments (here: 1 process x 4 pairs x 2 accumulation steps)
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    filled = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}
+    filled["gradient_clipping"] = 1.0
+    ds_config.update({key: value for key, value in filled.items() if ds_config.get(key) == "auto"})
+    parsed = DeepSpeedConfig(ds_config)
+    assert parsed.zero_optimization_stage == config.deepspeed_config["zero_stage"]
+    assert parsed.train_batch_size == 8
