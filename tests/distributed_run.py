@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens_per_batch")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP full shard (FSDP2)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -54,6 +55,11 @@ def main() -> None:
         activation_checkpointing=args.gradient_checkpointing,
         dataloader_num_workers=0,
         max_tokens_per_batch=args.max_tokens,
+        **(
+            {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}}
+            if args.fsdp
+            else {}
+        ),
     )
     trainer = ORPOTrainer(
         model=make_model(seed=3),
@@ -70,6 +76,7 @@ def main() -> None:
         ]
         Path(args.out, "history.json").write_text(json.dumps(history, indent=1))
         Path(args.out, "world_size.txt").write_text(str(int(os.environ.get("WORLD_SIZE", "1"))))
+        Path(args.out, "head.txt").write_text("model" if trainer._head_plan is None else "chunked")
 
     # Clean shutdown (torch 2.13 + gloo): leaving teardown to interpreter exit aborts some runs, and
     # destroying the process group while the trainer still holds references hangs some; release

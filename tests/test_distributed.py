@@ -77,3 +77,12 @@ def test_token_budget_batches_split_across_processes(tmp_path):
     one = launch(tmp_path, "one", 1, 1, 2, 3, "--max-tokens", "150")
     two = launch(tmp_path, "two", 2, 1, 1, 3, "--max-tokens", "150")
     assert_same_run(one, two)
+
+
+def test_fsdp2_with_the_chunked_head_equals_one_process(tmp_path):
+    """FSDP2 full shard over 2 processes: the chunked head sees the whole (unsharded) head weight and its
+    gradient reaches FSDP's reduce-scatter, so the run equals 1 process with the same global batch."""
+    one = launch(tmp_path, "one", processes=1, batch=4)
+    fsdp = launch(tmp_path, "fsdp", 2, 2, 1, 3, "--fsdp")
+    assert (tmp_path / "fsdp" / "head.txt").read_text() == "chunked"
+    assert_same_run(one, fsdp)

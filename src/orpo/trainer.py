@@ -455,12 +455,10 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
     def _resolve_head(self, model, inputs) -> HeadPlan | None:
         """Find the separable head once, and check it against the model's own logits on a few
         tokens of the first batch; any mismatch falls back to full logits with a warning."""
-        if self._parameters_sharded():
-            # FSDP / ZeRO-3 gather the head's weight only inside the model's forward; computing the
-            # head outside it would see a shard. The model's own head is exact, at full-logits memory.
-            logger.info(
-                "sharded parameters (FSDP or DeepSpeed ZeRO-3): computing the LM head inside the model"
-            )
+        if self._head_weight_partitioned():
+            # FSDP1 / ZeRO-3 hold only a shard of the head's weight outside the model's forward; computing
+            # the head there would see a shard. The model's own head is exact, at full-logits memory.
+            logger.info("FSDP1 or DeepSpeed ZeRO-3: computing the LM head inside the model")
             return None
         unwrapped = self.accelerator.unwrap_model(model)
         plan = head_plan_for(unwrapped)
@@ -482,7 +480,14 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         try:
             with torch.no_grad():
                 reference, _ = full_target_logprobs(model(**check, use_cache=False).logits[0, :-1], targets)
-                ours, _ = self._chunked_logprobs(model, plan, check, positions, targets)
+                try:
+                    ours, _ = self._chunked_logprobs(model, plan, check, positions, targets)
+                except RuntimeError as err:  # e.g. a head weight an engine left sharded after the forward
+                    warnings.warn(
+                        f"the LM head cannot be computed outside the model ({err}); computing full logits",
+                        stacklevel=2,
+                    )
+                    return None
         finally:
             model.train(was_training)
         # bf16/fp16 logits (a half-precision head, or autocast) differ from an fp32 reference by
@@ -500,12 +505,25 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         return plan
 
     def _parameters_sharded(self) -> bool:
+        """FSDP or DeepSpeed ZeRO-3: the engine shards parameters, and the model only runs once prepared."""
         if getattr(self, "is_fsdp_enabled", False):
             return True
+        return self._zero3()
+
+    def _zero3(self) -> bool:
         plugin = (
             getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
         )
         return plugin is not None and plugin.zero_stage == 3
+
+    def _head_weight_partitioned(self) -> bool:
+        """Whether the LM head's weight is only a shard once the model's forward has returned: so under
+        FSDP1 (flat parameters) and ZeRO-3. FSDP2 keeps the root module's parameters, the head's among
+        them, unsharded from the forward until the backward, so the chunked head sees the whole weight
+        and its gradient reaches FSDP's reduce-scatter (tests: 2 processes == 1 process)."""
+        if getattr(self, "is_fsdp_enabled", False) and not getattr(self.accelerator, "is_fsdp2", False):
+            return True
+        return self._zero3()
 
     def _head_inputs(self, model, plan: HeadPlan, inputs, positions):
         """Run the model body and return ``(hidden [N, H], weight, bias)`` for the scored positions,
