@@ -45,7 +45,7 @@ def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys
     assert state["global_step"] == 3
     saved = yaml.safe_load((out / "orpo_config.yaml").read_text())
     assert saved["max_steps"] == 3 and saved["learning_rate"] == 1e-3  # overrides win over the file
-    assert saved["orpo_alpha"] == 0.5  # from the file
+    assert saved["orpo_alpha"] == 1.0  # from the file
     printed = capsys.readouterr().out
     assert (
         "resolved config:" in printed
@@ -190,3 +190,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, capsys, monkey
     monkeypatch.setattr(ORPOTrainer, "training_step", real_step)
     assert main([*argv, "--resume"]) == 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_qlora_example_asks_for_a_4bit_base():
+    run = resolve(read_config_file(ROOT / "examples" / "qlora-7b.yaml"))
+    assert run.args.model_init_kwargs["load_in_4bit"] is True
+    assert run.peft["r"] == 16

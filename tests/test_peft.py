@@ -37,6 +37,8 @@ def test_lora_trains_only_the_adapter_and_merge_equals_base_plus_adapter(tmp_pat
     trainer.train()
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+    # the adapter did train (lora_B starts at zero), so the merge check below compares something
+    assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
     for name, param in trainer.model.get_base_model().named_parameters():
         if "lora_" not in name and "base_layer" not in name:
             assert torch.equal(param, before[name]), name
@@ -57,3 +59,95 @@ def test_lora_trains_only_the_adapter_and_merge_equals_base_plus_adapter(tmp_pat
 def test_merge_without_adapter_is_a_clear_error(tmp_path, capsys):
     assert main(["merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+# ---- QLoRA: a 4-bit base (bitsandbytes' 4-bit layers run on CPU too) -------------------------------
+
+
+def _saved_base(tmp_path, tokenizer):
+    from orpo.demo import tiny_model
+
+    base_dir = tmp_path / "base"
+    # the demo model (hidden 64): bitsandbytes' CPU inference path needs layers at least a 64-block wide
+    tiny_model(seed=2).save_pretrained(str(base_dir))
+    tokenizer.save_pretrained(str(base_dir))
+    return base_dir
+
+
+def _qlora_args(tmp_path, **kwargs):
+    return ORPOConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        model_init_kwargs={"load_in_4bit": True},
+        logging_steps=1,
+        **kwargs,
+    )
+
+
+def test_qlora_trains_a_4bit_base_through_the_adapter(tmp_path, tokenizer):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from datasets import Dataset
+
+    base_dir = _saved_base(tmp_path, tokenizer)
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    trainer = ORPOTrainer(
+        model=str(base_dir),
+        args=_qlora_args(tmp_path, activation_checkpointing=True),
+        train_dataset=Dataset.from_list(toy_rows(16)),
+        tokenizer=tokenizer,
+        peft_config=lora,
+    )
+    base = trainer.model.get_base_model()
+    assert isinstance(base.model.layers[0].mlp.gate_proj, bnb.nn.Linear4bit)  # the base really is 4-bit
+    quantized = {n: p.detach().clone() for n, p in base.named_parameters() if "lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert trainer._head_plan is not None  # the head (not quantized) still runs chunked
+    for name, param in base.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, quantized[name]), name  # frozen
+    assert any(
+        not torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if "lora_B" in n
+    )
+    adapter_dir = tmp_path / "adapter"
+    trainer.save_model(str(adapter_dir))
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+    assert not (adapter_dir / "model.safetensors").exists()  # only the adapter is saved
+
+
+def test_a_4bit_model_without_an_adapter_is_a_clear_error(tmp_path, tokenizer):
+    pytest.importorskip("bitsandbytes")
+    from datasets import Dataset
+
+    from orpo.errors import OrpoError
+
+    with pytest.raises(OrpoError, match="loaded in 4-bit or 8-bit.*train an adapter"):
+        ORPOTrainer(
+            model=str(_saved_base(tmp_path, tokenizer)),
+            args=_qlora_args(tmp_path),
+            train_dataset=Dataset.from_list(toy_rows(4)),
+            tokenizer=tokenizer,
+        )
+
+
+def test_load_in_4bit_without_bitsandbytes_says_what_to_install(tmp_path, tokenizer, monkeypatch):
+    import importlib.util
+
+    from orpo.errors import OrpoError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(OrpoError, match=r"load_in_4bit needs bitsandbytes.*pip install 'orpo\[qlora\]'"):
+        ORPOTrainer(
+            model=str(_saved_base(tmp_path, tokenizer)), args=_qlora_args(tmp_path), tokenizer=tokenizer
+        )

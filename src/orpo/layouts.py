@@ -10,6 +10,7 @@ restarting ``position_ids`` or a 4D mask is caught before it trains on a wrong l
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +139,24 @@ def model_inputs(batch: dict, config, dtype: torch.dtype) -> dict:
     return kwargs
 
 
+@contextlib.contextmanager
+def check_mode(model):
+    """Eval mode without gradients, for the one-off checks that run the model beside training.
+
+    Except for bitsandbytes-quantized models on CPU: their first eval-mode forward without gradients
+    repacks the 4-bit weights for a CPU inference kernel, after which (bitsandbytes 0.50) no gradient
+    reaches the LoRA adapters any more. Those keep training mode (dropout is off by default)."""
+    parameter = next(model.parameters())
+    quantized_on_cpu = bool(getattr(model, "is_quantized", False)) and parameter.device.type == "cpu"
+    was_training = model.training
+    model.train(quantized_on_cpu)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def _probe_feature(feature: dict) -> dict:
     """A short copy of a tokenized pair: the prompt's end, the responses' start."""
     return {
@@ -198,22 +217,15 @@ def layout_error(model, config, layout: Layout, feature: dict) -> float:
     compared = _compared_positions(
         layout, len(prompt), len(chosen), len(rejected), batch["input_ids"].shape[1]
     )
-    was_training = model.training
-    model.eval()
     error = 0.0
-    try:
-        with torch.no_grad():
-            logits = model(**model_inputs(batch, config, parameter.dtype), use_cache=False).logits
-            laid_out = logits.reshape(-1, logits.shape[-1]).float().log_softmax(-1)
-            for side, positions in compared.items():
-                ids = torch.tensor(
-                    [prompt + (chosen if side == "chosen" else rejected)], device=parameter.device
-                )
-                alone = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-                difference = laid_out[positions.to(parameter.device)] - alone[0].float().log_softmax(-1)
-                error = max(error, difference.abs().max().item())
-    finally:
-        model.train(was_training)
+    with check_mode(model):
+        logits = model(**model_inputs(batch, config, parameter.dtype), use_cache=False).logits
+        laid_out = logits.reshape(-1, logits.shape[-1]).float().log_softmax(-1)
+        for side, positions in compared.items():
+            ids = torch.tensor([prompt + (chosen if side == "chosen" else rejected)], device=parameter.device)
+            alone = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+            difference = laid_out[positions.to(parameter.device)] - alone[0].float().log_softmax(-1)
+            error = max(error, difference.abs().max().item())
     return error
 
 

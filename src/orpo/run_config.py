@@ -37,6 +37,15 @@ ALIASES = {
     "dataset": ("datasets", "shorthand"),
     "eval_dataset": ("eval_datasets", "shorthand"),
 }
+# Keys of the config's `model:` block passed on to from_pretrained (load_in_4bit/8bit: bitsandbytes).
+MODEL_INIT_KEYS = (
+    "dtype",
+    "attn_implementation",
+    "trust_remote_code",
+    "revision",
+    "load_in_4bit",
+    "load_in_8bit",
+)
 RUN_KEYS = ("model", "tokenizer", "chat_template", "datasets", "eval_datasets", "peft")
 # Keys other tools put in their configs that mean nothing here; ignored with a note.
 IGNORED = {
@@ -183,13 +192,7 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
         raise UsageError(
             "'model' must be a name/path or a mapping with 'name' (and dtype, attn_implementation, ...)"
         )
-    unknown_model_keys = set(model) - {
-        "name",
-        "dtype",
-        "attn_implementation",
-        "trust_remote_code",
-        "revision",
-    }
+    unknown_model_keys = set(model) - {"name", *MODEL_INIT_KEYS}
     if unknown_model_keys:
         raise UsageError(f"unknown keys under 'model': {sorted(unknown_model_keys)}")
     datasets = values.pop("datasets", None)
@@ -201,7 +204,14 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
     values.setdefault("output_dir", "orpo-output")
     values.setdefault("report_to", "none")
     init_kwargs = dict(values.pop("model_init_kwargs", None) or {})
-    for key in ("dtype", "attn_implementation", "trust_remote_code", "revision"):
+    for key in (
+        "dtype",
+        "attn_implementation",
+        "trust_remote_code",
+        "revision",
+        "load_in_4bit",
+        "load_in_8bit",
+    ):
         if key in model:
             init_kwargs[key] = model[key]
     values["model_init_kwargs"] = init_kwargs or None

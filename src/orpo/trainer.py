@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import warnings
 from collections import defaultdict
@@ -27,7 +28,7 @@ from transformers.trainer_utils import seed_worker
 
 from orpo.batching import TokenBudgetBatchSampler, pair_lengths
 from orpo.checkpoints import AtomicCheckpoints
-from orpo.config import ORPOConfig
+from orpo.config import ORPOConfig, bf16_supported
 from orpo.data import ROW_INDEX, TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
 from orpo.errors import OrpoError
 from orpo.formats import load_preference_data
@@ -35,6 +36,7 @@ from orpo.layouts import (
     PADDED,
     Layout,
     candidate_layouts,
+    check_mode,
     layout_error,
     model_inputs,
     tolerance,
@@ -96,13 +98,45 @@ def _dtype_from_name(value):
     return value
 
 
+def quantization_config(init_kwargs: dict):
+    """A ``BitsAndBytesConfig`` for ``load_in_4bit`` (QLoRA: NF4, double quantization) or ``load_in_8bit``
+    popped from ``init_kwargs``, or None. The 4-bit compute dtype is the model's dtype if one is given,
+    else bf16 where the hardware has it, else fp32."""
+    four, eight = bool(init_kwargs.pop("load_in_4bit", False)), bool(init_kwargs.pop("load_in_8bit", False))
+    if not (four or eight):
+        return None
+    if four and eight:
+        raise OrpoError("model: choose one of load_in_4bit and load_in_8bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise OrpoError(
+            f"load_in_{4 if four else 8}bit needs bitsandbytes, which is not installed: pip install 'orpo[qlora]'"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if not four:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = init_kwargs.get("dtype")
+    if not isinstance(compute, torch.dtype):
+        compute = torch.bfloat16 if bf16_supported() else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
 def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` with dtype names resolved; ``trust_remote_code``
-    stays off unless the caller passes it."""
+    """``AutoModelForCausalLM.from_pretrained`` with dtype names resolved and ``load_in_4bit`` /
+    ``load_in_8bit`` turned into a bitsandbytes quantization config; ``trust_remote_code`` stays off
+    unless the caller passes it."""
     kwargs = dict(init_kwargs or {})
     for key in ("dtype", "torch_dtype"):
         if key in kwargs:
             kwargs["dtype"] = _dtype_from_name(kwargs.pop(key))
+    quantization = quantization_config(kwargs)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     kwargs.setdefault("trust_remote_code", False)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
@@ -119,6 +153,11 @@ def load_tokenizer(name_or_path: str):
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise OrpoError(f"could not load a tokenizer from '{name_or_path}': {err}") from err
+
+
+def _is_quantized(model) -> bool:
+    """Loaded with a quantization config (bitsandbytes 4-/8-bit, GPTQ, ...): its weights are frozen."""
+    return bool(getattr(model, "is_quantized", False))
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -210,7 +249,12 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         if isinstance(model, str):
             model = load_causal_lm(model, args.model_init_kwargs)
         if peft_config is not None:
-            model = self._wrap_peft(model, peft_config)
+            model = self._wrap_peft(model, peft_config, args)
+        elif _is_quantized(model) and not hasattr(model, "peft_config"):
+            raise OrpoError(
+                "the model is loaded in 4-bit or 8-bit, whose weights cannot be trained directly: train an "
+                "adapter on it (QLoRA) with peft_config= or a 'peft:' block in the config"
+            )
         if model is not None and args.disable_dropout:
             disable_dropout(model)
         if tokenizer.pad_token_id is None:
@@ -287,13 +331,21 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         return tokenizer
 
     @staticmethod
-    def _wrap_peft(model, peft_config):
+    def _wrap_peft(model, peft_config, args: ORPOConfig):
+        """``get_peft_model``; a 4-/8-bit model is first prepared for adapter training (QLoRA): norms in
+        fp32, input gradients on for activation checkpointing."""
         try:
-            from peft import get_peft_model
+            from peft import get_peft_model, prepare_model_for_kbit_training
         except ImportError as err:
             raise OrpoError(
                 "peft_config was given but peft is not installed: pip install 'orpo[peft]'"
             ) from err
+        if _is_quantized(model):
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=bool(args.activation_checkpointing),
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
         return get_peft_model(model, peft_config)
 
     def _prepare_dataset(self, dataset, tokenizer, limits, args, name):
@@ -475,21 +527,16 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             return plan
         targets = check["input_ids"][0, 1:]
         positions = torch.arange(length - 1, device=targets.device)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                reference, _ = full_target_logprobs(model(**check, use_cache=False).logits[0, :-1], targets)
-                try:
-                    ours, _ = self._chunked_logprobs(model, plan, check, positions, targets)
-                except RuntimeError as err:  # e.g. a head weight an engine left sharded after the forward
-                    warnings.warn(
-                        f"the LM head cannot be computed outside the model ({err}); computing full logits",
-                        stacklevel=2,
-                    )
-                    return None
-        finally:
-            model.train(was_training)
+        with check_mode(model):
+            reference, _ = full_target_logprobs(model(**check, use_cache=False).logits[0, :-1], targets)
+            try:
+                ours, _ = self._chunked_logprobs(model, plan, check, positions, targets)
+            except RuntimeError as err:  # e.g. a head weight an engine left sharded after the forward
+                warnings.warn(
+                    f"the LM head cannot be computed outside the model ({err}); computing full logits",
+                    stacklevel=2,
+                )
+                return None
         # bf16/fp16 logits (a half-precision head, or autocast) differ from an fp32 reference by
         # rounding alone; an unknown logit transform differs by far more.
         low_precision = plan.head.weight.dtype != torch.float32 or self.args.bf16 or self.args.fp16
