@@ -51,6 +51,14 @@ class Scenario:
     # max_tokens_per_batch of the "orpo-budget" variant: about the real tokens of `batch` pairs, so its
     # one epoch over the same rows takes about as many (length-grouped) steps
     token_budget: int = 1024
+    # model shape beyond hidden/layers (None: derived from hidden as before)
+    model_type: str = "llama"
+    intermediate: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    tie: bool = False
+    gpu: bool = False  # bf16 on a CUDA device; timing excludes `warmup` steps; MFU reported
+    warmup: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -67,6 +75,24 @@ SCENARIOS = {
         steps=12,
         max_length=1536,
         token_budget=1280,
+    ),
+    # Issue 9's GPU check: a Qwen2-0.5B-shaped model (random init), bf16, sdpa, chat-like lengths.
+    "gpu-0.5b": Scenario(
+        [151_936],
+        hidden=896,
+        layers=24,
+        model_type="qwen2",
+        intermediate=4864,
+        heads=14,
+        kv_heads=2,
+        tie=True,
+        prompt=(256, 768),
+        response=(64, 384),
+        batch=8,
+        steps=25,
+        warmup=5,
+        token_budget=16384,
+        gpu=True,
     ),
     "micro": Scenario(
         [1000], hidden=32, layers=1, prompt=(4, 12), response=(4, 12), batch=2, steps=3, token_budget=64
@@ -115,16 +141,18 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
 
     from orpo.demo import demo_tokenizer, tiny_model
 
+    heads = scenario.heads or max(1, scenario.hidden // 64)
     model = tiny_model(
         seed=seed,
+        model_type=scenario.model_type,
         vocab_size=vocab,
         hidden_size=scenario.hidden,
-        intermediate_size=scenario.hidden * 8 // 3,
+        intermediate_size=scenario.intermediate or scenario.hidden * 8 // 3,
         num_hidden_layers=scenario.layers,
-        num_attention_heads=max(1, scenario.hidden // 64),
-        num_key_value_heads=max(1, scenario.hidden // 64),
+        num_attention_heads=heads,
+        num_key_value_heads=scenario.kv_heads or heads,
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
+        tie_word_embeddings=scenario.tie,
     )
     tokenizer = demo_tokenizer()
     common = dict(
@@ -138,7 +166,7 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
         report_to="none",
         disable_tqdm=True,
         seed=seed,
-        bf16=False,
+        bf16=scenario.gpu,
         gradient_checkpointing=False,
         max_length=scenario.max_length,
         dataloader_num_workers=0,
@@ -171,21 +199,53 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
     return TRLTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
+# bf16 dense peak of the H100 / H200 (SXM) tensor cores, for MFU.
+PEAK_BF16_FLOPS = 989e12
+
+
+def processed_tokens(impl: str, rows: list[dict]) -> int:
+    """Real (non-padding) tokens an implementation runs through the model: each prompt once in the
+    shared-prefix layouts, twice otherwise (+1 EOS per response)."""
+    shared = impl in ("orpo", "orpo-shared", "orpo-budget")
+    prompts = sum(len(r["prompt"]) for r in rows) * (1 if shared else 2)
+    return prompts + sum(len(r["chosen"]) + len(r["rejected"]) + 2 for r in rows)
+
+
+def model_flops_per_token(model, mean_length: float) -> float:
+    """6N (forward + backward of every parameter; N counts the tied embedding once, which stands for
+    the LM head's matmul) + 12 * layers * hidden * T for attention (DESIGN.md section 4)."""
+    config = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * mean_length
+
+
 def train_once(impl: str, scenario: Scenario, vocab: int) -> dict:
     """One measured run, in this (child) process."""
     import torch
+    from transformers import TrainerCallback
 
     torch.set_num_threads(torch.get_num_threads())
     rows = make_rows(scenario, scenario.steps * scenario.batch)
     tokens = sum(2 * len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]) + 2 for r in rows)
+    step_ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step_ends.append(time.perf_counter())
+
     with tempfile.TemporaryDirectory() as out:
         trainer = build(impl, scenario, vocab, out, rows)
+        trainer.add_callback(StepClock())
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
+    result = {
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "samples_per_s": len(rows) / seconds,
@@ -196,6 +256,24 @@ def train_once(impl: str, scenario: Scenario, vocab: int) -> dict:
             (h["padding_fraction"] for h in trainer.state.log_history if "padding_fraction" in h), None
         ),
     }
+    if scenario.gpu and torch.cuda.is_available():
+        # Steady state: the steps after the warm-up ones, at the mean tokens per step.
+        measured = len(step_ends) - scenario.warmup
+        steady = (step_ends[-1] - step_ends[scenario.warmup - 1]) if scenario.warmup else seconds
+        fraction = measured / len(step_ends)
+        processed = processed_tokens(impl, rows)
+        sequences = 2 * len(rows)
+        mean_length = processed / (len(rows) if impl in ("orpo", "orpo-shared", "orpo-budget") else sequences)
+        flops = model_flops_per_token(trainer.model, mean_length)
+        result.update(
+            steady_seconds=steady,
+            steady_tokens_per_s=tokens * fraction / steady,
+            steady_processed_tokens_per_s=processed * fraction / steady,
+            mfu=processed * fraction / steady * flops / PEAK_BF16_FLOPS,
+            peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20,
+            device=torch.cuda.get_device_name(),
+        )
+    return result
 
 
 def check_loss(scenario: Scenario, vocab: int) -> dict:
@@ -237,6 +315,10 @@ def summarise(runs: list[dict]) -> dict:
         out[f"median_{key}"] = statistics.median(r[key] for r in runs)
     out["median_peak_increase_mib"] = statistics.median(r["peak_increase_mib"] for r in runs)
     out["padding_fraction"] = runs[0].get("padding_fraction")
+    if runs[0].get("mfu") is not None:  # GPU: the best steady-state run
+        best = max(runs, key=lambda r: r["steady_tokens_per_s"])
+        for key in ("steady_tokens_per_s", "steady_processed_tokens_per_s", "mfu", "peak_gpu_mib", "device"):
+            out[key] = best[key]
     return out
 
 
@@ -271,7 +353,8 @@ def main() -> None:
         return
     if importlib.util.find_spec("trl") is None:
         sys.exit("TRL is not installed: pip install -e '.[bench]'")
-    names = [n for n in SCENARIOS if n != "micro"] if args.all else (args.scenario or ["small-vocab"])
+    cpu_scenarios = [n for n, sc in SCENARIOS.items() if n != "micro" and not sc.gpu]
+    names = cpu_scenarios if args.all else (args.scenario or ["small-vocab"])
     results = {}
     for name in names:
         scenario = SCENARIOS[name]
@@ -326,6 +409,14 @@ def print_result(key: str, result: dict, repeats: int) -> None:
             f"speed {name}/{label} {speed:.2f}x (best), median {base['median_seconds'] / ours['median_seconds']:.2f}x; "
             f"peak memory increase {name}/{label} {memory:.2f}"
         )
+    if result[impls[0]].get("mfu") is not None:
+        print(f"GPU ({result[impls[0]]['device']}), steady state after the warm-up steps:")
+        for name in impls:
+            g = result[name]
+            print(
+                f"{name:>16} {g['steady_tokens_per_s']:>9.0f} tokens/s  {g['mfu']:>6.1%} MFU  "
+                f"peak GPU memory {g['peak_gpu_mib']:>8.0f} MiB"
+            )
     if "loss_check" in result:
         check = result["loss_check"]
         print(
