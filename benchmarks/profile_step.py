@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_trl import SCENARIOS, build, make_rows  # noqa: E402
+from bench_vs_trl import ORPO_VARIANTS, SCENARIOS, build, make_rows  # noqa: E402
 
 
 class ProfileSteps(TrainerCallback):
@@ -43,7 +43,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="large-vocab")
-    parser.add_argument("--impl", choices=["orpo", "trl"], default="orpo")
+    parser.add_argument("--impl", choices=[*ORPO_VARIANTS, "trl"], default="orpo")
     parser.add_argument("--vocab", type=int, help="default: the scenario's first vocabulary size")
     parser.add_argument("--steps", type=int, default=3, help="profiled optimizer steps (after one warm-up)")
     parser.add_argument("--rows", type=int, default=15, help="operators to show")
@@ -58,7 +58,11 @@ def main() -> None:
         trainer.train()
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(f"{args.impl} on {args.scenario} (vocab {vocab}), {args.steps} profiled optimizer steps")
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
+    events = prof.key_averages()
+    print(events.table(sort_by=sort, row_limit=args.rows))
+    if torch.cuda.is_available():  # GPU-bound or waiting on the host?
+        busy = sum(e.self_device_time_total for e in events) / 1e6
+        print(f"GPU busy {busy:.2f} s of the profiled steps' kernels (compare with the steps' wall time)")
 
 
 if __name__ == "__main__":
