@@ -94,12 +94,13 @@ def _backprop_chunk(grad_logits, g, targets, capped, h, weight, start, grads) ->
     grad_logits.scatter_add_(1, targets[:, None], g[:, None])
     if capped is not None:  # d (cap·tanh(z/cap)) / dz = 1 - tanh²
         grad_logits.mul_(1.0 - capped * capped)
+    # Both matmuls in the head's dtype, as the model's own head backward would run: on bf16 hardware
+    # that is the tensor cores (an fp32 [V, chunk] @ [chunk, H] is several times slower there).
+    low = grad_logits.to(weight.dtype)
     if grad_hidden is not None:
-        grad_hidden[start : start + h.shape[0]] = (grad_logits.to(weight.dtype) @ weight).to(
-            grad_hidden.dtype
-        )
+        grad_hidden[start : start + h.shape[0]] = (low @ weight).to(grad_hidden.dtype)
     if grad_weight is not None:
-        grad_weight.add_(grad_logits.T @ h.to(grad_weight.dtype))
+        grad_weight.add_(low.T @ h.to(weight.dtype))
     if grad_bias is not None:
         grad_bias.add_(grad_logits.sum(0))
 
