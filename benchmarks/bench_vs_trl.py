@@ -21,6 +21,7 @@ scenario's (only the first 259 ids ever appear as targets, which changes no cost
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -301,6 +302,7 @@ def check_loss(scenario: Scenario, vocab: int) -> dict:
 
 def run_child(mode: str, name: str, vocab: int) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--scenario", name, "--vocab", str(vocab)]
+    cmd += ["--batch", str(SCENARIOS[name].batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
@@ -340,9 +342,13 @@ def main() -> None:
     )
     parser.add_argument("--check-loss", action="store_true", help="also compare the loss on the same batch")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--batch", type=int, help="override the scenario's pairs per batch")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batch:
+        for name in args.scenario or []:
+            SCENARIOS[name] = dataclasses.replace(SCENARIOS[name], batch=args.batch)
     if args.child:
         scenario = SCENARIOS[args.scenario[0]]
         if args.child == "check-loss":
