@@ -9,6 +9,21 @@ from orpo.cli import main
 peft = pytest.importorskip("peft")
 
 
+def _args(tmp_path, **kwargs):
+    """3 steps of 4 pairs at a learning rate that moves a tiny adapter visibly."""
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+    )
+    return ORPOConfig(**{**base, **kwargs})
+
+
 def test_lora_trains_only_the_adapter_and_merge_equals_base_plus_adapter(tmp_path, tokenizer):
     from datasets import Dataset
 
@@ -18,15 +33,7 @@ def test_lora_trains_only_the_adapter_and_merge_equals_base_plus_adapter(tmp_pat
     tokenizer.save_pretrained(str(base_dir))
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    args = ORPOConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    args = _args(tmp_path)
     trainer = ORPOTrainer(
         model=str(base_dir),
         args=args,
@@ -75,18 +82,7 @@ def _saved_base(tmp_path, tokenizer):
 
 
 def _qlora_args(tmp_path, **kwargs):
-    return ORPOConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        model_init_kwargs={"load_in_4bit": True},
-        logging_steps=1,
-        **kwargs,
-    )
+    return _args(tmp_path, model_init_kwargs={"load_in_4bit": True}, **kwargs)
 
 
 def test_qlora_trains_a_4bit_base_through_the_adapter(tmp_path, tokenizer):

@@ -204,14 +204,7 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
     values.setdefault("output_dir", "orpo-output")
     values.setdefault("report_to", "none")
     init_kwargs = dict(values.pop("model_init_kwargs", None) or {})
-    for key in (
-        "dtype",
-        "attn_implementation",
-        "trust_remote_code",
-        "revision",
-        "load_in_4bit",
-        "load_in_8bit",
-    ):
+    for key in MODEL_INIT_KEYS:
         if key in model:
             init_kwargs[key] = model[key]
     values["model_init_kwargs"] = init_kwargs or None
