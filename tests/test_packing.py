@@ -268,3 +268,10 @@ def test_training_run(tmp_path, tokenizer, skewed_dataset, layout):
     )
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_without_data_to_check_on_the_default_is_padded(tokenizer, tmp_path):
+    args = ORPOConfig(output_dir=str(tmp_path / "out"), report_to="none", disable_tqdm=True)
+    assert ORPOTrainer(model=tiny("llama", "sdpa"), args=args, tokenizer=tokenizer).layout.description == (
+        "padded rows"
+    )

@@ -462,8 +462,9 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         # Sharded or not-yet-placed models (FSDP, DeepSpeed, model parallel) are checked on the first
         # batch, once the engine has prepared them, where a failure can only be an error: so there
         # only the layouts asked for explicitly run, and auto means padded.
+        # With no data row to check on (no dataset yet), likewise.
         defer = not self.place_model_on_device or self._parameters_sharded()
-        if defer:
+        if defer or row is None:
             candidates = candidate_layouts(bool(self.args.padding_free), bool(self.args.prefix_sharing))
         else:
             candidates = candidate_layouts(self.args.padding_free, self.args.prefix_sharing)
@@ -475,7 +476,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
                     option = "prefix_sharing" if layout.shared else "padding_free"
                     raise OrpoError(f"{reason}; set {option}: false or attn_implementation: sdpa")
                 continue
-            if row is None or layout == PADDED:
+            if layout == PADDED or row is None:
                 return layout
             if defer:
                 self._layout_unverified = True
@@ -487,7 +488,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             if last:
                 raise OrpoError(problem)
             warnings.warn(f"{problem}; trying the next layout", stacklevel=3)
-        raise AssertionError("unreachable: the candidates end with a layout that is always accepted")
+        raise AssertionError("unreachable: the last candidate either returns or raises")
 
     @staticmethod
     def _leak_message(config, layout: Layout, error: float) -> str:
