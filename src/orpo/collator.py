@@ -66,6 +66,9 @@ def _finish(batch: dict, features: list[dict], real_tokens: int) -> dict:
     (for the ``padding_fraction`` metric)."""
     batch["num_pairs"] = torch.tensor(len(features), dtype=torch.long)
     batch["num_tokens"] = torch.tensor(real_tokens, dtype=torch.long)
+    # Scored tokens per pair as plain ints: they stay on the host when the batch moves to the device,
+    # so the trainer can plan head chunks without a device-to-host sync.
+    batch["pair_sizes"] = tuple(torch.bincount(batch["score_pair"], minlength=len(features)).tolist())
     if all("row_index" in feature for feature in features):  # dataset rows, for error messages
         batch["row_index"] = torch.tensor([feature["row_index"] for feature in features], dtype=torch.long)
     return batch

@@ -61,6 +61,11 @@ _FUSED_MAX_CHUNKS = 4
 _HEAD_CHECK_TOKENS = 64
 
 
+def _num_pairs(inputs: dict) -> int:
+    """Pairs in a batch: from the collator's host-side ``pair_sizes`` (no device sync), else the tensor."""
+    return len(inputs["pair_sizes"]) if "pair_sizes" in inputs else int(inputs["num_pairs"])
+
+
 def _first_sequence(inputs: dict, max_tokens: int) -> dict:
     """The first sequence of a batch (at most ``max_tokens``), unpadded, as model inputs."""
     if "segment_ids" in inputs:  # shared prefix: the prompt and chosen tokens of the first row
@@ -289,6 +294,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         self._layout_unverified = False
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._nan_skipped = 0
+        self._step_losses: list = []  # (loss, dataset rows) of this optimizer step's micro-batches
         if args.nan_policy == "skip" and args.world_size > 1:
             raise OrpoError(
                 "nan_policy 'skip' works in single-process training only; use 'error' with several processes"
@@ -651,7 +657,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pair, chosen, response = inputs["score_pair"], inputs["score_chosen"], inputs["score_response"]
-        num_pairs = int(inputs["num_pairs"])
+        num_pairs = _num_pairs(inputs)
         # Per-micro-batch defaults are the batch's own counts; training passes the whole step's.
         normalizers = {
             "nll_normalizer": inputs.get("step_nll_tokens", chosen.sum().clamp(min=1)),
@@ -678,8 +684,11 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             logps, mean_logits = self.scored_logprobs(model, inputs)
             loss, stats = loss_of(logps, pair, chosen, response, num_pairs)
         skipped = False
-        if model.training and not self._all_finite(loss):
-            loss, skipped = self._non_finite_loss(model, loss, inputs), True
+        if model.training and self.args.nan_policy == "skip":
+            if not self._all_finite(loss):  # must be known before the backward: a host sync
+                loss, skipped = self._skip_non_finite(loss, inputs), True
+        elif model.training:  # checked once per optimizer step, with the gradient norm (no extra sync)
+            self._step_losses.append((loss.detach(), inputs.get(ROW_INDEX)))
         if "step_pairs" in inputs and self.accelerator.num_processes > 1:
             # Normalised by global counts, but DDP averages gradients over processes: undo that.
             loss = loss * self.accelerator.num_processes
@@ -695,25 +704,44 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
         return bool(finite == 1)
 
-    def _non_finite_loss(self, model, loss, inputs):
-        """``nan_policy``: 'error' checkpoints the last good state (the weights before this step)
-        and stops with the step and rows; 'skip' returns a zero loss so the micro-batch adds nothing."""
-        step = self.state.global_step + 1
+    def _skip_non_finite(self, loss, inputs):
+        """``nan_policy: skip``: a zero loss, so the micro-batch adds nothing to the update."""
         rows = inputs[ROW_INDEX].tolist() if ROW_INDEX in inputs else "unknown"
-        if self.args.nan_policy == "skip":
-            self._nan_skipped += 1
-            logger.warning(
-                f"non-finite loss ({loss.item()}) at step {step}, dataset rows {rows}: batch skipped"
-            )
-            return torch.zeros((), device=loss.device, requires_grad=True)
+        self._nan_skipped += 1
+        logger.warning(
+            f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}, dataset rows {rows}: "
+            "batch skipped"
+        )
+        return torch.zeros((), device=loss.device, requires_grad=True)
+
+    def _raise_on_non_finite_loss(self, model) -> None:
+        """``nan_policy: error``, at the end of the step's backward passes, before the optimizer: a
+        non-finite micro-batch loss checkpoints the last good state (the weights before this step) and
+        stops with the step and the dataset rows. Deferred to here, where the gradient norm syncs the
+        host anyway, so the micro-batches run without a host sync each."""
+        checks, self._step_losses = self._step_losses, []
+        if not checks:
+            return
+        finite = torch.isfinite(torch.stack([loss for loss, _ in checks]))
+        bad = (~finite).sum().float()
+        if self.accelerator.num_processes > 1:  # every process takes the same branch
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if not bool(bad):
+            return
+        step = self.state.global_step + 1
+        local = [(loss, rows) for (loss, rows), ok in zip(checks, finite.tolist(), strict=True) if not ok]
+        rows = [r for _, r in local for r in (r.tolist() if r is not None else ["unknown"])]
+        value = local[0][0].item() if local else float("nan")
         self._save_checkpoint(model, trial=None)
+        where = f"dataset rows {rows}" if local else "another process's batch"
         raise OrpoError(
-            f"non-finite loss ({loss.item()}) at step {step}, dataset rows {rows}; the weights before this "
-            f"step are saved in {self.args.output_dir}/checkpoint-{self.state.global_step}. Check those rows "
-            "and the learning rate, or pass --nan-policy skip to leave such batches out"
+            f"non-finite loss ({value}) at step {step}, {where}; the weights before this step are saved in "
+            f"{self.args.output_dir}/checkpoint-{self.state.global_step}. Check those rows and the learning "
+            "rate, or pass --nan-policy skip to leave such batches out"
         )
 
     def _get_grad_norm(self, model, grad_norm=None):
+        self._raise_on_non_finite_loss(model)
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if grad_norm is not None and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
             # A finite loss with a non-finite gradient cannot be left out of an update already
@@ -735,8 +763,9 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         if plan is None or not self.args.fused_head_loss or not torch.is_grad_enabled():
             return None
         pair, chosen, response = inputs["score_pair"], inputs["score_chosen"], inputs["score_response"]
-        num_pairs = int(inputs["num_pairs"])
-        sizes = torch.bincount(pair, minlength=num_pairs).tolist()  # pairs are contiguous (collator)
+        num_pairs = _num_pairs(inputs)
+        # scored tokens per pair (pairs are contiguous): from the collator, else counted (a host sync)
+        sizes = list(inputs.get("pair_sizes") or torch.bincount(pair, minlength=num_pairs).tolist())
         chunk_size = self._chunk_size(plan)
         # A pair larger than a chunk gets a chunk of its own, up to 4 chunks' worth of logits (still
         # less than a one-pair-per-chunk fused loss such as Liger's holds: it scores the prompt too).
