@@ -162,3 +162,28 @@ def test_resuming_replays_the_same_batches(tmp_path, tokenizer):
     resumed, _ = run(tmp_path / "part", 12, resume=str(tmp_path / "part" / "checkpoint-5"))
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("strategy", ["group_by_length", "batch_rebalance"])
+def test_trainer_length_grouped_sampling_works_on_preference_pairs(tmp_path, tokenizer, strategy):
+    """Trainer's own length-aware samplers get the pairs' token counts (they would look for input_ids)."""
+    from conftest import toy_rows
+
+    args = ORPOConfig(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        train_sampling_strategy=strategy,
+    )
+    dataset = Dataset.from_list(toy_rows(32, seed=3))
+    trainer = ORPOTrainer(model=make_model(), args=args, train_dataset=dataset, tokenizer=tokenizer)
+    lengths = [sum(pair) for pair in pair_lengths(trainer.train_dataset)]
+    batches = [b["row_index"].tolist() for b in trainer.get_train_dataloader()]
+    assert sorted(i for b in batches for i in b) == list(range(32))
+    if strategy == "group_by_length":  # each mega-batch is sorted longest first: the first batch holds the longest
+        assert max(lengths[i] for i in batches[0]) == max(lengths)
+    trainer.train()
+    assert trainer.state.global_step == 2

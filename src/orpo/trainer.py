@@ -395,6 +395,20 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         self.tokenize_reports[name] = report
         return tokenized
 
+    def _get_train_sampler(self, train_dataset=None):
+        """Trainer's sampler; for ``train_sampling_strategy: group_by_length`` / ``batch_rebalance`` it needs
+        per-row lengths, which Trainer would look for under ``input_ids``: give it the pair's tokens
+        (prompt + chosen + rejected) as the length column."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        column = self.args.length_column_name
+        if (
+            getattr(self.args, "train_sampling_strategy", "random") in ("group_by_length", "batch_rebalance")
+            and isinstance(dataset, Dataset)
+            and column not in dataset.column_names
+        ):
+            dataset = dataset.add_column(column, [sum(pair) for pair in pair_lengths(dataset)])
+        return super()._get_train_sampler(dataset)
+
     def get_train_dataloader(self):
         """Trainer's loader, or with ``max_tokens_per_batch`` one whose batches fill a token budget (see
         :mod:`orpo.batching`); that sampler is already split across processes, so accelerate's own
