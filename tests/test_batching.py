@@ -7,13 +7,18 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import make_model
+from conftest import make_model, toy_rows
 from orpo import ORPOConfig, ORPOTrainer
 from orpo.batching import TokenBudgetBatchSampler, pair_lengths
 from orpo.errors import OrpoError
 from orpo.layouts import Layout
 
 LAYOUTS = [Layout(), Layout(packed=True), Layout(shared=True), Layout(packed=True, shared=True)]
+
+
+def config(tmp_path, **kwargs):
+    base = dict(output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", disable_tqdm=True)
+    return ORPOConfig(**{**base, **kwargs})
 
 
 def random_lengths(n=300, seed=0):
@@ -109,18 +114,8 @@ def test_a_pair_over_the_budget_is_a_clear_error():
 
 
 def test_training_with_a_token_budget(tmp_path, tokenizer):
-    from conftest import toy_rows
-
     dataset = Dataset.from_list(toy_rows(40, seed=7))
-    args = ORPOConfig(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        max_tokens_per_batch=120,
-        num_train_epochs=2,
-        logging_steps=1,
-    )
+    args = config(tmp_path, max_tokens_per_batch=120, num_train_epochs=2, logging_steps=1)
     trainer = ORPOTrainer(model=make_model(), args=args, train_dataset=dataset, tokenizer=tokenizer)
     loader = trainer.get_train_dataloader()
     batches = list(loader)
@@ -135,8 +130,6 @@ def test_training_with_a_token_budget(tmp_path, tokenizer):
 
 
 def test_resuming_replays_the_same_batches(tmp_path, tokenizer):
-    from conftest import toy_rows
-
     dataset = Dataset.from_list(toy_rows(40, seed=7))
 
     def run(out, max_steps, resume=None):
@@ -167,23 +160,15 @@ def test_resuming_replays_the_same_batches(tmp_path, tokenizer):
 @pytest.mark.parametrize("strategy", ["group_by_length", "batch_rebalance"])
 def test_trainer_length_grouped_sampling_works_on_preference_pairs(tmp_path, tokenizer, strategy):
     """Trainer's own length-aware samplers get the pairs' token counts (they would look for input_ids)."""
-    from conftest import toy_rows
-
-    args = ORPOConfig(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        train_sampling_strategy=strategy,
-    )
+    args = config(tmp_path, max_steps=2, per_device_train_batch_size=4, train_sampling_strategy=strategy)
     dataset = Dataset.from_list(toy_rows(32, seed=3))
     trainer = ORPOTrainer(model=make_model(), args=args, train_dataset=dataset, tokenizer=tokenizer)
     lengths = [sum(pair) for pair in pair_lengths(trainer.train_dataset)]
     batches = [b["row_index"].tolist() for b in trainer.get_train_dataloader()]
     assert sorted(i for b in batches for i in b) == list(range(32))
-    if strategy == "group_by_length":  # each mega-batch is sorted longest first: the first batch holds the longest
+    if (
+        strategy == "group_by_length"
+    ):  # each mega-batch is sorted longest first: the first batch holds the longest
         assert max(lengths[i] for i in batches[0]) == max(lengths)
     trainer.train()
     assert trainer.state.global_step == 2
