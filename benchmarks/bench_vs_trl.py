@@ -204,10 +204,9 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
 PEAK_BF16_FLOPS = 989e12
 
 
-def processed_tokens(impl: str, rows: list[dict]) -> int:
-    """Real (non-padding) tokens an implementation runs through the model: each prompt once in the
-    shared-prefix layouts, twice otherwise (+1 EOS per response)."""
-    shared = impl in ("orpo", "orpo-shared", "orpo-budget")
+def processed_tokens(shared: bool, rows: list[dict]) -> int:
+    """Real (non-padding) tokens a trainer runs through the model: each prompt once in a shared-prefix
+    layout, twice otherwise (+1 EOS per response)."""
     prompts = sum(len(r["prompt"]) for r in rows) * (1 if shared else 2)
     return prompts + sum(len(r["chosen"]) + len(r["rejected"]) + 2 for r in rows)
 
@@ -262,9 +261,9 @@ def train_once(impl: str, scenario: Scenario, vocab: int) -> dict:
         measured = len(step_ends) - scenario.warmup
         steady = (step_ends[-1] - step_ends[scenario.warmup - 1]) if scenario.warmup else seconds
         fraction = measured / len(step_ends)
-        processed = processed_tokens(impl, rows)
-        sequences = 2 * len(rows)
-        mean_length = processed / (len(rows) if impl in ("orpo", "orpo-shared", "orpo-budget") else sequences)
+        shared = getattr(getattr(trainer, "layout", None), "shared", False)  # the layout orpo chose; TRL: no
+        processed = processed_tokens(shared, rows)
+        mean_length = processed / (len(rows) if shared else 2 * len(rows))
         flops = model_flops_per_token(trainer.model, mean_length)
         result.update(
             steady_seconds=steady,

@@ -699,7 +699,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             loss, stats = loss_of(logps, pair, chosen, response, num_pairs)
         skipped = False
         if model.training and self.args.nan_policy == "skip":
-            if not self._all_finite(loss):  # must be known before the backward: a host sync
+            # Must be known before the backward: a host sync (skip is single-process, see __init__).
+            if not bool(torch.isfinite(loss.detach())):
                 loss, skipped = self._skip_non_finite(loss, inputs), True
         elif model.training:  # checked once per optimizer step, with the gradient norm (no extra sync)
             self._step_losses.append((loss.detach(), inputs.get(ROW_INDEX)))
@@ -711,12 +712,6 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         if return_outputs:
             return loss, {"chosen_logps": stats.chosen_logps, "rejected_logps": stats.rejected_logps}
         return loss
-
-    def _all_finite(self, loss) -> bool:
-        finite = torch.isfinite(loss.detach()).float()
-        if self.accelerator.num_processes > 1:  # every process takes the same branch, or DDP hangs
-            finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
-        return bool(finite == 1)
 
     def _skip_non_finite(self, loss, inputs):
         """``nan_policy: skip``: a zero loss, so the micro-batch adds nothing to the update."""
@@ -746,12 +741,20 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         local = [(loss, rows) for (loss, rows), ok in zip(checks, finite.tolist(), strict=True) if not ok]
         rows = [r for _, r in local for r in (r.tolist() if r is not None else ["unknown"])]
         value = local[0][0].item() if local else float("nan")
-        self._save_checkpoint(model, trial=None)
         where = f"dataset rows {rows}" if local else "another process's batch"
+        self._stop_before_step(
+            model,
+            f"non-finite loss ({value}) at step {step}, {where}",
+            ". Check those rows and the learning rate, or pass --nan-policy skip to leave such batches out",
+        )
+
+    def _stop_before_step(self, model, problem: str, advice: str = "") -> None:
+        """Checkpoint the last good state (the weights before this step: the optimizer has not run)
+        and stop with ``problem``, where it was saved, and ``advice``."""
+        self._save_checkpoint(model, trial=None)
         raise OrpoError(
-            f"non-finite loss ({value}) at step {step}, {where}; the weights before this step are saved in "
-            f"{self.args.output_dir}/checkpoint-{self.state.global_step}. Check those rows and the learning "
-            "rate, or pass --nan-policy skip to leave such batches out"
+            f"{problem}; the weights before this step are saved in "
+            f"{self.args.output_dir}/checkpoint-{self.state.global_step}{advice}"
         )
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -760,10 +763,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         if grad_norm is not None and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
             # A finite loss with a non-finite gradient cannot be left out of an update already
             # accumulated, so both policies stop here, before the optimizer applies it.
-            self._save_checkpoint(model, trial=None)
-            raise OrpoError(
-                f"non-finite gradient norm ({float(grad_norm)}) at step {self.state.global_step + 1}; the weights "
-                f"before this step are saved in {self.args.output_dir}/checkpoint-{self.state.global_step}"
+            self._stop_before_step(
+                model, f"non-finite gradient norm ({float(grad_norm)}) at step {self.state.global_step + 1}"
             )
         return grad_norm
 
