@@ -24,6 +24,27 @@ from orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 from orpo.demo import demo_tokenizer  # noqa: E402
 
 
+def deepspeed_config(stage: int) -> dict:
+    zero = {"stage": stage}
+    if stage == 3:
+        # Partition every parameter, however small (the tiny model's would all stay whole otherwise),
+        # and gather them into the saved model.
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+
+
+def lora_config():
+    import peft
+
+    return peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -33,9 +54,19 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens_per_batch")
     parser.add_argument("--fsdp", action="store_true", help="FSDP full shard (FSDP2)")
+    parser.add_argument("--zero", type=int, default=None, help="DeepSpeed ZeRO stage")
+    parser.add_argument("--untied", action="store_true", help="a head weight of its own")
+    parser.add_argument("--unfused", action="store_true", help="fused_head_loss: false")
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter")
+    parser.add_argument(
+        "--packed-shared", action="store_true", help="ask for the packed shared-prefix layout"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
+    # Built before the config: a ZeRO-3 config makes transformers initialise new models partitioned
+    # (zero.Init), which draws other random weights than the 1-process run's.
+    model = make_model(seed=3, **({"tie_word_embeddings": False} if args.untied else {}))
     config = ORPOConfig(
         output_dir=args.out,
         per_device_train_batch_size=args.batch,
@@ -55,17 +86,21 @@ def main() -> None:
         activation_checkpointing=args.gradient_checkpointing,
         dataloader_num_workers=0,
         max_tokens_per_batch=args.max_tokens,
+        fused_head_loss=not args.unfused,
+        **({"padding_free": True, "prefix_sharing": True} if args.packed_shared else {}),
         **(
             {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}}
             if args.fsdp
             else {}
         ),
+        **({"deepspeed": deepspeed_config(args.zero)} if args.zero is not None else {}),
     )
     trainer = ORPOTrainer(
-        model=make_model(seed=3),
+        model=model,
         args=config,
         train_dataset=Dataset.from_list(toy_rows(64, seed=1)),
         processing_class=demo_tokenizer(),
+        peft_config=lora_config() if args.lora else None,
     )
     trainer.train()
     trainer.save_model(args.out)
@@ -77,6 +112,7 @@ def main() -> None:
         Path(args.out, "history.json").write_text(json.dumps(history, indent=1))
         Path(args.out, "world_size.txt").write_text(str(int(os.environ.get("WORLD_SIZE", "1"))))
         Path(args.out, "head.txt").write_text("model" if trainer._head_plan is None else "chunked")
+        Path(args.out, "layout.txt").write_text(trainer.layout.description)
 
     # Clean shutdown (torch 2.13 + gloo): leaving teardown to interpreter exit aborts some runs, and
     # destroying the process group while the trainer still holds references hangs some; release

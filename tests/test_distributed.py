@@ -39,7 +39,22 @@ def launch(tmp_path, name, processes, batch, accum=1, steps=3, *extra):
     assert proc.returncode == 0, f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     assert (out / "world_size.txt").read_text() == str(processes)
     history = [h for h in json.loads((out / "history.json").read_text()) if "loss" in h]
-    return history, load_file(str(out / "model.safetensors"))
+    saved = out / "adapter_model.safetensors"  # a LoRA run saves the adapter only
+    return history, load_file(str(saved if saved.exists() else out / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """1-process runs, each launched once per module and shared by the tests that compare with it."""
+    runs = {}
+
+    def run(batch, accum=1, steps=3, *extra):
+        key = (batch, accum, steps, *extra)
+        if key not in runs:
+            runs[key] = launch(tmp_path_factory.mktemp("reference"), "one", 1, batch, accum, steps, *extra)
+        return runs[key]
+
+    return run
 
 
 def assert_same_run(a, b):
@@ -48,13 +63,18 @@ def assert_same_run(a, b):
     for step_a, step_b in zip(history_a, history_b, strict=True):
         for name in STEP_METRICS:
             assert step_a[name] == pytest.approx(step_b[name], rel=1e-5, abs=1e-7), (step_a["step"], name)
-    assert weights_a.keys() == weights_b.keys()
+    # DeepSpeed's ZeRO-2 state dict also lists a tied head weight under its own name: the same values
+    extra = weights_b.keys() - weights_a.keys()
+    assert extra <= {"lm_head.weight"}, extra
+    for name in extra:
+        assert torch.equal(weights_b[name], weights_b["model.embed_tokens.weight"])
+    assert weights_a.keys() <= weights_b.keys()
     for name in weights_a:
         assert torch.allclose(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-7), name
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    one = launch(tmp_path, "one", processes=1, batch=4)
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, reference):
+    one = reference(4)
     two = launch(tmp_path, "two", processes=2, batch=2)
     assert_same_run(one, two)
     # Teeth: training moved the weights, and a run that sees only one process's half of each
@@ -79,10 +99,58 @@ def test_token_budget_batches_split_across_processes(tmp_path):
     assert_same_run(one, two)
 
 
-def test_fsdp2_with_the_chunked_head_equals_one_process(tmp_path):
+def test_fsdp2_with_the_chunked_head_equals_one_process(tmp_path, reference):
     """FSDP2 full shard over 2 processes: the chunked head sees the whole (unsharded) head weight and its
     gradient reaches FSDP's reduce-scatter, so the run equals 1 process with the same global batch."""
-    one = launch(tmp_path, "one", processes=1, batch=4)
+    one = reference(4)
     fsdp = launch(tmp_path, "fsdp", 2, 2, 1, 3, "--fsdp")
     assert (tmp_path / "fsdp" / "head.txt").read_text() == "chunked"
     assert_same_run(one, fsdp)
+
+
+def _needs_deepspeed():
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (optional: pip install deepspeed)")
+
+
+def test_deepspeed_zero2_equals_one_process(tmp_path, reference):
+    """ZeRO-2 (gradients and optimizer state sharded) through the Trainer's DeepSpeed integration, on
+    DeepSpeed's CPU accelerator with gloo: 2 processes equal 1 process without DeepSpeed."""
+    _needs_deepspeed()
+    one = reference(4)
+    zero2 = launch(tmp_path, "zero2", 2, 2, 1, 3, "--zero", "2")
+    assert (tmp_path / "zero2" / "head.txt").read_text() == "chunked"
+    assert_same_run(one, zero2)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("--untied",), ("--untied", "--unfused"), ("--packed-shared", "--gradient-checkpointing")],
+    ids=["own-head-fused", "own-head-unfused", "tied-head-packed-shared-checkpointing"],
+)
+def test_deepspeed_zero3_gathers_the_head_for_the_chunked_head(tmp_path, reference, flags):
+    """ZeRO-3 partitions every parameter (the harness sets no persistence threshold): the chunked head
+    runs as a call of the head module, so DeepSpeed gathers its weight for the forward and for the
+    backward; its gradient reaches ZeRO's reduce-scatter, and 2 processes equal 1 process. A head
+    weight of its own (untied) is the case a plain gather would break: its gradient is accumulated
+    right after the head's backward, when the weight must still be whole."""
+    _needs_deepspeed()
+    # the reference: 1 process, the same model, default layout, fused head, no checkpointing (none of
+    # which change results)
+    one = reference(4, 1, 3, *(["--untied"] if "--untied" in flags else []))
+    zero3 = launch(tmp_path, "zero3", 2, 2, 1, 3, "--zero", "3", *flags)
+    assert (tmp_path / "zero3" / "head.txt").read_text() == "chunked"
+    if "--packed-shared" in flags:  # asked for, so probed on the first batch once ZeRO-3 has partitioned
+        assert (
+            tmp_path / "zero3" / "layout.txt"
+        ).read_text() == "shared prompt prefix, pairs packed into rows"
+    assert_same_run(one, zero3)
+
+
+def test_deepspeed_zero3_with_lora_equals_one_process(tmp_path):
+    """LoRA on a ZeRO-3-partitioned base: only the adapter trains, and the saved adapter equals the
+    1-process run's."""
+    _needs_deepspeed()
+    one = launch(tmp_path, "one", 1, 4, 1, 3, "--lora")
+    zero3 = launch(tmp_path, "zero3", 2, 2, 1, 3, "--zero", "3", "--lora")
+    assert all("lora_" in name for name in zero3[1])
+    assert_same_run(one, zero3)

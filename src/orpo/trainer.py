@@ -218,11 +218,28 @@ def capture_head_input(head: nn.Module):
         captured["hidden"] = args[0]
         return (args[0][..., :0, :],) + tuple(args[1:])
 
-    handle = head.register_forward_pre_hook(pre_hook)
+    # First among the head's hooks: an engine's hooks (ZeRO-3 ties its backward bookkeeping to the
+    # head's input) then see only the empty slice the head computes on, never the captured states.
+    handle = head.register_forward_pre_hook(pre_hook, prepend=True)
     try:
         yield captured
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def forward_replaced(module: nn.Module, forward):
+    """While active, ``module(...)`` runs ``forward`` instead of the module's own, through the
+    module's hooks as usual."""
+    own = module.__dict__.get("forward")  # an instance-level forward (some wrappers set one)
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 class ORPOTrainer(AtomicCheckpoints, Trainer):
@@ -541,9 +558,9 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         """Find the separable head once, and check it against the model's own logits on a few
         tokens of the first batch; any mismatch falls back to full logits with a warning."""
         if self._head_weight_partitioned():
-            # FSDP1 / ZeRO-3 hold only a shard of the head's weight outside the model's forward; computing
-            # the head there would see a shard. The model's own head is exact, at full-logits memory.
-            logger.info("FSDP1 or DeepSpeed ZeRO-3: computing the LM head inside the model")
+            # FSDP1 holds only a shard of the head's weight (inside a flat parameter) outside the model's
+            # forward; the model's own head is exact, at full-logits memory.
+            logger.info("FSDP1: computing the LM head inside the model")
             return None
         unwrapped = self.accelerator.unwrap_model(model)
         plan = head_plan_for(unwrapped)
@@ -597,42 +614,59 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         return plugin is not None and plugin.zero_stage == 3
 
     def _head_weight_partitioned(self) -> bool:
-        """Whether the LM head's weight is only a shard once the model's forward has returned: so under
-        FSDP1 (flat parameters) and ZeRO-3. FSDP2 keeps the root module's parameters, the head's among
-        them, unsharded from the forward until the backward, so the chunked head sees the whole weight
-        and its gradient reaches FSDP's reduce-scatter (tests: 2 processes == 1 process)."""
-        if getattr(self, "is_fsdp_enabled", False) and not getattr(self.accelerator, "is_fsdp2", False):
-            return True
-        return self._zero3()
+        """Whether the LM head's weight is only a shard once the model's forward has returned, with no
+        way to gather it: FSDP1 (flat parameters). FSDP2 keeps the root module's parameters, the head's
+        among them, unsharded from the forward until the backward, so the chunked head sees the whole
+        weight and its gradient reaches FSDP's reduce-scatter; ZeRO-3 gathers it (:meth:`_run_head`).
+        Tests for both: 2 processes == 1 process."""
+        return getattr(self, "is_fsdp_enabled", False) and not getattr(self.accelerator, "is_fsdp2", False)
 
-    def _head_inputs(self, model, plan: HeadPlan, inputs, positions):
-        """Run the model body and return ``(hidden [N, H], weight, bias)`` for the scored positions,
-        in the dtype the model's own head would compute in."""
+    def _head_hidden(self, model, plan: HeadPlan, inputs, positions) -> torch.Tensor:
+        """Run the model body; the final hidden states ``[N, H]`` at the scored positions."""
         with capture_head_input(plan.head) as captured:
             with attention_backends(inputs["input_ids"].device):
                 model(**self._forward_kwargs(model, inputs), use_cache=False)
         hidden = captured["hidden"]
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        weight, bias = plan.head.weight, plan.head.bias
-        with self.accelerator.autocast():  # mixed precision autocasts the model's forward, not our code
-            if torch.is_autocast_enabled(hidden.device.type):
-                # The model's own head would run in the autocast dtype; so does ours (and its backward).
-                dtype = torch.get_autocast_dtype(hidden.device.type)
-                weight = weight.to(dtype)
-                bias = bias.to(dtype) if bias is not None else None
-        hidden = hidden.to(weight.dtype)
-        if plan.scale != 1.0:
-            hidden = hidden * plan.scale
-        return hidden, weight, bias
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+
+    def _run_head(self, plan: HeadPlan, hidden: torch.Tensor, compute):
+        """``compute(hidden, weight, bias)`` with the head's operands in the dtype the model's own head
+        would compute in (and the head's logit scale applied).
+
+        Under ZeRO-3 a parameter is whole only during the forward and backward of the module that owns
+        it, so ``compute`` then runs as a call of the head module: DeepSpeed's own hooks gather the
+        weight for it, again when gradients reach its outputs, and hold it until the weight's gradient
+        is accumulated and reduced (as for any module; a gather of our own would end too early)."""
+
+        def forward(hidden):
+            weight, bias = plan.head.weight, plan.head.bias
+            with self.accelerator.autocast():  # mixed precision autocasts the model's forward, not our code
+                if torch.is_autocast_enabled(hidden.device.type):
+                    # The model's own head would run in the autocast dtype; so does ours (and its backward).
+                    dtype = torch.get_autocast_dtype(hidden.device.type)
+                    weight = weight.to(dtype)
+                    bias = bias.to(dtype) if bias is not None else None
+            hidden = hidden.to(weight.dtype)
+            if plan.scale != 1.0:
+                hidden = hidden * plan.scale
+            return compute(hidden, weight, bias)
+
+        if not self._zero3():
+            return forward(hidden)
+        with forward_replaced(plan.head, forward):
+            return plan.head(hidden)
 
     def _chunk_size(self, plan: HeadPlan) -> int:
-        return self.args.logprob_chunk_size or chunk_size_for(plan.head.weight.shape[0])
+        # out_features, not weight.shape: a ZeRO-3 weight is an empty placeholder between uses
+        return self.args.logprob_chunk_size or chunk_size_for(plan.head.out_features)
 
     def _chunked_logprobs(self, model, plan: HeadPlan, inputs, positions, targets):
-        hidden, weight, bias = self._head_inputs(model, plan, inputs, positions)
-        return chunked_target_logprobs(
-            hidden, weight, targets, bias, chunk_size=self._chunk_size(plan), softcap=plan.softcap
-        )
+        def compute(hidden, weight, bias):
+            return chunked_target_logprobs(
+                hidden, weight, targets, bias, chunk_size=self._chunk_size(plan), softcap=plan.softcap
+            )
+
+        return self._run_head(plan, self._head_hidden(model, plan, inputs, positions), compute)
 
     def scored_logprobs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logps [N], mean_logits [N])`` of the batch's scored tokens (``score_*`` fields)."""
@@ -800,15 +834,19 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             )
             return loss
 
-        hidden, weight, bias = self._head_inputs(model, plan, inputs, inputs["score_positions"])
-        return fused_linear_loss(
-            hidden,
-            weight,
-            inputs["score_targets"],
-            bias,
-            chunks=chunks,
-            loss_fn=chunk_loss,
-            softcap=plan.softcap,
+        def compute(hidden, weight, bias):
+            return fused_linear_loss(
+                hidden,
+                weight,
+                inputs["score_targets"],
+                bias,
+                chunks=chunks,
+                loss_fn=chunk_loss,
+                softcap=plan.softcap,
+            )
+
+        return self._run_head(
+            plan, self._head_hidden(model, plan, inputs, inputs["score_positions"]), compute
         )
 
     def _record_metrics(self, mode, stats, mean_logits, inputs) -> None:
