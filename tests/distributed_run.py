@@ -61,12 +61,23 @@ def main() -> None:
     parser.add_argument(
         "--packed-shared", action="store_true", help="ask for the packed shared-prefix layout"
     )
+    parser.add_argument(
+        "--model-dir", default=None, help="load the model from here, by path, after the config"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     # Built before the config: a ZeRO-3 config makes transformers initialise new models partitioned
-    # (zero.Init), which draws other random weights than the 1-process run's.
-    model = make_model(seed=3, **({"tie_word_embeddings": False} if args.untied else {}))
+    # (zero.Init), which draws other random weights than the 1-process run's. A model loaded by path
+    # (--model-dir) is loaded after it, so under ZeRO-3 it is partitioned as it loads, as `orpo train`
+    # does it.
+    model = args.model_dir or make_model(seed=3, **({"tie_word_embeddings": False} if args.untied else {}))
+    if args.model_dir and args.zero == 3:
+        # On GPUs accelerate starts DeepSpeed's communication; on CPU it leaves it to torch, and zero.Init
+        # would then see 1 process.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
     config = ORPOConfig(
         output_dir=args.out,
         per_device_train_batch_size=args.batch,
@@ -102,6 +113,8 @@ def main() -> None:
         processing_class=demo_tokenizer(),
         peft_config=lora_config() if args.lora else None,
     )
+    # under ZeRO-3 a model loaded by path is partitioned as it loads (zero.Init): its parameters carry ids
+    partitioned_at_load = hasattr(next(trainer.model.parameters()), "ds_id")
     trainer.train()
     trainer.save_model(args.out)
     if trainer.is_world_process_zero():
@@ -113,6 +126,7 @@ def main() -> None:
         Path(args.out, "world_size.txt").write_text(str(int(os.environ.get("WORLD_SIZE", "1"))))
         Path(args.out, "head.txt").write_text("model" if trainer._head_plan is None else "chunked")
         Path(args.out, "layout.txt").write_text(trainer.layout.description)
+        Path(args.out, "partitioned_at_load.txt").write_text(str(partitioned_at_load))
 
     # Clean shutdown (torch 2.13 + gloo): leaving teardown to interpreter exit aborts some runs, and
     # destroying the process group while the trainer still holds references hangs some; release

@@ -62,7 +62,9 @@ def assert_same_run(a, b):
     assert len(history_a) == len(history_b) > 0
     for step_a, step_b in zip(history_a, history_b, strict=True):
         for name in STEP_METRICS:
-            assert step_a[name] == pytest.approx(step_b[name], rel=1e-5, abs=1e-7), (step_a["step"], name)
+            # abs: margins and log-odds are differences of O(1) terms, so their float32 noise (other
+            # summation orders) is absolute, ~1e-7 of the terms, however small the difference
+            assert step_a[name] == pytest.approx(step_b[name], rel=1e-5, abs=1e-6), (step_a["step"], name)
     # DeepSpeed's ZeRO-2 state dict also lists a tied head weight under its own name: the same values
     extra = weights_b.keys() - weights_a.keys()
     assert extra <= {"lm_head.weight"}, extra
@@ -146,11 +148,16 @@ def test_deepspeed_zero3_gathers_the_head_for_the_chunked_head(tmp_path, referen
     assert_same_run(one, zero3)
 
 
-def test_deepspeed_zero3_with_lora_equals_one_process(tmp_path):
-    """LoRA on a ZeRO-3-partitioned base: only the adapter trains, and the saved adapter equals the
-    1-process run's."""
+def test_deepspeed_zero3_lora_on_a_base_partitioned_as_it_loads(tmp_path):
+    """The `orpo train` path under ZeRO-3: the base is loaded by path after the config, so transformers
+    partitions it as it loads (zero.Init), then the LoRA adapter is added; the run and the saved adapter
+    equal 1 process's (the adapter's initial weights come from the seed, not from the loading's random
+    draws)."""
     _needs_deepspeed()
-    one = launch(tmp_path, "one", 1, 4, 1, 3, "--lora")
-    zero3 = launch(tmp_path, "zero3", 2, 2, 1, 3, "--zero", "3", "--lora")
-    assert all("lora_" in name for name in zero3[1])
+    base = tmp_path / "base"
+    make_model(seed=3).save_pretrained(base)
+    one = launch(tmp_path, "one", 1, 4, 1, 3, "--lora", "--model-dir", str(base))
+    zero3 = launch(tmp_path, "zero3", 2, 2, 1, 3, "--zero", "3", "--lora", "--model-dir", str(base))
+    assert (tmp_path / "zero3" / "partitioned_at_load.txt").read_text() == "True"
+    assert (tmp_path / "one" / "partitioned_at_load.txt").read_text() == "False"
     assert_same_run(one, zero3)

@@ -63,6 +63,31 @@ def test_lora_trains_only_the_adapter_and_merge_equals_base_plus_adapter(tmp_pat
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_the_adapter_starts_from_the_seed_whatever_ran_before(tmp_path, tokenizer):
+    """LoRA's initial weights come from ``seed``, not from the random state the model's loading left."""
+    from datasets import Dataset
+
+    def initial_adapter(seed, draws_before):
+        torch.manual_seed(1234)
+        torch.rand(draws_before)  # e.g. a partitioned (ZeRO-3) load draws numbers of its own
+        lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        trainer = ORPOTrainer(
+            model=make_model(seed=3),
+            args=_args(tmp_path, seed=seed),
+            train_dataset=Dataset.from_list(toy_rows(4)),
+            tokenizer=tokenizer,
+            peft_config=lora,
+        )
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
+
+    first = initial_adapter(seed=0, draws_before=1)
+    assert first
+    same = initial_adapter(seed=0, draws_before=1000)
+    other = initial_adapter(seed=1, draws_before=1)
+    assert all(torch.equal(first[n], same[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
 def test_merge_without_adapter_is_a_clear_error(tmp_path, capsys):
     assert main(["merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
     assert "no adapter_config.json" in capsys.readouterr().err

@@ -23,7 +23,14 @@ import torch
 from datasets import Dataset, DatasetDict
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_utils import seed_worker
 
 from orpo.batching import TokenBudgetBatchSampler, pair_lengths
@@ -368,7 +375,9 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
     @staticmethod
     def _wrap_peft(model, peft_config, args: ORPOConfig):
         """``get_peft_model``; a 4-/8-bit model is first prepared for adapter training (QLoRA): norms in
-        fp32, input gradients on for activation checkpointing."""
+        fp32, input gradients on for activation checkpointing. The adapter's initial weights are drawn
+        from ``args.seed``, so they do not depend on how the base was loaded (e.g. ZeRO-3's partitioned
+        loading draws random numbers of its own)."""
         try:
             from peft import get_peft_model, prepare_model_for_kbit_training
         except ImportError as err:
@@ -381,6 +390,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
                 use_gradient_checkpointing=bool(args.activation_checkpointing),
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
+        set_seed(args.seed)
         return get_peft_model(model, peft_config)
 
     def _prepare_dataset(self, dataset, tokenizer, limits, args, name):
