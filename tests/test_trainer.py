@@ -614,3 +614,30 @@ def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, tokeniz
     assert "no pad token; using its eos token" in caplog.text
     assert trainer.data_collator.pad_token_id == tokenizer.eos_token_id
     trainer.train()
+
+
+def test_torch_compile_trains_like_eager_with_the_chunked_head(tmp_path, tokenizer):
+    """``torch_compile: true`` (here with dynamo's aot_eager backend: the same tracing, no C++ build)
+    gives the eager run's losses, with the head still computed from the captured hidden states
+    (dynamo ignores hooks added after it compiled a model, so the capture hook is registered once)."""
+    dataset = Dataset.from_list(toy_rows(32, seed=1))
+
+    def losses(**compile_options):
+        args = config(
+            tmp_path,
+            per_device_train_batch_size=4,
+            max_steps=3,
+            optim="sgd",
+            learning_rate=0.5,
+            padding_free=None,
+            prefix_sharing=None,
+            **compile_options,
+        )
+        trainer = ORPOTrainer(model=make_model(seed=3), args=args, train_dataset=dataset, tokenizer=tokenizer)
+        trainer.train()
+        assert trainer._head_plan is not None
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    eager = losses()
+    compiled = losses(torch_compile=True, torch_compile_backend="aot_eager")
+    assert compiled == pytest.approx(eager, rel=1e-5)

@@ -215,23 +215,42 @@ def attention_backends(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-@contextlib.contextmanager
-def capture_head_input(head: nn.Module):
-    """While active, the head's input is recorded and the head is fed zero positions, so the
-    model's own forward computes no logits at all. Yields the dict the input lands in."""
-    captured = {}
+class HeadInputCapture:
+    """A forward pre-hook on the LM head: while :meth:`capturing`, the head's input is recorded in
+    ``hidden`` and the head is fed zero positions, so the model's own forward computes no logits.
 
-    def pre_hook(module, args):
-        captured["hidden"] = args[0]
+    Registered once per head and switched by a flag, not added per call: torch.compile does not watch
+    a module's hooks (dynamo skips hook guards), so a hook added after the model was first compiled
+    would never run; a flag it reads is guarded, and each state gets its own graph."""
+
+    def __init__(self, head: nn.Module):
+        self.head = head
+        self.active = False
+        self.hidden: torch.Tensor | None = None
+        # First among the head's hooks: an engine's hooks (ZeRO-3 ties its backward bookkeeping to the
+        # head's input) then see only the empty slice the head computes on, never the captured states.
+        self.handle = head.register_forward_pre_hook(self._pre_hook, prepend=True)
+
+    def _pre_hook(self, module, args):
+        if not self.active:
+            return None
+        self.hidden = args[0]
         return (args[0][..., :0, :],) + tuple(args[1:])
 
-    # First among the head's hooks: an engine's hooks (ZeRO-3 ties its backward bookkeeping to the
-    # head's input) then see only the empty slice the head computes on, never the captured states.
-    handle = head.register_forward_pre_hook(pre_hook, prepend=True)
-    try:
-        yield captured
-    finally:
-        handle.remove()
+    @contextlib.contextmanager
+    def capturing(self):
+        self.active, self.hidden = True, None
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def take(self) -> torch.Tensor:
+        """The recorded input, released here so the capture holds no activations between calls."""
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("the LM head was not called during the model's forward")
+        return hidden
 
 
 @contextlib.contextmanager
@@ -339,6 +358,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             optimizers=optimizers,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        self._register_head_capture()  # before anything can compile the model (torch_compile)
         if data_collator is None:
             self.layout = self._choose_layout()
             self.data_collator = self.layout.collator(tokenizer.pad_token_id, args.nll_include_prompt)
@@ -553,6 +573,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
     def _first_batch_checks(self, model, inputs) -> None:
         if self._head_plan != "unresolved":
             return
+        self._register_head_capture()
         if self._layout_unverified:  # checked now that the engine has prepared the model
             config = self.accelerator.unwrap_model(model).config
             error = layout_error(model, config, self.layout, self._probe_row())
@@ -563,6 +584,12 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
                 )
             self._layout_unverified = False
         self._head_plan = self._resolve_head(model, inputs)
+
+    def _register_head_capture(self) -> None:
+        if self.model is not None:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if hasattr(unwrapped, "get_output_embeddings"):
+                self._head_capture(unwrapped.get_output_embeddings())
 
     def _resolve_head(self, model, inputs) -> HeadPlan | None:
         """Find the separable head once, and check it against the model's own logits on a few
@@ -633,11 +660,23 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
 
     def _head_hidden(self, model, plan: HeadPlan, inputs, positions) -> torch.Tensor:
         """Run the model body; the final hidden states ``[N, H]`` at the scored positions."""
-        with capture_head_input(plan.head) as captured:
-            with attention_backends(inputs["input_ids"].device):
-                model(**self._forward_kwargs(model, inputs), use_cache=False)
-        hidden = captured["hidden"]
+        capture = self._head_capture(plan.head)
+        with capture.capturing(), attention_backends(inputs["input_ids"].device):
+            model(**self._forward_kwargs(model, inputs), use_cache=False)
+        hidden = capture.take()
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+
+    def _head_capture(self, head: nn.Module | None) -> HeadInputCapture | None:
+        """The head's one :class:`HeadInputCapture`, registered on first use; the trainer registers it
+        at construction and before the first batch, ahead of any compiled call of the model."""
+        if not isinstance(head, nn.Linear):
+            return None
+        capture = getattr(self, "_capture", None)
+        if capture is None or capture.head is not head:
+            if capture is not None:
+                capture.handle.remove()
+            capture = self._capture = HeadInputCapture(head)
+        return capture
 
     def _run_head(self, plan: HeadPlan, hidden: torch.Tensor, compute):
         """``compute(hidden, weight, bias)`` with the head's operands in the dtype the model's own head
