@@ -133,6 +133,7 @@ ORPO_VARIANTS = {
     "orpo-packed": (True, False, True),
     "orpo-shared": (False, True, True),
     "orpo-budget": (None, None, True),  # the default plus max_tokens_per_batch (length-grouped batches)
+    "orpo-compiled": (None, None, True),  # the default plus torch_compile (compare steady state: --warmup)
 }
 
 
@@ -181,6 +182,7 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
             common.update(max_steps=-1, num_train_epochs=1, logging_steps=1000)
         args = ORPOConfig(
             max_tokens_per_batch=scenario.token_budget if impl == "orpo-budget" else None,
+            torch_compile=impl == "orpo-compiled",
             padding_free=padding_free,
             prefix_sharing=prefix_sharing,
             orpo_alpha=ALPHA,
@@ -256,23 +258,27 @@ def train_once(impl: str, scenario: Scenario, vocab: int) -> dict:
             (h["padding_fraction"] for h in trainer.state.log_history if "padding_fraction" in h), None
         ),
     }
-    if scenario.gpu and torch.cuda.is_available():
-        # Steady state: the steps after the warm-up ones, at the mean tokens per step.
+    if scenario.warmup:
+        # Steady state: the steps after the warm-up ones (compilation, allocator warm-up), at the mean
+        # tokens per step.
         measured = len(step_ends) - scenario.warmup
-        steady = (step_ends[-1] - step_ends[scenario.warmup - 1]) if scenario.warmup else seconds
+        steady = step_ends[-1] - step_ends[scenario.warmup - 1]
         fraction = measured / len(step_ends)
         shared = getattr(getattr(trainer, "layout", None), "shared", False)  # the layout orpo chose; TRL: no
         processed = processed_tokens(shared, rows)
-        mean_length = processed / (len(rows) if shared else 2 * len(rows))
-        flops = model_flops_per_token(trainer.model, mean_length)
         result.update(
             steady_seconds=steady,
             steady_tokens_per_s=tokens * fraction / steady,
             steady_processed_tokens_per_s=processed * fraction / steady,
-            mfu=processed * fraction / steady * flops / PEAK_BF16_FLOPS,
-            peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20,
-            device=torch.cuda.get_device_name(),
         )
+        if scenario.gpu and torch.cuda.is_available():
+            mean_length = processed / (len(rows) if shared else 2 * len(rows))
+            flops = model_flops_per_token(trainer.model, mean_length)
+            result.update(
+                mfu=processed * fraction / steady * flops / PEAK_BF16_FLOPS,
+                peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20,
+                device=torch.cuda.get_device_name(),
+            )
     return result
 
 
@@ -301,7 +307,7 @@ def check_loss(scenario: Scenario, vocab: int) -> dict:
 
 def run_child(mode: str, name: str, vocab: int) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--scenario", name, "--vocab", str(vocab)]
-    cmd += ["--batch", str(SCENARIOS[name].batch)]
+    cmd += ["--batch", str(SCENARIOS[name].batch), "--warmup", str(SCENARIOS[name].warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
@@ -316,10 +322,11 @@ def summarise(runs: list[dict]) -> dict:
         out[f"median_{key}"] = statistics.median(r[key] for r in runs)
     out["median_peak_increase_mib"] = statistics.median(r["peak_increase_mib"] for r in runs)
     out["padding_fraction"] = runs[0].get("padding_fraction")
-    if runs[0].get("mfu") is not None:  # GPU: the best steady-state run
+    if runs[0].get("steady_tokens_per_s") is not None:  # the best steady-state run (+ MFU on a GPU)
         best = max(runs, key=lambda r: r["steady_tokens_per_s"])
         for key in ("steady_tokens_per_s", "steady_processed_tokens_per_s", "mfu", "peak_gpu_mib", "device"):
-            out[key] = best[key]
+            if key in best:
+                out[key] = best[key]
     return out
 
 
@@ -342,12 +349,16 @@ def main() -> None:
     parser.add_argument("--check-loss", action="store_true", help="also compare the loss on the same batch")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--batch", type=int, help="override the scenario's pairs per batch")
+    parser.add_argument(
+        "--warmup", type=int, help="steps left out of a steady-state figure (e.g. for orpo-compiled)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.batch:
-        for name in args.scenario or []:
-            SCENARIOS[name] = dataclasses.replace(SCENARIOS[name], batch=args.batch)
+    for option in ("batch", "warmup"):
+        if getattr(args, option) is not None:
+            for name in args.scenario or []:
+                SCENARIOS[name] = dataclasses.replace(SCENARIOS[name], **{option: getattr(args, option)})
     if args.child:
         scenario = SCENARIOS[args.scenario[0]]
         if args.child == "check-loss":
@@ -414,14 +425,18 @@ def print_result(key: str, result: dict, repeats: int) -> None:
             f"speed {name}/{label} {speed:.2f}x (best), median {base['median_seconds'] / ours['median_seconds']:.2f}x; "
             f"peak memory increase {name}/{label} {memory:.2f}"
         )
-    if result[impls[0]].get("mfu") is not None:
-        print(f"GPU ({result[impls[0]]['device']}), steady state after the warm-up steps:")
+    if result[impls[0]].get("steady_tokens_per_s") is not None:
+        device = result[impls[0]].get("device", "CPU")
+        print(f"{device}, steady state after the warm-up steps:")
         for name in impls:
             g = result[name]
-            print(
-                f"{name:>16} {g['steady_tokens_per_s']:>9.0f} tokens/s  {g['mfu']:>6.1%} MFU  "
-                f"peak GPU memory {g['peak_gpu_mib']:>8.0f} MiB"
+            gpu = (
+                f"  {g['mfu']:>6.1%} MFU  peak GPU memory {g['peak_gpu_mib']:>8.0f} MiB" if "mfu" in g else ""
             )
+            print(f"{name:>16} {g['steady_tokens_per_s']:>9.0f} tokens/s{gpu}")
+        base_steady = result[impls[-1]]["steady_tokens_per_s"]
+        for name in impls[:-1]:
+            print(f"steady speed {name}/{label} {result[name]['steady_tokens_per_s'] / base_steady:.2f}x")
     if "loss_check" in result:
         check = result["loss_check"]
         print(
