@@ -7,7 +7,6 @@ processes, it writes the logged history and the final weights to ``--out``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -16,12 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from conftest import make_model, toy_rows  # noqa: E402
 from orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 from orpo.demo import demo_tokenizer  # noqa: E402
+from orpo.shutdown import finish_processes  # noqa: E402
 
 
 def deepspeed_config(stage: int) -> dict:
@@ -128,14 +127,8 @@ def main() -> None:
         Path(args.out, "layout.txt").write_text(trainer.layout.description)
         Path(args.out, "partitioned_at_load.txt").write_text(str(partitioned_at_load))
 
-    # Clean shutdown (torch 2.13 + gloo): leaving teardown to interpreter exit aborts some runs, and
-    # destroying the process group while the trainer still holds references hangs some; release
-    # everything, then barrier, then destroy.
-    del trainer
-    gc.collect()
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    del trainer, model
+    finish_processes()  # what `orpo train` does too: see orpo.shutdown
 
 
 if __name__ == "__main__":

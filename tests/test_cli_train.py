@@ -15,7 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": "demo", "datasets": "demo:train"}
 
 
-def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys):
+def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys, monkeypatch):
+    import gc
+
+    import orpo.shutdown
+    from orpo import ORPOTrainer
+
+    alive_at_teardown = []
+
+    def finish_processes():  # records what is still alive when the process group would be torn down
+        gc.collect()
+        alive_at_teardown.append(sum(isinstance(o, ORPOTrainer) for o in gc.get_objects()))
+
+    monkeypatch.setattr(orpo.shutdown, "finish_processes", finish_processes)
     out = tmp_path / "run"
     code = main(
         [
@@ -34,6 +46,8 @@ def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys
         ]
     )
     assert code == 0
+    # the clean multi-process exit (orpo.shutdown) ran once, after the trainer was released
+    assert alive_at_teardown == [0]
     assert {
         "model.safetensors",
         "config.json",

@@ -161,3 +161,33 @@ def test_deepspeed_zero3_lora_on_a_base_partitioned_as_it_loads(tmp_path):
     assert (tmp_path / "zero3" / "partitioned_at_load.txt").read_text() == "True"
     assert (tmp_path / "one" / "partitioned_at_load.txt").read_text() == "False"
     assert_same_run(one, zero3)
+
+
+def test_orpo_train_with_two_processes_exits_cleanly(tmp_path):
+    """The command line under torchrun: both processes train, the model is saved, and the exit is clean
+    (orpo.shutdown: trainer released, barrier, process group destroyed; without it some runs abort at
+    interpreter exit)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model: demo\ndatasets: [demo:train]\nper_device_train_batch_size: 4\nmax_steps: 2\n"
+        f"max_length: 64\nmax_prompt_length: 32\nsave_strategy: 'no'\nuse_cpu: true\noutput_dir: {tmp_path / 'out'}\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "orpo", "train", str(config), "--disable_tqdm", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "terminate called" not in proc.stderr
+    assert proc.stdout.count("final metrics:") == 2  # each process reports its (global) metrics
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_finish_processes_destroys_the_process_group(tmp_path):
+    import torch.distributed as dist
+
+    from orpo.shutdown import finish_processes
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    finish_processes()
+    assert not dist.is_initialized()
+    finish_processes()  # and a no-op without a process group

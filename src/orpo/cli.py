@@ -78,6 +78,14 @@ def _overrides(extra: list[str]) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from orpo.shutdown import finish_processes
+
+    code = _run_training(args)  # its frame, which held the trainer and the model, is gone now
+    finish_processes()
+    return code
+
+
+def _run_training(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from orpo.run_config import chat_template_text, read_config_file, relative_to, resolve, to_yaml
