@@ -38,6 +38,26 @@ def deepspeed_config(stage: int) -> dict:
     }
 
 
+def run_fsdp_on_cpu() -> None:
+    """accelerate runs FSDP only on accelerators: on CPU it silently trains with DDP instead (state
+    MULTI_CPU, no FSDP plugin). FSDP2 itself runs on CPU with gloo, so for these tests the state is
+    switched to FSDP whenever a plugin is given (test harness only; the run writes engine.txt)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+
+    AcceleratorState.__init__ = init
+
+
 def lora_config():
     import peft
 
@@ -63,8 +83,13 @@ def main() -> None:
     parser.add_argument(
         "--model-dir", default=None, help="load the model from here, by path, after the config"
     )
+    parser.add_argument(
+        "--unready-rank", type=int, default=None, help="this process cannot check the layout at construction"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.fsdp:
+        run_fsdp_on_cpu()
 
     # Built before the config: a ZeRO-3 config makes transformers initialise new models partitioned
     # (zero.Init), which draws other random weights than the 1-process run's. A model loaded by path
@@ -105,6 +130,10 @@ def main() -> None:
         ),
         **({"deepspeed": deepspeed_config(args.zero)} if args.zero is not None else {}),
     )
+    if args.unready_rank == int(os.environ.get("RANK", "0")):
+        import orpo.trainer
+
+        orpo.trainer.probe_ready = lambda model: False
     trainer = ORPOTrainer(
         model=model,
         args=config,
@@ -125,6 +154,8 @@ def main() -> None:
         Path(args.out, "world_size.txt").write_text(str(int(os.environ.get("WORLD_SIZE", "1"))))
         Path(args.out, "head.txt").write_text("model" if trainer._head_plan is None else "chunked")
         Path(args.out, "layout.txt").write_text(trainer.layout.description)
+        engine = "fsdp2" if trainer.accelerator.is_fsdp2 else trainer.accelerator.distributed_type.value
+        Path(args.out, "engine.txt").write_text(engine)
         Path(args.out, "partitioned_at_load.txt").write_text(str(partitioned_at_load))
 
     del trainer, model

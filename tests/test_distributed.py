@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import STEP_METRICS, make_model
 
 RUN = Path(__file__).resolve().parent / "distributed_run.py"
+PACKED_SHARED = "shared prompt prefix, pairs packed into rows"
 
 
 def launch(tmp_path, name, processes, batch, accum=1, steps=3, *extra):
@@ -101,12 +102,15 @@ def test_token_budget_batches_split_across_processes(tmp_path):
     assert_same_run(one, two)
 
 
-def test_fsdp2_with_the_chunked_head_equals_one_process(tmp_path, reference):
-    """FSDP2 full shard over 2 processes: the chunked head sees the whole (unsharded) head weight and its
-    gradient reaches FSDP's reduce-scatter, so the run equals 1 process with the same global batch."""
+def test_fsdp2_full_shard_equals_one_process(tmp_path, reference):
+    """FSDP2 full shard over 2 processes (really sharded: see distributed_run.run_fsdp_on_cpu) equals
+    1 process with the same global batch. accelerate makes the LM head an FSDP unit of its own, whose
+    weight is a shard outside its forward, so the model computes its own logits there."""
     one = reference(4)
     fsdp = launch(tmp_path, "fsdp", 2, 2, 1, 3, "--fsdp")
-    assert (tmp_path / "fsdp" / "head.txt").read_text() == "chunked"
+    assert (tmp_path / "fsdp" / "engine.txt").read_text() == "fsdp2"
+    assert (tmp_path / "fsdp" / "head.txt").read_text() == "model"
+    assert (tmp_path / "fsdp" / "layout.txt").read_text() == PACKED_SHARED  # checked before sharding
     assert_same_run(one, fsdp)
 
 
@@ -121,6 +125,7 @@ def test_deepspeed_zero2_equals_one_process(tmp_path, reference):
     one = reference(4)
     zero2 = launch(tmp_path, "zero2", 2, 2, 1, 3, "--zero", "2")
     assert (tmp_path / "zero2" / "head.txt").read_text() == "chunked"
+    assert (tmp_path / "zero2" / "layout.txt").read_text() == PACKED_SHARED
     assert_same_run(one, zero2)
 
 
@@ -141,10 +146,8 @@ def test_deepspeed_zero3_gathers_the_head_for_the_chunked_head(tmp_path, referen
     one = reference(4, 1, 3, *(["--untied"] if "--untied" in flags else []))
     zero3 = launch(tmp_path, "zero3", 2, 2, 1, 3, "--zero", "3", *flags)
     assert (tmp_path / "zero3" / "head.txt").read_text() == "chunked"
-    if "--packed-shared" in flags:  # asked for, so probed on the first batch once ZeRO-3 has partitioned
-        assert (
-            tmp_path / "zero3" / "layout.txt"
-        ).read_text() == "shared prompt prefix, pairs packed into rows"
+    # asked for or not: checked on the first layers before partitioning, on the whole model after
+    assert (tmp_path / "zero3" / "layout.txt").read_text() == PACKED_SHARED
     assert_same_run(one, zero3)
 
 
@@ -159,6 +162,8 @@ def test_deepspeed_zero3_lora_on_a_base_partitioned_as_it_loads(tmp_path):
     one = launch(tmp_path, "one", 1, 4, 1, 3, "--lora", "--model-dir", str(base))
     zero3 = launch(tmp_path, "zero3", 2, 2, 1, 3, "--zero", "3", "--lora", "--model-dir", str(base))
     assert (tmp_path / "zero3" / "partitioned_at_load.txt").read_text() == "True"
+    # a partitioned model cannot be checked at construction: auto means padded rows
+    assert (tmp_path / "zero3" / "layout.txt").read_text() == "padded rows"
     assert (tmp_path / "one" / "partitioned_at_load.txt").read_text() == "False"
     assert_same_run(one, zero3)
 
@@ -191,3 +196,13 @@ def test_finish_processes_destroys_the_process_group(tmp_path):
     finish_processes()
     assert not dist.is_initialized()
     finish_processes()  # and a no-op without a process group
+
+
+def test_processes_agree_on_the_layout(tmp_path, reference):
+    """Under an engine each process checks the layout itself; they take the most conservative choice,
+    so one process that cannot check (here process 1) puts both on padded rows (their batches must be
+    laid out alike, e.g. for token budgets), and the run still equals 1 process."""
+    one = reference(4)
+    both = launch(tmp_path, "both", 2, 2, 1, 3, "--fsdp", "--unready-rank", "1")
+    assert (tmp_path / "both" / "layout.txt").read_text() == "padded rows"  # process 0's own choice: packed
+    assert_same_run(one, both)

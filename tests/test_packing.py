@@ -238,10 +238,40 @@ def test_a_layout_asked_for_that_the_model_does_not_honour_is_an_error(
         trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset, **LAYOUTS[layout])
 
 
-def test_sharded_models_check_the_layout_on_the_first_batch(tmp_path, tokenizer, skewed_dataset, monkeypatch):
-    """Under FSDP / ZeRO-3 the model runs only once the engine has prepared it: auto means padded, and
-    a layout asked for is checked on the first batch."""
+def test_engine_models_choose_on_their_first_layers_and_check_the_whole_model_on_the_first_batch(
+    tmp_path, tokenizer, skewed_dataset, monkeypatch
+):
+    """Under FSDP / DeepSpeed the model runs whole only once the engine has prepared it: at construction
+    the layout is chosen on its first decoder layers (auto picks the fastest exact one, a leak falls
+    back or, asked for, is an error), and the whole prepared model is checked on the first batch."""
     monkeypatch.setattr(ORPOTrainer, "_parameters_sharded", lambda self: True)
+    model = tiny("llama", "sdpa")
+    trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset)
+    assert trainer.layout.description == "shared prompt prefix, pairs packed into rows"
+    assert trainer._layout_unverified
+    # a model that turns out not to honour the layout once prepared: caught on the first batch
+    _patch(monkeypatch, IGNORE_SHARED_MASK)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    with pytest.raises(OrpoError, match="rejected tokens see chosen ones"):
+        trainer.compute_loss(model, batch)
+    # a leak the first layers show: auto falls back at construction, a layout asked for is an error
+    _patch(monkeypatch, IGNORE_PACKING)
+    with pytest.warns(UserWarning, match="trying the next layout"):
+        trainer = trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset)
+    assert trainer.layout.description == "padded rows"
+    with pytest.raises(OrpoError, match="packed sequences attend to each other"):
+        trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset, **LAYOUTS["packed"])
+
+
+def test_engine_models_not_at_hand_check_the_layout_on_the_first_batch(
+    tmp_path, tokenizer, skewed_dataset, monkeypatch
+):
+    """Parameters not at hand at construction (meta on some processes, ZeRO-3 partitions): auto means
+    padded, and a layout asked for is checked on the first batch."""
+    import orpo.trainer
+
+    monkeypatch.setattr(ORPOTrainer, "_parameters_sharded", lambda self: True)
+    monkeypatch.setattr(orpo.trainer, "probe_ready", lambda model: False)
     assert (
         trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset).layout.description
         == "padded rows"
@@ -252,6 +282,34 @@ def test_sharded_models_check_the_layout_on_the_first_batch(tmp_path, tokenizer,
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
     with pytest.raises(OrpoError, match="packed sequences attend to each other"):
         trainer.compute_loss(model, batch)
+
+
+def test_first_layers_keeps_the_first_layers_and_one_of_each_attention_type():
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from orpo.layouts import first_layers
+
+    config = Gemma2Config(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        sliding_window=4,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    layers = list(model.model.layers)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with first_layers(model):
+        assert list(model.model.layers) == [layers[0], layers[1], layers[5]]
+        assert model.config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
+        assert model.config.num_hidden_layers == 3
+        model(input_ids=ids, use_cache=False)  # runs (the layout check uses no cache)
+    assert list(model.model.layers) == layers and model.config.num_hidden_layers == 6
+    assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

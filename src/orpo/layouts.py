@@ -229,6 +229,49 @@ def layout_error(model, config, layout: Layout, feature: dict) -> float:
     return error
 
 
+def probe_ready(model) -> bool:
+    """Whether the model can run the layout check as it is: every parameter holds its values here (not
+    on the meta device, as an engine's rank-0-only loading leaves the others; not a ZeRO-3 partition)."""
+    return all(not p.is_meta and not hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def first_layers(model, keep: int = 2):
+    """While active, the model runs only its first ``keep`` decoder layers (and the first layer of each
+    attention type its config lists, e.g. a sliding-window one and a full one). The layout check tests
+    how the model family builds masks and positions, which those layers show as well as all of them:
+    so it can run on the CPU, before an engine (FSDP, DeepSpeed) places the model, in a fraction of
+    the time. The whole model is checked again on the first batch."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = getattr(config, "num_hidden_layers", None)
+    found = None
+    if isinstance(count, int):
+        for module in model.modules():
+            for name, child in module.named_children():
+                if isinstance(child, torch.nn.ModuleList) and len(child) == count:
+                    found = (module, name, child)
+                    break
+            if found:
+                break
+    if found is None or count <= keep:
+        yield
+        return
+    parent, name, layers = found
+    types = list(getattr(config, "layer_types", None) or [])
+    kept = sorted({*range(keep), *(types.index(kind) for kind in set(types))})
+    setattr(parent, name, torch.nn.ModuleList([layers[i] for i in kept]))
+    config.num_hidden_layers = len(kept)
+    if len(types) == count:
+        config.layer_types = [types[i] for i in kept]
+    try:
+        yield
+    finally:
+        setattr(parent, name, layers)
+        config.num_hidden_layers = count
+        if len(types) == count:
+            config.layer_types = types
+
+
 def tolerance(low_precision: bool) -> float:
     """How far a layout's log-probs may differ from the sequences alone: rounding only."""
     return 5e-2 if low_precision else 1e-4

@@ -44,8 +44,10 @@ from orpo.layouts import (
     Layout,
     candidate_layouts,
     check_mode,
+    first_layers,
     layout_error,
     model_inputs,
+    probe_ready,
     tolerance,
     unsupported_reason,
 )
@@ -522,19 +524,40 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         """The first of the candidate layouts (``padding_free`` / ``prefix_sharing``: True, False or None
         = auto; fastest first) that the attention backend supports and the model honours exactly,
         checked on the first data row. An auto choice that fails falls back to the next one with a
-        warning; a layout asked for that fails is an error."""
-        model = self.model
-        config = self.accelerator.unwrap_model(model).config
+        warning; a layout asked for that fails is an error.
+
+        A model an engine prepares later (FSDP, DeepSpeed, model parallel) is checked here on its first
+        decoder layers, where it is (usually the CPU), if every parameter is at hand; all processes then
+        take the most conservative of their choices, and the whole prepared model is checked again on
+        the first batch, where a failure can only be an error. A model not at hand here (meta or
+        partitioned parameters), or no data row yet: only layouts asked for explicitly, checked on the
+        first batch; auto means padded rows."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        config = unwrapped.config
         row = self._probe_row()
-        # Sharded or not-yet-placed models (FSDP, DeepSpeed, model parallel) are checked on the first
-        # batch, once the engine has prepared them, where a failure can only be an error: so there
-        # only the layouts asked for explicitly run, and auto means padded.
-        # With no data row to check on (no dataset yet), likewise.
-        defer = not self.place_model_on_device or self._parameters_sharded()
-        if defer or row is None:
-            candidates = candidate_layouts(bool(self.args.padding_free), bool(self.args.prefix_sharing))
-        else:
+        engine = not self.place_model_on_device or self._parameters_sharded()
+        explicit = candidate_layouts(bool(self.args.padding_free), bool(self.args.prefix_sharing))
+        layout = None
+        if row is not None and (not engine or probe_ready(unwrapped)):
             candidates = candidate_layouts(self.args.padding_free, self.args.prefix_sharing)
+            if not engine:
+                return self._first_exact_layout(unwrapped, config, candidates, row)
+            try:
+                with first_layers(unwrapped):
+                    layout = self._first_exact_layout(unwrapped, config, candidates, row)
+            except OrpoError:
+                raise
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:  # a model the cut breaks
+                logger.info(f"batch layout: not checked before the engine prepares the model ({err})")
+        if layout is None:
+            layout = self._first_exact_layout(unwrapped, config, explicit, None)
+        if engine:
+            layout = self._agreed_layout(layout)
+        self._layout_unverified = layout != PADDED and (engine or row is None)
+        return layout
+
+    def _first_exact_layout(self, model, config, candidates: list[Layout], row: dict | None) -> Layout:
+        """The first candidate the backend supports and, given a data ``row``, the model keeps exact."""
         for index, layout in enumerate(candidates):
             last = index == len(candidates) - 1
             reason = unsupported_reason(layout, config)
@@ -545,17 +568,24 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
                 continue
             if layout == PADDED or row is None:
                 return layout
-            if defer:
-                self._layout_unverified = True
-                return layout
             error = layout_error(model, config, layout, row)
             if error <= tolerance(self._low_precision(model)):
                 return layout
             problem = self._leak_message(config, layout, error)
             if last:
                 raise OrpoError(problem)
-            warnings.warn(f"{problem}; trying the next layout", stacklevel=3)
+            warnings.warn(f"{problem}; trying the next layout", stacklevel=4)
         raise AssertionError("unreachable: the last candidate either returns or raises")
+
+    def _agreed_layout(self, layout: Layout) -> Layout:
+        """One layout for all processes (their collators and token budgets must match): the latest in
+        the fastest-first order of any process's choice, e.g. padded rows where one process could not
+        check its model."""
+        if self.accelerator.num_processes == 1:
+            return layout
+        order = candidate_layouts(None, None)
+        index = torch.tensor([order.index(layout)], device=self.accelerator.device)
+        return order[int(self.accelerator.gather(index).max())]
 
     @staticmethod
     def _leak_message(config, layout: Layout, error: float) -> str:
@@ -574,7 +604,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         if self._head_plan != "unresolved":
             return
         self._register_head_capture()
-        if self._layout_unverified:  # checked now that the engine has prepared the model
+        if self._layout_unverified and self._probe_row() is not None:
+            # checked on the whole model now that the engine has prepared it
             config = self.accelerator.unwrap_model(model).config
             error = layout_error(model, config, self.layout, self._probe_row())
             if not error <= tolerance(self._low_precision(model)):
@@ -595,9 +626,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         """Find the separable head once, and check it against the model's own logits on a few
         tokens of the first batch; any mismatch falls back to full logits with a warning."""
         if self._head_weight_partitioned():
-            # FSDP1 holds only a shard of the head's weight (inside a flat parameter) outside the model's
-            # forward; the model's own head is exact, at full-logits memory.
-            logger.info("FSDP1: computing the LM head inside the model")
+            # the model's own head is exact, at full-logits memory
+            logger.info("FSDP shards the LM head's weight outside its forward: computing it inside the model")
             return None
         unwrapped = self.accelerator.unwrap_model(model)
         plan = head_plan_for(unwrapped)
@@ -651,12 +681,16 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         return plugin is not None and plugin.zero_stage == 3
 
     def _head_weight_partitioned(self) -> bool:
-        """Whether the LM head's weight is only a shard once the model's forward has returned, with no
-        way to gather it: FSDP1 (flat parameters). FSDP2 keeps the root module's parameters, the head's
-        among them, unsharded from the forward until the backward, so the chunked head sees the whole
-        weight and its gradient reaches FSDP's reduce-scatter; ZeRO-3 gathers it (:meth:`_run_head`).
-        Tests for both: 2 processes == 1 process."""
-        return getattr(self, "is_fsdp_enabled", False) and not getattr(self.accelerator, "is_fsdp2", False)
+        """Whether the LM head's weight is only a shard outside the head's own forward, with no way for
+        our head to gather it: FSDP1 (flat parameters), and FSDP2 where the head is a unit of its own
+        (``FSDPLinear``; accelerate's auto-wrap makes it one). ZeRO-3 gathers it (:meth:`_run_head`;
+        tests: 2 processes == 1 process)."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return False
+        if not getattr(self.accelerator, "is_fsdp2", False):
+            return True
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        return type(head) is not nn.Linear
 
     def _head_hidden(self, model, plan: HeadPlan, inputs, positions) -> torch.Tensor:
         """Run the model body; the final hidden states ``[N, H]`` at the scored positions."""
