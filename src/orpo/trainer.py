@@ -183,6 +183,19 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
+def _plain_linear(module) -> bool:
+    """An ``nn.Linear`` itself, or one FSDP2 shards (class ``FSDPLinear``), not a subclass such as a
+    quantized layer."""
+    if type(module) is nn.Linear:
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    bases = [base for base in type(module).__bases__ if not issubclass(base, FSDPModule)]
+    return isinstance(module, FSDPModule) and bases == [nn.Linear]
+
+
 def head_plan_for(model: nn.Module) -> HeadPlan | None:
     """The separable LM head of ``model``, or None (then full logits are computed).
 
@@ -191,7 +204,7 @@ def head_plan_for(model: nn.Module) -> HeadPlan | None:
     ``final_logit_softcapping``. Quantized or adapter-wrapped heads are not.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not nn.Linear:
+    if not _plain_linear(head):
         return None
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
@@ -627,7 +640,9 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         tokens of the first batch; any mismatch falls back to full logits with a warning."""
         if self._head_weight_partitioned():
             # the model's own head is exact, at full-logits memory
-            logger.info("FSDP shards the LM head's weight outside its forward: computing it inside the model")
+            logger.info(
+                "FSDP1 shards the LM head's weight outside its forward: computing it inside the model"
+            )
             return None
         unwrapped = self.accelerator.unwrap_model(model)
         plan = head_plan_for(unwrapped)
@@ -681,16 +696,13 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         return plugin is not None and plugin.zero_stage == 3
 
     def _head_weight_partitioned(self) -> bool:
-        """Whether the LM head's weight is only a shard outside the head's own forward, with no way for
-        our head to gather it: FSDP1 (flat parameters), and FSDP2 where the head is a unit of its own
-        (``FSDPLinear``; accelerate's auto-wrap makes it one). ZeRO-3 gathers it (:meth:`_run_head`;
-        tests: 2 processes == 1 process)."""
-        if not getattr(self, "is_fsdp_enabled", False):
-            return False
-        if not getattr(self.accelerator, "is_fsdp2", False):
-            return True
-        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
-        return type(head) is not nn.Linear
+        """Whether the LM head's weight is only a shard once the model's forward has returned, with no
+        way for our head to gather it: FSDP1 (flat parameters). FSDP2 as accelerate applies it keeps the
+        last unit (final norm and LM head) unsharded from the forward to the backward, so the chunked
+        head sees the whole weight (an FSDP2 head resharded after its forward leaves a DTensor shard,
+        which the first-batch check catches, falling back to the model's logits); ZeRO-3 gathers it
+        (:meth:`_run_head`). Tests for both: 2 processes == 1 process."""
+        return getattr(self, "is_fsdp_enabled", False) and not getattr(self.accelerator, "is_fsdp2", False)
 
     def _head_hidden(self, model, plan: HeadPlan, inputs, positions) -> torch.Tensor:
         """Run the model body; the final hidden states ``[N, H]`` at the scored positions."""
