@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, required=True, help="per-process batch size")
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=None, help="a larger vocabulary (benchmarks)")
+    parser.add_argument("--model-head", action="store_true", help="the model's own full logits (benchmarks)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens_per_batch")
     parser.add_argument("--fsdp", action="store_true", help="FSDP full shard (FSDP2)")
@@ -95,7 +99,10 @@ def main() -> None:
     # (zero.Init), which draws other random weights than the 1-process run's. A model loaded by path
     # (--model-dir) is loaded after it, so under ZeRO-3 it is partitioned as it loads, as `orpo train`
     # does it.
-    model = args.model_dir or make_model(seed=3, **({"tie_word_embeddings": False} if args.untied else {}))
+    shape = {"tie_word_embeddings": False} if args.untied else {}
+    if args.vocab:
+        shape["vocab_size"] = args.vocab
+    model = args.model_dir or make_model(seed=3, **shape)
     if args.model_dir and args.zero == 3:
         # On GPUs accelerate starts DeepSpeed's communication; on CPU it leaves it to torch, and zero.Init
         # would then see 1 process.
@@ -143,7 +150,13 @@ def main() -> None:
     )
     # under ZeRO-3 a model loaded by path is partitioned as it loads (zero.Init): its parameters carry ids
     partitioned_at_load = hasattr(next(trainer.model.parameters()), "ds_id")
+    if args.model_head:
+        trainer._resolve_head = lambda model, inputs: None
+    memory_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
     trainer.train()
+    seconds = time.perf_counter() - start
+    peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - memory_before) / 1024
     trainer.save_model(args.out)
     if trainer.is_world_process_zero():
         history = [
@@ -154,6 +167,9 @@ def main() -> None:
         Path(args.out, "world_size.txt").write_text(str(int(os.environ.get("WORLD_SIZE", "1"))))
         Path(args.out, "head.txt").write_text("model" if trainer._head_plan is None else "chunked")
         Path(args.out, "layout.txt").write_text(trainer.layout.description)
+        Path(args.out, "cost.json").write_text(
+            json.dumps({"seconds": seconds, "peak_increase_mib": peak_mib})
+        )
         engine = "fsdp2" if trainer.accelerator.is_fsdp2 else trainer.accelerator.distributed_type.value
         Path(args.out, "engine.txt").write_text(engine)
         Path(args.out, "partitioned_at_load.txt").write_text(str(partitioned_at_load))

@@ -72,3 +72,17 @@ def test_bench_vs_trl_micro_runs_both_trainers_and_the_losses_agree(tmp_path):
     # Same model, same batch, orpo with nll_include_prompt=True: TRL's objective, to fp32 rounding.
     assert micro["loss_check"]["relative_difference"] <= 1e-5
     assert "speed orpo/TRL" in stdout
+
+
+def test_bench_sharded_head_runs_both_heads_side_by_side():
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_sharded_head.py"), "--engines", "ddp", "--vocab", "2000"]
+        + ["--steps", "1", "--batch", "2", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {tuple(line.split()[:2]) for line in proc.stdout.splitlines() if line.strip().startswith("ddp")}
+    assert {("ddp", "chunked"), ("ddp", "model")} <= rows
+    assert "ddp chunked/model: peak memory" in proc.stdout
