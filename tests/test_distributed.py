@@ -166,8 +166,8 @@ def test_deepspeed_zero3_lora_on_a_base_partitioned_as_it_loads(tmp_path):
     one = launch(tmp_path, "one", 1, 4, 1, 3, "--lora", "--model-dir", str(base))
     zero3 = launch(tmp_path, "zero3", 2, 2, 1, 3, "--zero", "3", "--lora", "--model-dir", str(base))
     assert (tmp_path / "zero3" / "partitioned_at_load.txt").read_text() == "True"
-    # a partitioned model cannot be checked at construction: auto means padded rows
-    assert (tmp_path / "zero3" / "layout.txt").read_text() == "padded rows"
+    # checked at construction on the first layers, gathered from their partitions
+    assert (tmp_path / "zero3" / "layout.txt").read_text() == PACKED_SHARED
     assert (tmp_path / "one" / "partitioned_at_load.txt").read_text() == "False"
     assert_same_run(one, zero3)
 

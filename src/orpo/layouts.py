@@ -230,9 +230,21 @@ def layout_error(model, config, layout: Layout, feature: dict) -> float:
 
 
 def probe_ready(model) -> bool:
-    """Whether the model can run the layout check as it is: every parameter holds its values here (not
-    on the meta device, as an engine's rank-0-only loading leaves the others; not a ZeRO-3 partition)."""
-    return all(not p.is_meta and not hasattr(p, "ds_id") for p in model.parameters())
+    """Whether the model can run the layout check here: no parameter is on the meta device (as an
+    engine's rank-0-only loading leaves the other processes' models). ZeRO-3 partitions are gathered
+    for the check (:func:`whole_parameters`)."""
+    return not any(p.is_meta for p in model.parameters())
+
+
+def whole_parameters(model):
+    """A context in which the model's parameters are whole: ZeRO-3 partitions (a model initialised or
+    loaded under ``zero.Init``) are gathered, on every process together; anything else is left as is."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 @contextlib.contextmanager

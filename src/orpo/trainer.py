@@ -50,6 +50,7 @@ from orpo.layouts import (
     probe_ready,
     tolerance,
     unsupported_reason,
+    whole_parameters,
 )
 from orpo.logprobs import (
     chunk_size_for,
@@ -540,11 +541,11 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         warning; a layout asked for that fails is an error.
 
         A model an engine prepares later (FSDP, DeepSpeed, model parallel) is checked here on its first
-        decoder layers, where it is (usually the CPU), if every parameter is at hand; all processes then
+        decoder layers, where it is (usually the CPU; ZeRO-3 partitions gathered); all processes then
         take the most conservative of their choices, and the whole prepared model is checked again on
-        the first batch, where a failure can only be an error. A model not at hand here (meta or
-        partitioned parameters), or no data row yet: only layouts asked for explicitly, checked on the
-        first batch; auto means padded rows."""
+        the first batch, where a failure can only be an error. A model not at hand here (meta
+        parameters), or no data row yet: only layouts asked for explicitly, checked on the first batch;
+        auto means padded rows."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         config = unwrapped.config
         row = self._probe_row()
@@ -556,7 +557,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             if not engine:
                 return self._first_exact_layout(unwrapped, config, candidates, row)
             try:
-                with first_layers(unwrapped):
+                with first_layers(unwrapped), whole_parameters(unwrapped):
                     layout = self._first_exact_layout(unwrapped, config, candidates, row)
             except OrpoError:
                 raise
