@@ -103,14 +103,16 @@ def test_token_budget_batches_split_across_processes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flags", [(), ("--untied", "--unfused")], ids=["tied-head-fused", "own-head-unfused"]
+    "flags",
+    [(), ("--untied", "--unfused"), ("--lora",)],
+    ids=["tied-head-fused", "own-head-unfused", "lora"],
 )
 def test_fsdp2_full_shard_with_the_chunked_head_equals_one_process(tmp_path, reference, flags):
     """FSDP2 full shard over 2 processes (really sharded: see distributed_run.run_fsdp_on_cpu) equals
     1 process with the same global batch. accelerate puts the LM head in the last FSDP unit, which stays
     unsharded from the forward to the backward: the chunked head sees the whole weight, and its
     gradient reaches FSDP's reduce-scatter."""
-    one = reference(4, 1, 3, *(["--untied"] if "--untied" in flags else []))
+    one = reference(4, 1, 3, *[f for f in flags if f in ("--untied", "--lora")])
     fsdp = launch(tmp_path, "fsdp", 2, 2, 1, 3, "--fsdp", *flags)
     assert (tmp_path / "fsdp" / "engine.txt").read_text() == "fsdp2"
     assert (tmp_path / "fsdp" / "head.txt").read_text() == "chunked"
