@@ -66,12 +66,8 @@ def assert_same_run(a, b):
             # abs: margins and log-odds are differences of O(1) terms, so their float32 noise (other
             # summation orders) is absolute, ~1e-7 of the terms, however small the difference
             assert step_a[name] == pytest.approx(step_b[name], rel=1e-5, abs=1e-6), (step_a["step"], name)
-    # DeepSpeed's ZeRO-2 state dict also lists a tied head weight under its own name: the same values
-    extra = weights_b.keys() - weights_a.keys()
-    assert extra <= {"lm_head.weight"}, extra
-    for name in extra:
-        assert torch.equal(weights_b[name], weights_b["model.embed_tokens.weight"])
-    assert weights_a.keys() <= weights_b.keys()
+    # the same names: a tied head weight is saved once, whatever state dict the engine gathered
+    assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         assert torch.allclose(weights_a[name], weights_b[name], rtol=1e-5, atol=1e-7), name
 

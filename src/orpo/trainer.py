@@ -774,6 +774,21 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             logits = model(**self._forward_kwargs(model, inputs), use_cache=False).logits
         return full_target_logprobs(logits.reshape(-1, logits.shape[-1]).index_select(0, positions), targets)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's save, without a second copy of a tied weight: the state dict an engine gathers
+        (DeepSpeed ZeRO-2 clones every tensor) lists it under both names, and transformers only drops
+        names that share storage. ``from_pretrained`` ties it again."""
+        if state_dict is not None:
+            tied = getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}
+            state_dict = {
+                name: tensor
+                for name, tensor in state_dict.items()
+                if not (
+                    name in tied and tied[name] in state_dict and torch.equal(tensor, state_dict[tied[name]])
+                )
+            }
+        super()._save(output_dir, state_dict)
+
     # ---- loss and its normalisation over the optimizer step ----------------------------------------
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
