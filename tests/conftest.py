@@ -61,7 +61,9 @@ def make_model(seed: int = 0, **overrides):
     return tiny_model(seed=seed, **{**TINY, **overrides})
 
 
-def family_model(config_class, seed: int = 0, attn_implementation: str | None = None, **special):
+def family_model(
+    config_class, seed: int = 0, attn_implementation: str | None = None, layers: int = 2, **special
+):
     """A tiny model of any family (config class), e.g. to test its logit transform or attention masks."""
     from transformers import AutoModelForCausalLM
 
@@ -69,7 +71,7 @@ def family_model(config_class, seed: int = 0, attn_implementation: str | None = 
         vocab_size=259,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         pad_token_id=0,
         eos_token_id=2,

@@ -285,22 +285,14 @@ def test_engine_models_not_at_hand_check_the_layout_on_the_first_batch(
 
 
 def test_first_layers_keeps_the_first_layers_and_one_of_each_attention_type():
-    from transformers import AutoModelForCausalLM, Gemma2Config
+    from transformers import Gemma2Config
 
     from orpo.layouts import first_layers
 
-    config = Gemma2Config(
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=6,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        layer_types=["sliding_attention"] * 5 + ["full_attention"],
-        sliding_window=4,
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    model = family_model(
+        Gemma2Config, layers=6, num_key_value_heads=1, head_dim=16, layer_types=types, sliding_window=4
     )
-    model = AutoModelForCausalLM.from_config(config)
     layers = list(model.model.layers)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
     with first_layers(model):
