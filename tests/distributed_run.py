@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=None, help="a larger vocabulary (benchmarks)")
     parser.add_argument("--model-head", action="store_true", help="the model's own full logits (benchmarks)")
+    parser.add_argument("--eval", action="store_true", help="evaluate every step and after training")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens_per_batch")
     parser.add_argument("--fsdp", action="store_true", help="FSDP full shard (FSDP2)")
@@ -120,6 +121,7 @@ def main() -> None:
         max_grad_norm=1.0,
         orpo_alpha=0.5,
         logging_steps=1,
+        **({"eval_strategy": "steps", "eval_steps": 2, "per_device_eval_batch_size": 3} if args.eval else {}),
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -145,6 +147,7 @@ def main() -> None:
         model=model,
         args=config,
         train_dataset=Dataset.from_list(toy_rows(64, seed=1)),
+        eval_dataset=Dataset.from_list(toy_rows(12, seed=2)) if args.eval else None,
         processing_class=demo_tokenizer(),
         peft_config=lora_config() if args.lora else None,
     )
@@ -158,12 +161,14 @@ def main() -> None:
     seconds = time.perf_counter() - start
     peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - memory_before) / 1024
     trainer.save_model(args.out)
+    final_eval = trainer.evaluate() if args.eval else {}
     if trainer.is_world_process_zero():
         history = [
             {k: v for k, v in entry.items() if isinstance(v, int | float)}
             for entry in trainer.state.log_history
         ]
         Path(args.out, "history.json").write_text(json.dumps(history, indent=1))
+        Path(args.out, "eval.json").write_text(json.dumps(final_eval, indent=1))
         Path(args.out, "world_size.txt").write_text(str(int(os.environ.get("WORLD_SIZE", "1"))))
         Path(args.out, "head.txt").write_text("model" if trainer._head_plan is None else "chunked")
         Path(args.out, "layout.txt").write_text(trainer.layout.description)

@@ -41,7 +41,11 @@ def launch(tmp_path, name, processes, batch, accum=1, steps=3, *extra):
     assert (out / "world_size.txt").read_text() == str(processes)
     history = [h for h in json.loads((out / "history.json").read_text()) if "loss" in h]
     saved = out / "adapter_model.safetensors"  # a LoRA run saves the adapter only
-    return history, load_file(str(saved if saved.exists() else out / "model.safetensors"))
+    weights = load_file(str(saved if saved.exists() else out / "model.safetensors"))
+    # with --eval: the evaluations during training (in the history) and the one after it
+    evaluations = [h for h in json.loads((out / "history.json").read_text()) if "eval_loss" in h]
+    evaluations.append(json.loads((out / "eval.json").read_text()))
+    return history, weights, evaluations
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +63,19 @@ def reference(tmp_path_factory):
 
 
 def assert_same_run(a, b):
-    (history_a, weights_a), (history_b, weights_b) = a, b
+    (history_a, weights_a, evaluations_a), (history_b, weights_b, evaluations_b) = a, b
     assert len(history_a) == len(history_b) > 0
+    assert len(evaluations_a) == len(evaluations_b)
     for step_a, step_b in zip(history_a, history_b, strict=True):
         for name in STEP_METRICS:
             # abs: margins and log-odds are differences of O(1) terms, so their float32 noise (other
             # summation orders) is absolute, ~1e-7 of the terms, however small the difference
             assert step_a[name] == pytest.approx(step_b[name], rel=1e-5, abs=1e-6), (step_a["step"], name)
+    for eval_a, eval_b in zip(evaluations_a, evaluations_b, strict=True):
+        for name in STEP_METRICS:
+            key = f"eval_{name}"
+            if key in eval_a or key in eval_b:
+                assert eval_a[key] == pytest.approx(eval_b[key], rel=1e-5, abs=1e-6), key
     # the same names: a tied head weight is saved once, whatever state dict the engine gathered
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
@@ -100,15 +110,15 @@ def test_token_budget_batches_split_across_processes(tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [(), ("--untied", "--unfused"), ("--lora",)],
-    ids=["tied-head-fused", "own-head-unfused", "lora"],
+    [("--eval",), ("--untied", "--unfused"), ("--lora",)],
+    ids=["tied-head-fused-eval", "own-head-unfused", "lora"],
 )
 def test_fsdp2_full_shard_with_the_chunked_head_equals_one_process(tmp_path, reference, flags):
     """FSDP2 full shard over 2 processes (really sharded: see distributed_run.run_fsdp_on_cpu) equals
     1 process with the same global batch. accelerate puts the LM head in the last FSDP unit, which stays
     unsharded from the forward to the backward: the chunked head sees the whole weight, and its
-    gradient reaches FSDP's reduce-scatter."""
-    one = reference(4, 1, 3, *[f for f in flags if f in ("--untied", "--lora")])
+    gradient reaches FSDP's reduce-scatter. Evaluation (during and after training) equals too."""
+    one = reference(4, 1, 3, *[f for f in flags if f in ("--untied", "--lora", "--eval")])
     fsdp = launch(tmp_path, "fsdp", 2, 2, 1, 3, "--fsdp", *flags)
     assert (tmp_path / "fsdp" / "engine.txt").read_text() == "fsdp2"
     assert (tmp_path / "fsdp" / "head.txt").read_text() == "chunked"
@@ -133,19 +143,19 @@ def test_deepspeed_zero2_equals_one_process(tmp_path, reference):
 
 @pytest.mark.parametrize(
     "flags",
-    [("--untied",), ("--untied", "--unfused"), ("--packed-shared", "--gradient-checkpointing")],
-    ids=["own-head-fused", "own-head-unfused", "tied-head-packed-shared-checkpointing"],
+    [("--untied",), ("--untied", "--unfused"), ("--packed-shared", "--gradient-checkpointing", "--eval")],
+    ids=["own-head-fused", "own-head-unfused", "tied-head-packed-shared-checkpointing-eval"],
 )
 def test_deepspeed_zero3_gathers_the_head_for_the_chunked_head(tmp_path, reference, flags):
     """ZeRO-3 partitions every parameter (the harness sets no persistence threshold): the chunked head
     runs as a call of the head module, so DeepSpeed gathers its weight for the forward and for the
     backward; its gradient reaches ZeRO's reduce-scatter, and 2 processes equal 1 process. A head
     weight of its own (untied) is the case a plain gather would break: its gradient is accumulated
-    right after the head's backward, when the weight must still be whole."""
+    right after the head's backward, when the weight must still be whole. Evaluation equals too."""
     _needs_deepspeed()
     # the reference: 1 process, the same model, default layout, fused head, no checkpointing (none of
     # which change results)
-    one = reference(4, 1, 3, *(["--untied"] if "--untied" in flags else []))
+    one = reference(4, 1, 3, *[f for f in flags if f in ("--untied", "--eval")])
     zero3 = launch(tmp_path, "zero3", 2, 2, 1, 3, "--zero", "3", *flags)
     assert (tmp_path / "zero3" / "head.txt").read_text() == "chunked"
     # asked for or not: checked on the first layers before partitioning, on the whole model after
