@@ -47,6 +47,21 @@ def test_batches_fit_the_budget_and_cover_every_pair_once(layout):
     assert sum(costs) < sum(random_costs)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.description)
+def test_each_batch_takes_the_most_pairs_that_fit(layout):
+    """A batch's pairs are a run of the longest-first order, and one more pair would not fit (the cut
+    bisects the count; for layouts whose tokens only grow with pairs that is the greedy cut)."""
+    lengths = random_lengths(seed=1)
+    sampler = TokenBudgetBatchSampler(lengths, 2048, layout.batch_tokens)
+    order = [i for batch in sampler.batches for i in batch]
+    assert order == sorted(range(len(lengths)), key=lambda i: (-sum(lengths[i]), i))
+    start = 0
+    for batch in sampler.batches[:-1]:
+        one_more = [lengths[i] for i in order[start : start + len(batch) + 1]]
+        assert layout.batch_tokens(one_more) > 2048
+        start += len(batch)
+
+
 def test_short_pairs_make_bigger_batches():
     lengths = [(4, 2, 2)] * 50 + [(100, 20, 20)] * 50
     sampler = TokenBudgetBatchSampler(lengths, 2000, Layout(shared=True).batch_tokens)

@@ -2,9 +2,9 @@
 included, as the batch layout lays them out), grouped by length so a batch of short pairs and a batch
 of long pairs cost about the same and little is padded.
 
-The batches are fixed for the run (pairs sorted by length, cut greedily at the budget); each epoch
-visits them in a new order drawn from the seed and the epoch, so the number of batches per epoch never
-changes and a resumed run replays the same order. With several processes each takes every N-th batch
+The batches are fixed for the run (pairs sorted by length, each batch the most of them that fit the
+budget, found by bisecting the count); each epoch visits them in a new order drawn from the seed and
+the epoch, so the number of batches per epoch never changes and a resumed run replays the same order. With several processes each takes every N-th batch
 of that order (the last round wraps around to the start), so all take the same number of steps.
 """
 
@@ -76,8 +76,6 @@ class TokenBudgetBatchSampler:
     def _cut(lengths, max_tokens, batch_tokens, source, row_index) -> list[list[int]]:
         # Longest first: the first pair of a batch sets its width, the rest are no longer.
         order = sorted(range(len(lengths)), key=lambda i: (-sum(lengths[i]), i))
-        batches: list[list[int]] = []
-        current: list[int] = []
         for index in order:
             needed = batch_tokens([lengths[index]])
             if needed > max_tokens:
@@ -86,12 +84,26 @@ class TokenBudgetBatchSampler:
                     f"{needed} tokens on its own in this batch layout; raise max_tokens_per_batch to at least "
                     f"{needed} or lower max_length"
                 )
-            if current and batch_tokens([lengths[i] for i in current] + [lengths[index]]) > max_tokens:
-                batches.append(current)
-                current = []
-            current.append(index)
-        if current:
-            batches.append(current)
+
+        def fits(start: int, count: int) -> bool:
+            return batch_tokens([lengths[i] for i in order[start : start + count]]) <= max_tokens
+
+        # Each batch takes the most pairs that fit, found by doubling then bisecting the count (a batch's
+        # tokens grow with its pairs): O(log k) layout evaluations per batch of k pairs instead of k.
+        batches: list[list[int]] = []
+        start = 0
+        while start < len(order):
+            remaining = len(order) - start
+            fit, step = 1, 1  # `fit` pairs fit
+            while fit < remaining and fits(start, min(fit + step, remaining)):
+                fit = min(fit + step, remaining)
+                step *= 2
+            high = min(fit + step, remaining + 1)  # does not fit, or is past the end
+            while high - fit > 1:
+                middle = (fit + high) // 2
+                fit, high = (middle, high) if fits(start, middle) else (fit, middle)
+            batches.append(order[start : start + fit])
+            start += fit
         return batches
 
     def set_epoch(self, epoch: int) -> None:
