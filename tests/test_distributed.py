@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import STEP_METRICS, make_model
 
 RUN = Path(__file__).resolve().parent / "distributed_run.py"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 PACKED_SHARED = "shared prompt prefix, pairs packed into rows"
 
 
@@ -180,22 +181,29 @@ def test_deepspeed_zero3_lora_on_a_base_partitioned_as_it_loads(tmp_path):
     assert_same_run(one, zero3)
 
 
-def test_orpo_train_with_two_processes_exits_cleanly(tmp_path):
-    """The command line under torchrun: both processes train, the model is saved, and the exit is clean
-    (orpo.shutdown: trainer released, barrier, process group destroyed; without it some runs abort at
-    interpreter exit)."""
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # the README's two-CPU-process command
+    "accelerate": ["-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "ddp-cpu.yaml")],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_orpo_train_with_two_processes_exits_cleanly(tmp_path, launcher):
+    """The command line under torchrun and accelerate launch: both processes train, the model is saved,
+    and the exit is clean (orpo.shutdown: trainer released, barrier, process group destroyed; without
+    it some runs abort at interpreter exit)."""
     config = tmp_path / "run.yaml"
     config.write_text(
         "model: demo\ndatasets: [demo:train]\nper_device_train_batch_size: 4\nmax_steps: 2\n"
-        f"max_length: 64\nmax_prompt_length: 32\nsave_strategy: 'no'\nuse_cpu: true\noutput_dir: {tmp_path / 'out'}\n"
+        f"max_length: 64\nmax_prompt_length: 32\nsave_strategy: 'no'\noutput_dir: {tmp_path / 'out'}\n"
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "orpo", "train", str(config), "--disable_tqdm", "true"]
+    cmd = [sys.executable, *LAUNCHERS[launcher], "-m", "orpo", "train", str(config), "--disable_tqdm", "true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "terminate called" not in proc.stderr
-    assert proc.stdout.count("final metrics:") == 2  # each process reports its (global) metrics
+    assert proc.stdout.count("final metrics:") == 2  # two processes trained; each reports the global metrics
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 

@@ -12,7 +12,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 
 EXPECTED = {
     "ddp.yaml": (DistributedType.MULTI_GPU, None),
-    "ddp-cpu.yaml": (DistributedType.MULTI_CPU, None),
+    "ddp-cpu.yaml": (DistributedType.MULTI_GPU, None),
     "fsdp.yaml": (DistributedType.FSDP, None),
     "deepspeed-zero2.yaml": (DistributedType.DEEPSPEED, 2),
     "deepspeed-zero3-lora.yaml": (DistributedType.DEEPSPEED, 3),
