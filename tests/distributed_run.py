@@ -1,5 +1,6 @@
-"""A short ORPOTrainer run for the multi-process tests: launched by ``torchrun`` with 1 or N
-processes, it writes the logged history and the final weights to ``--out``.
+"""A short ORPOTrainer run for the multi-process tests (and benchmarks/bench_sharded_head.py): launched
+by ``torchrun`` with 1 or N processes, it writes to ``--out`` the logged history, the final weights (or
+adapter), the evaluation (``--eval``) and what the run used: engine.txt, layout.txt, head.txt, cost.json.
 
     torchrun --nproc_per_node 2 tests/distributed_run.py --out DIR --batch 2 --accum 1 --steps 3
 """
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=None, help="a larger vocabulary (benchmarks)")
     parser.add_argument("--model-head", action="store_true", help="the model's own full logits (benchmarks)")
-    parser.add_argument("--eval", action="store_true", help="evaluate every step and after training")
+    parser.add_argument("--eval", action="store_true", help="evaluate every 2 steps and after training")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens_per_batch")
     parser.add_argument("--fsdp", action="store_true", help="FSDP full shard (FSDP2)")
