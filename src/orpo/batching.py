@@ -4,8 +4,9 @@ of long pairs cost about the same and little is padded.
 
 The batches are fixed for the run (pairs sorted by length, each batch the most of them that fit the
 budget, found by bisecting the count); each epoch visits them in a new order drawn from the seed and
-the epoch, so the number of batches per epoch never changes and a resumed run replays the same order. With several processes each takes every N-th batch
-of that order (the last round wraps around to the start), so all take the same number of steps.
+the epoch, so the number of batches per epoch never changes and a resumed run replays the same order.
+With several processes each takes every N-th batch of that order (the last round wraps around to the
+start), so all take the same number of steps.
 """
 
 from __future__ import annotations

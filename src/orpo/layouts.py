@@ -256,15 +256,15 @@ def first_layers(model, keep: int = 2):
     the time. The whole model is checked again on the first batch."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     count = getattr(config, "num_hidden_layers", None)
-    found = None
-    if isinstance(count, int):
-        for module in model.modules():
-            for name, child in module.named_children():
-                if isinstance(child, torch.nn.ModuleList) and len(child) == count:
-                    found = (module, name, child)
-                    break
-            if found:
-                break
+    found = next(
+        (
+            (module, name, child)
+            for module in model.modules()
+            for name, child in module.named_children()
+            if isinstance(child, torch.nn.ModuleList) and len(child) == count
+        ),
+        None,
+    )
     if found is None or count <= keep:
         yield
         return

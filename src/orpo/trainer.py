@@ -618,10 +618,11 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         if self._head_plan != "unresolved":
             return
         self._register_head_capture()
-        if self._layout_unverified and self._probe_row() is not None:
+        row = self._probe_row()
+        if self._layout_unverified and row is not None:
             # checked on the whole model now that the engine has prepared it
             config = self.accelerator.unwrap_model(model).config
-            error = layout_error(model, config, self.layout, self._probe_row())
+            error = layout_error(model, config, self.layout, row)
             if not error <= tolerance(self._low_precision(model)):
                 raise OrpoError(
                     self._leak_message(config, self.layout, error)
