@@ -93,6 +93,38 @@ def test_layout_equals_padded(tmp_path, tokenizer, skewed_dataset, layout, famil
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """Flex attention run without torch's compiler (the same numbers as its fused kernel, within
+    rounding): on the CPU the compiler fails on some masks (a C++ error on transformers' own
+    packed-sequence mask), and flex attention has no backward there, so these tests check forward
+    results only."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations import flex_attention as integration
+
+    def uncompiled(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(integration, "compile_friendly_flex_attention", uncompiled)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_flex_attention_layout_equals_padded(tmp_path, tokenizer, skewed_dataset, eager_flex, layout, family):
+    """Flex attention takes the shared-prefix rows as a block mask: log-probs and loss equal the padded
+    layout's (forward only, see ``eager_flex``; ``benchmarks/gpu_check.py`` compares gradients on a GPU)."""
+    model = tiny(family, "flex_attention")
+    results = {}
+    for name, options in (("padded", PADDED), (layout, LAYOUTS[layout])):
+        trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, orpo_alpha=0.5, **options)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+        with torch.no_grad():
+            results[name] = trainer.scored_logprobs(model, batch)[0], trainer.compute_loss(model, batch)
+    (logps_a, loss_a), (logps_b, loss_b) = results["padded"], results[layout]
+    assert torch.allclose(logps_a, logps_b, atol=1e-5)
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-5)
+
+
 def test_packed_rows_are_fewer_and_no_longer_than_padded_rows(tmp_path, tokenizer, skewed_dataset):
     trainer = trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset, **LAYOUTS["packed"])
     features = [trainer.train_dataset[i] for i in range(6)]
@@ -117,8 +149,8 @@ def test_packed_rows_are_fewer_and_no_longer_than_padded_rows(tmp_path, tokenize
 
 
 @pytest.mark.parametrize("layout", ["shared", "packed-shared"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_rejected_never_sees_chosen(tmp_path, tokenizer, skewed_dataset, attn, layout):
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
+def test_rejected_never_sees_chosen(tmp_path, tokenizer, skewed_dataset, eager_flex, attn, layout):
     model = tiny("llama", attn)
     trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, **LAYOUTS[layout])
     features = [trainer.train_dataset[i] for i in range(6)]
@@ -175,10 +207,10 @@ def _patch(monkeypatch, *patches):
         monkeypatch.setattr(importlib.import_module(module), name, replacement)
 
 
-@pytest.mark.parametrize("attn,expected", [("sdpa", "packed-shared"), ("eager", "packed-shared")])
-def test_default_is_the_fastest_exact_layout(tmp_path, tokenizer, skewed_dataset, attn, expected):
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_default_is_the_fastest_exact_layout(tmp_path, tokenizer, skewed_dataset, eager_flex, attn):
     trainer = trainer_for(tmp_path, tiny("llama", attn), tokenizer, skewed_dataset)
-    assert (trainer.layout.packed, trainer.layout.shared) == tuple(LAYOUTS[expected].values())
+    assert (trainer.layout.packed, trainer.layout.shared) == tuple(LAYOUTS["packed-shared"].values())
     assert trainer.layout.description == "shared prompt prefix, pairs packed into rows"
 
 

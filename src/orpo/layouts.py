@@ -3,9 +3,9 @@ proves it on the model itself.
 
 The collators (:mod:`orpo.collator`) lay tokens out; this module decides which of them a model and
 attention backend support and turns a collated batch into forward arguments (the shared-prefix
-layouts need a 4D mask). A layout is never trusted on the backend's name alone: :func:`layout_error`
-runs one preference row laid out both ways and compares the log-probs, so a model that ignores
-restarting ``position_ids`` or a 4D mask is caught before it trains on a wrong loss.
+layouts need a mask of their own). A layout is never trusted on the backend's name alone:
+:func:`layout_error` runs one preference row laid out both ways and compares the log-probs, so a
+model that ignores restarting ``position_ids`` or our mask is caught before it trains on a wrong loss.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from orpo.collator import (
     first_fit_decreasing,
 )
 
-# Backends that take our 4D shared-prefix mask as it is (flash attention takes no mask at all).
-PREFIX_SHARING_BACKENDS = ("eager", "sdpa")
+# Backends that take our shared-prefix mask as it is: a 4D tensor, or flex attention's block mask (flash
+# attention takes no mask at all).
+PREFIX_SHARING_BACKENDS = ("eager", "sdpa", "flex_attention")
 # Backends whose transformers integration confines attention to each packed sequence from restarting
 # position_ids (block-causal masks for eager / sdpa / flex, variable-length kernels for flash).
 PACKING_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -103,22 +104,37 @@ def candidate_layouts(padding_free: bool | None, prefix_sharing: bool | None) ->
     return [Layout(packed=p, shared=s) for s in shared for p in packed]
 
 
-def shared_prefix_mask(
-    segment_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype
-) -> torch.Tensor:
-    """The 4D attention mask of :class:`~orpo.collator.SharedPrefixCollator` rows: causal within each
-    unit (pair), no padding keys, and rejected tokens never see chosen ones. Boolean for sdpa;
-    additive (0 / dtype min) for eager, which adds the mask to the scores."""
-    length = segment_ids.shape[1]
-    index = torch.arange(length, device=segment_ids.device)
-    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+def _attends(query, key, query_segment, key_segment):
+    """Whether a query token may attend to a key token of a :class:`~orpo.collator.SharedPrefixCollator`
+    row (broadcasting indices and segment ids): causal within each unit (pair), never a padding key,
+    rejected tokens never see chosen ones; every token sees itself, so padding rows are not empty."""
     allowed = (
-        (index[:, None] >= index[None, :])
-        & (key >= 0)
-        & (query // 3 == key // 3)  # same unit
-        & ~((query % 3 == REJECTED) & (key % 3 == CHOSEN))
+        (query >= key)
+        & (key_segment >= 0)
+        & (query_segment // 3 == key_segment // 3)  # same unit
+        & ~((query_segment % 3 == REJECTED) & (key_segment % 3 == CHOSEN))
     )
-    allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device)  # padding rows: not empty
+    return allowed | (query == key)
+
+
+def shared_prefix_mask(segment_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype):
+    """The attention mask of shared-prefix rows, in the form the backend takes: a flex-attention
+    ``BlockMask`` (blocks no query sees, such as a rejected response's view of its chosen one, are
+    skipped, and no ``[T, T]`` mask is kept); a 4D boolean mask for sdpa; an additive one
+    (0 / dtype min) for eager, which adds the mask to the scores."""
+    batch, length = segment_ids.shape
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, k):
+            return _attends(q, k, segment_ids[b, q], segment_ids[b, k])
+
+        # compiled as transformers compiles its own block masks (eager would evaluate all B x T x T)
+        return create_block_mask(
+            mask_mod, batch, None, length, length, device=segment_ids.device, _compile=True
+        )
+    index = torch.arange(length, device=segment_ids.device)
+    allowed = _attends(index[:, None], index[None, :], segment_ids[:, :, None], segment_ids[:, None, :])
     allowed = allowed[:, None]  # [B, 1, T, T]
     if attn_implementation == "sdpa":
         return allowed
@@ -129,7 +145,7 @@ def shared_prefix_mask(
 def model_inputs(batch: dict, config, dtype: torch.dtype) -> dict:
     """The forward arguments of a collated batch: padded rows carry an ``attention_mask``; packed rows
     carry restarting ``position_ids`` and no mask (that is how transformers recognises packed
-    sequences); shared-prefix rows get their 4D mask built from ``segment_ids``."""
+    sequences); shared-prefix rows get their mask built from ``segment_ids``."""
     kwargs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
     if "segment_ids" in batch:
         impl = attn_implementation(config)
