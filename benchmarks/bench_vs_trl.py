@@ -134,6 +134,11 @@ ORPO_VARIANTS = {
     "orpo-shared": (False, True, True),
     "orpo-budget": (None, None, True),  # the default plus max_tokens_per_batch (length-grouped batches)
     "orpo-compiled": (None, None, True),  # the default plus torch_compile (compare steady state: --warmup)
+    # the default on a model loaded with attn_implementation="flex_attention" (a block mask for the
+    # shared-prefix rows; GPU only: flex attention has no backward on the CPU)
+    "orpo-flex": (None, None, True),
+    # the default plus use_liger_kernel (Liger's Triton RMSNorm / SwiGLU / RoPE; GPU only)
+    "orpo-liger": (None, None, True),
 }
 
 
@@ -155,6 +160,7 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
         num_key_value_heads=scenario.kv_heads or heads,
         max_position_embeddings=4096,
         tie_word_embeddings=scenario.tie,
+        attn_implementation="flex_attention" if impl == "orpo-flex" else "sdpa",
     )
     tokenizer = demo_tokenizer()
     common = dict(
@@ -183,6 +189,7 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
         args = ORPOConfig(
             max_tokens_per_batch=scenario.token_budget if impl == "orpo-budget" else None,
             torch_compile=impl == "orpo-compiled",
+            use_liger_kernel=impl == "orpo-liger",
             padding_free=padding_free,
             prefix_sharing=prefix_sharing,
             orpo_alpha=ALPHA,
@@ -369,6 +376,14 @@ def main() -> None:
         return
     if importlib.util.find_spec("trl") is None:
         sys.exit("TRL is not installed: pip install -e '.[bench]'")
+    gpu_only = sorted({"orpo-flex", "orpo-liger"} & set(args.impls))
+    if gpu_only:
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit(
+                f"{', '.join(gpu_only)} train on a CUDA GPU only (flex attention has no CPU backward; Liger is Triton)"
+            )
     cpu_scenarios = [n for n, sc in SCENARIOS.items() if n != "micro" and not sc.gpu]
     names = cpu_scenarios if args.all else (args.scenario or ["small-vocab"])
     results = {}

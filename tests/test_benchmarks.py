@@ -86,3 +86,11 @@ def test_bench_sharded_head_runs_both_heads_side_by_side():
     rows = {tuple(line.split()[:2]) for line in proc.stdout.splitlines() if line.strip().startswith("ddp")}
     assert {("ddp", "chunked"), ("ddp", "model")} <= rows
     assert "ddp chunked/model: peak memory" in proc.stdout
+
+
+def test_gpu_check_runs_its_sdpa_checks_on_the_cpu(tmp_path):
+    result, stdout = run("gpu_check.py", "--device", "cpu", tmp_path=tmp_path)
+    sdpa = [name for name in result if " sdpa:" in name]
+    assert len(sdpa) == 2 and all(result[name]["ok"] for name in sdpa)
+    assert all("GPUs only" in result[name]["skipped"] for name in result if name not in sdpa)
+    assert "ok   llama sdpa: packed shared-prefix vs padded" in stdout
