@@ -94,3 +94,45 @@ def test_gpu_check_runs_its_sdpa_checks_on_the_cpu(tmp_path):
     assert len(sdpa) == 2 and all(result[name]["ok"] for name in sdpa)
     assert all("GPUs only" in result[name]["skipped"] for name in result if name not in sdpa)
     assert "ok   llama sdpa: packed shared-prefix vs padded" in stdout
+
+
+def test_mfu_ceiling_counts_the_models_own_matmuls(tmp_path):
+    """The ceiling's FLOPs come from the scenario model's real linear layers (q, k, v, o, MLP, head)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import torch
+    from bench_mfu_ceiling import linear_shapes
+    from bench_vs_trl import SCENARIOS
+
+    from orpo.demo import tiny_model
+
+    for name in ("gpu-0.5b", "micro"):
+        s = SCENARIOS[name]
+        heads = s.heads or max(1, s.hidden // 64)
+        with torch.device("meta"):
+            model = tiny_model(
+                model_type=s.model_type,
+                vocab_size=s.vocab_sizes[0],
+                hidden_size=s.hidden,
+                intermediate_size=s.intermediate or s.hidden * 8 // 3,
+                num_hidden_layers=s.layers,
+                num_attention_heads=heads,
+                num_key_value_heads=s.kv_heads or heads,
+                tie_word_embeddings=s.tie,
+            )
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert sum(i * o for i, o in linear_shapes(s)) == linear
+    result, stdout = run(
+        "bench_mfu_ceiling.py",
+        "--scenario",
+        "micro",
+        "--tokens",
+        "128",
+        "--length",
+        "32",
+        "--repeats",
+        "1",
+        tmp_path=tmp_path,
+    )
+    (r,) = result["results"]
+    assert r["linear_seconds"] > 0 and r["attention_seconds"] > 0 and r["step_tflops"] > 0
+    assert "matmuls and attention alone" in stdout
