@@ -187,7 +187,7 @@ def _run_training(args: argparse.Namespace) -> int:
 def _load_trained(model_dir: str, tokenizer_name: str | None, init_kwargs: dict | None = None, seed: int = 0):
     """A model by name or directory (or ``demo``, the embedded one, freshly initialised with ``seed``)
     and its tokenizer (``tokenizer_name``, else the model's)."""
-    from orpo.trainer import load_causal_lm
+    from orpo.models import load_causal_lm
 
     if model_dir == "demo":
         from orpo.demo import tiny_model
@@ -327,7 +327,7 @@ def _load_tokenizer(name: str):
         from orpo.demo import demo_tokenizer
 
         return demo_tokenizer()
-    from orpo.trainer import load_tokenizer
+    from orpo.models import load_tokenizer
 
     return load_tokenizer(name)
 

@@ -12,33 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import logging
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from datasets import Dataset, DatasetDict
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import seed_worker
 
 from orpo.batching import TokenBudgetBatchSampler, pair_lengths
 from orpo.checkpoints import AtomicCheckpoints
-from orpo.config import ORPOConfig, bf16_supported
+from orpo.config import ORPOConfig
 from orpo.data import ROW_INDEX, TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
 from orpo.errors import OrpoError
 from orpo.formats import load_preference_data
+from orpo.head import HeadInputCapture, HeadPlan, forward_replaced, head_plan_for
 from orpo.layouts import (
     PADDED,
     Layout,
@@ -60,6 +52,7 @@ from orpo.logprobs import (
     segment_chunks,
 )
 from orpo.loss import means_from_sums, orpo_loss
+from orpo.models import disable_dropout, is_quantized, load_causal_lm, load_tokenizer
 
 logger = logging.getLogger("orpo")
 
@@ -89,136 +82,6 @@ def _first_sequence(inputs: dict, max_tokens: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-@dataclass
-class HeadPlan:
-    """How to turn the hidden state fed to the LM head into logits, outside the model.
-
-    ``logits = softcap(scale * (hidden @ head.weight.T + head.bias))``. ``None`` as a plan means
-    the head cannot be separated and full logits are used.
-    """
-
-    head: nn.Linear
-    scale: float = 1.0
-    softcap: float | None = None
-
-
-def _dtype_from_name(value):
-    if isinstance(value, str) and value != "auto":
-        dtype = getattr(torch, value, None)
-        if not isinstance(dtype, torch.dtype):
-            raise OrpoError(
-                f"model_init_kwargs: unknown dtype '{value}' (use e.g. 'bfloat16', 'float32', 'auto')"
-            )
-        return dtype
-    return value
-
-
-def quantization_config(init_kwargs: dict):
-    """A ``BitsAndBytesConfig`` for ``load_in_4bit`` (QLoRA: NF4, double quantization) or ``load_in_8bit``
-    popped from ``init_kwargs``, or None. The 4-bit compute dtype is the model's dtype if one is given,
-    else bf16 where the hardware has it, else fp32."""
-    four, eight = bool(init_kwargs.pop("load_in_4bit", False)), bool(init_kwargs.pop("load_in_8bit", False))
-    if not (four or eight):
-        return None
-    if four and eight:
-        raise OrpoError("model: choose one of load_in_4bit and load_in_8bit")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise OrpoError(
-            f"load_in_{4 if four else 8}bit needs bitsandbytes, which is not installed: pip install 'orpo[qlora]'"
-        )
-    from transformers import BitsAndBytesConfig
-
-    if not four:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    compute = init_kwargs.get("dtype")
-    if not isinstance(compute, torch.dtype):
-        compute = torch.bfloat16 if bf16_supported() else torch.float32
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-    )
-
-
-def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` with dtype names resolved and ``load_in_4bit`` /
-    ``load_in_8bit`` turned into a bitsandbytes quantization config; ``trust_remote_code`` stays off
-    unless the caller passes it."""
-    kwargs = dict(init_kwargs or {})
-    for key in ("dtype", "torch_dtype"):
-        if key in kwargs:
-            kwargs["dtype"] = _dtype_from_name(kwargs.pop(key))
-    quantization = quantization_config(kwargs)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-    kwargs.setdefault("trust_remote_code", False)
-    try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as err:
-        reason = str(err)
-        if "Unrecognized configuration class" in reason:  # transformers then lists every causal LM config
-            reason = reason.split("\n")[0].split(" for this kind")[0] + " is not a causal language model"
-        raise OrpoError(f"could not load a causal LM from '{name_or_path}': {reason}") from err
-
-
-def load_tokenizer(name_or_path: str):
-    """``AutoTokenizer.from_pretrained`` with a user-facing error when it cannot be loaded."""
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
-        raise OrpoError(f"could not load a tokenizer from '{name_or_path}': {err}") from err
-
-
-def _is_quantized(model) -> bool:
-    """Loaded with a quantization config (bitsandbytes 4-/8-bit, GPTQ, ...): its weights are frozen."""
-    return bool(getattr(model, "is_quantized", False))
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Zero every dropout: module dropouts and the functional attention dropout rates."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-
-
-def _plain_linear(module) -> bool:
-    """An ``nn.Linear`` itself, or one FSDP2 shards (class ``FSDPLinear``), not a subclass such as a
-    quantized layer."""
-    if type(module) is nn.Linear:
-        return True
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2
-        return False
-    bases = [base for base in type(module).__bases__ if not issubclass(base, FSDPModule)]
-    return isinstance(module, FSDPModule) and bases == [nn.Linear]
-
-
-def head_plan_for(model: nn.Module) -> HeadPlan | None:
-    """The separable LM head of ``model``, or None (then full logits are computed).
-
-    Plain ``nn.Linear`` heads (tied or not, with or without bias) are separable; so are the known
-    post-head transforms: Cohere's ``logit_scale``, Granite's ``logits_scaling`` and Gemma-2's
-    ``final_logit_softcapping``. Quantized or adapter-wrapped heads are not.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not _plain_linear(head):
-        return None
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:
-        scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:
-        scale /= float(config.logits_scaling)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return HeadPlan(head=head, scale=scale, softcap=float(softcap) if softcap else None)
-
-
 def attention_backends(device: torch.device):
     """On CUDA, sdpa without its cuDNN backend: cuDNN plans each new shape on the host (~2.5 ms per
     attention call on an H200, measured), and batch shapes change every step, so a 0.5B model spent
@@ -229,59 +92,6 @@ def attention_backends(device: torch.device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-class HeadInputCapture:
-    """A forward pre-hook on the LM head: while :meth:`capturing`, the head's input is recorded in
-    ``hidden`` and the head is fed zero positions, so the model's own forward computes no logits.
-
-    Registered once per head and switched by a flag, not added per call: torch.compile does not watch
-    a module's hooks (dynamo skips hook guards), so a hook added after the model was first compiled
-    would never run; a flag it reads is guarded, and each state gets its own graph."""
-
-    def __init__(self, head: nn.Module):
-        self.head = head
-        self.active = False
-        self.hidden: torch.Tensor | None = None
-        # First among the head's hooks: an engine's hooks (ZeRO-3 ties its backward bookkeeping to the
-        # head's input) then see only the empty slice the head computes on, never the captured states.
-        self.handle = head.register_forward_pre_hook(self._pre_hook, prepend=True)
-
-    def _pre_hook(self, module, args):
-        if not self.active:
-            return None
-        self.hidden = args[0]
-        return (args[0][..., :0, :],) + tuple(args[1:])
-
-    @contextlib.contextmanager
-    def capturing(self):
-        self.active, self.hidden = True, None
-        try:
-            yield self
-        finally:
-            self.active = False
-
-    def take(self) -> torch.Tensor:
-        """The recorded input, released here so the capture holds no activations between calls."""
-        hidden, self.hidden = self.hidden, None
-        if hidden is None:
-            raise RuntimeError("the LM head was not called during the model's forward")
-        return hidden
-
-
-@contextlib.contextmanager
-def forward_replaced(module: nn.Module, forward):
-    """While active, ``module(...)`` runs ``forward`` instead of the module's own, through the
-    module's hooks as usual."""
-    own = module.__dict__.get("forward")  # an instance-level forward (some wrappers set one)
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if own is None:
-            del module.forward
-        else:
-            module.forward = own
 
 
 class ORPOTrainer(AtomicCheckpoints, Trainer):
@@ -326,7 +136,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             model = load_causal_lm(model, args.model_init_kwargs)
         if peft_config is not None:
             model = self._wrap_peft(model, peft_config, args)
-        elif _is_quantized(model) and not hasattr(model, "peft_config"):
+        elif is_quantized(model) and not hasattr(model, "peft_config"):
             raise OrpoError(
                 "the model is loaded in 4-bit or 8-bit, whose weights cannot be trained directly: train an "
                 "adapter on it (QLoRA) with peft_config= or a 'peft:' block in the config"
@@ -420,7 +230,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             raise OrpoError(
                 "peft_config was given but peft is not installed: pip install 'orpo[peft]'"
             ) from err
-        if _is_quantized(model):
+        if is_quantized(model):
             model = prepare_model_for_kbit_training(
                 model,
                 use_gradient_checkpointing=bool(args.activation_checkpointing),
