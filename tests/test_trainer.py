@@ -641,3 +641,22 @@ def test_torch_compile_trains_like_eager_with_the_chunked_head(tmp_path, tokeniz
     eager = losses()
     compiled = losses(torch_compile=True, torch_compile_backend="aot_eager")
     assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_micro_batches_do_not_unwrap_the_model_each_time(tmp_path, tokenizer, toy_dataset, monkeypatch):
+    """accelerate's unwrap_model looks up installed packages on every call (milliseconds of host time,
+    which a GPU waits for): the trainer finds the model's config once, not per micro-batch."""
+    trainer = ORPOTrainer(
+        model=make_model(),
+        args=config(tmp_path, max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        train_dataset=toy_dataset,
+        tokenizer=tokenizer,
+    )
+    unwrap = trainer.accelerator.unwrap_model
+    calls = []
+    monkeypatch.setattr(
+        trainer.accelerator, "unwrap_model", lambda *a, **k: calls.append(1) or unwrap(*a, **k)
+    )
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert len(calls) < 8  # 8 micro-batches: a few one-off calls, none per micro-batch
