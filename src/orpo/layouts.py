@@ -129,7 +129,7 @@ def shared_prefix_mask(segment_ids: torch.Tensor, attn_implementation: str, dtyp
         def mask_mod(b, h, q, k):
             return _attends(q, k, segment_ids[b, q], segment_ids[b, k])
 
-        # compiled as transformers compiles its own block masks (eager would evaluate all B x T x T)
+        # compiled, as transformers builds its own block masks: uncompiled, it materialises B x T x T
         return create_block_mask(
             mask_mod, batch, None, length, length, device=segment_ids.device, _compile=True
         )
