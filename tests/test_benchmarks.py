@@ -136,3 +136,19 @@ def test_mfu_ceiling_counts_the_models_own_matmuls(tmp_path):
     (r,) = result["results"]
     assert r["linear_seconds"] > 0 and r["attention_seconds"] > 0 and r["step_tflops"] > 0
     assert "matmuls and attention alone" in stdout
+
+
+def test_gpu_session_script_parses_and_names_real_variants():
+    """benchmarks/gpu_session.sh runs only where a GPU is lent: here, its syntax, its time limits (under
+    the device tool's 600 s per call) and the variants it names are checked."""
+    import re
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from bench_vs_trl import ORPO_VARIANTS
+
+    script = BENCHMARKS / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert sum(int(s) for s in re.findall(r"^part \S+ (\d+)", text, re.M)) <= 560
+    named = {v for group in re.findall(r"--impls ((?:[\w-]+ )+)--json", text) for v in group.split()}
+    assert {"orpo-flex", "orpo-liger", "orpo-compiled", "orpo", "trl"} <= named <= {*ORPO_VARIANTS, "trl"}
