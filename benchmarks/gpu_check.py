@@ -139,7 +139,13 @@ def main() -> None:
             results[name] = {"skipped": check}
             print(f"SKIP {name}: {check}")
             continue
-        differences = check()
+        try:
+            differences = check()
+        except Exception as err:  # e.g. the layout check refusing a backend: report it, run the rest
+            failed = True
+            results[name] = {"error": f"{type(err).__name__}: {err}", "ok": False}
+            print(f"FAIL {name}: {type(err).__name__}: {err}")
+            continue
         ok = all(differences[k] <= TOLERANCE[k] for k in TOLERANCE)
         failed |= not ok
         results[name] = {**differences, "ok": ok}

@@ -1,7 +1,7 @@
-"""The LM head, separated from the model: which heads can be (:func:`head_plan_for`), and how the
-trainer takes the head's input from the model's own forward without the model computing logits
-(:class:`HeadInputCapture`) or runs the head computation through the head module's hooks
-(:func:`forward_replaced`)."""
+"""The LM head, computed outside the model: which heads can be separated (:func:`head_plan_for`),
+how the trainer takes the head's input from the model's own forward without the model computing
+logits (:class:`HeadInputCapture`), and how it runs its head computation through the head module's
+hooks (:func:`forward_replaced`)."""
 
 from __future__ import annotations
 
