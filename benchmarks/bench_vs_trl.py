@@ -221,10 +221,14 @@ def processed_tokens(shared: bool, rows: list[dict]) -> int:
 
 
 def model_flops_per_token(model, mean_length: float) -> float:
-    """6N (forward + backward of every parameter; N counts the tied embedding once, which stands for
-    the LM head's matmul) + 12 * layers * hidden * T for attention (DESIGN.md section 4)."""
+    """6N (forward + backward of every matmul parameter) + 12 * layers * hidden * T for attention
+    (DESIGN.md section 4). N leaves out the input embedding, a lookup rather than a matmul, unless it is
+    tied to the LM head, where it stands for the head's matmul (and is counted once)."""
     config = model.config
     n = sum(p.numel() for p in model.parameters())
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not embedding.weight:
+        n -= embedding.weight.numel()
     return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * mean_length
 
 
@@ -273,14 +277,16 @@ def train_once(impl: str, scenario: Scenario, vocab: int) -> dict:
         fraction = measured / len(step_ends)
         shared = getattr(getattr(trainer, "layout", None), "shared", False)  # the layout orpo chose; TRL: no
         processed = processed_tokens(shared, rows)
+        mean_length = processed / (len(rows) if shared else 2 * len(rows))
+        flops = model_flops_per_token(trainer.model, mean_length)
         result.update(
             steady_seconds=steady,
             steady_tokens_per_s=tokens * fraction / steady,
             steady_processed_tokens_per_s=processed * fraction / steady,
+            # model FLOP/s (6N + attention per processed token), to set beside bench_mfu_ceiling.py's bound
+            achieved_tflops=processed * fraction / steady * flops / 1e12,
         )
         if scenario.gpu and torch.cuda.is_available():
-            mean_length = processed / (len(rows) if shared else 2 * len(rows))
-            flops = model_flops_per_token(trainer.model, mean_length)
             result.update(
                 mfu=processed * fraction / steady * flops / PEAK_BF16_FLOPS,
                 peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20,
@@ -331,7 +337,14 @@ def summarise(runs: list[dict]) -> dict:
     out["padding_fraction"] = runs[0].get("padding_fraction")
     if runs[0].get("steady_tokens_per_s") is not None:  # the best steady-state run (+ MFU on a GPU)
         best = max(runs, key=lambda r: r["steady_tokens_per_s"])
-        for key in ("steady_tokens_per_s", "steady_processed_tokens_per_s", "mfu", "peak_gpu_mib", "device"):
+        keys = (
+            "steady_tokens_per_s",
+            "steady_processed_tokens_per_s",
+            "achieved_tflops",
+            "mfu",
+            "peak_gpu_mib",
+        )
+        for key in (*keys, "device"):
             if key in best:
                 out[key] = best[key]
     return out
@@ -448,7 +461,9 @@ def print_result(key: str, result: dict, repeats: int) -> None:
             gpu = (
                 f"  {g['mfu']:>6.1%} MFU  peak GPU memory {g['peak_gpu_mib']:>8.0f} MiB" if "mfu" in g else ""
             )
-            print(f"{name:>16} {g['steady_tokens_per_s']:>9.0f} tokens/s{gpu}")
+            print(
+                f"{name:>16} {g['steady_tokens_per_s']:>9.0f} tokens/s  {g['achieved_tflops']:.3g} model TFLOP/s{gpu}"
+            )
         base_steady = result[impls[-1]]["steady_tokens_per_s"]
         for name in impls[:-1]:
             print(f"steady speed {name}/{label} {result[name]['steady_tokens_per_s'] / base_steady:.2f}x")

@@ -101,11 +101,11 @@ def test_mfu_ceiling_counts_the_models_own_matmuls(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     import torch
     from bench_mfu_ceiling import linear_shapes
-    from bench_vs_trl import SCENARIOS
+    from bench_vs_trl import SCENARIOS, model_flops_per_token
 
     from orpo.demo import tiny_model
 
-    for name in ("gpu-0.5b", "micro"):
+    for name in ("gpu-0.5b", "micro", "small-vocab"):
         s = SCENARIOS[name]
         heads = s.heads or max(1, s.hidden // 64)
         with torch.device("meta"):
@@ -121,6 +121,10 @@ def test_mfu_ceiling_counts_the_models_own_matmuls(tmp_path):
             )
         linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         assert sum(i * o for i, o in linear_shapes(s)) == linear
+        # bench_vs_trl's MFU counts the same matmuls (and the norms' and biases' few parameters), not
+        # an untied input embedding, which is a lookup
+        extra = model_flops_per_token(model, 0) / 6 - linear
+        assert 0 <= extra < 0.01 * linear
     result, stdout = run(
         "bench_mfu_ceiling.py",
         "--scenario",
