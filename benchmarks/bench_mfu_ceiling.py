@@ -28,17 +28,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_trl import PEAK_BF16_FLOPS, SCENARIOS  # noqa: E402
+from bench_vs_trl import PEAK_BF16_FLOPS, SCENARIOS, scenario_model  # noqa: E402
 
 
-def linear_shapes(scenario) -> list[tuple[int, int]]:
-    """``(in, out)`` of every matmul in one forward: each layer's q, k, v, o and gated MLP, then the head."""
-    d = scenario.hidden
-    heads = scenario.heads or max(1, d // 64)
-    kv = (scenario.kv_heads or heads) * (d // heads)
-    mlp = scenario.intermediate or d * 8 // 3
-    layer = [(d, d), (d, kv), (d, kv), (d, d), (d, mlp), (d, mlp), (mlp, d)]
-    return layer * scenario.layers + [(d, scenario.vocab_sizes[0])]
+def scenario_shape(scenario):
+    """The scenario model's config and the ``(in, out)`` of every matmul in one forward (each layer's
+    q, k, v, o and MLP projections, then the head), read off the model built on the meta device."""
+    with torch.device("meta"):
+        model = scenario_model(scenario, scenario.vocab_sizes[0])
+    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return model.config, shapes
 
 
 def _time(fn, repeats: int, device: torch.device) -> float:
@@ -57,7 +56,7 @@ def _time(fn, repeats: int, device: torch.device) -> float:
 
 
 def measure(scenario, tokens: int, length: int, repeats: int, device: torch.device, dtype) -> dict:
-    shapes = linear_shapes(scenario)
+    config, shapes = scenario_shape(scenario)
     weights = {
         shape: torch.randn(shape[1], shape[0], device=device, dtype=dtype) * 0.02 for shape in set(shapes)
     }
@@ -71,8 +70,8 @@ def measure(scenario, tokens: int, length: int, repeats: int, device: torch.devi
             dy @ w  # gradient of the input
             dy.T @ x  # gradient of the weight
 
-    heads = scenario.heads or max(1, scenario.hidden // 64)
-    head_dim = scenario.hidden // heads
+    heads = config.num_attention_heads
+    head_dim = config.hidden_size // heads
     sequences = max(1, tokens // length)
     q, k, v = (
         torch.randn(sequences, heads, length, head_dim, device=device, dtype=dtype, requires_grad=True)
@@ -80,14 +79,14 @@ def measure(scenario, tokens: int, length: int, repeats: int, device: torch.devi
     )
 
     def attention():
-        for _ in range(scenario.layers):
+        for _ in range(config.num_hidden_layers):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             out.backward(torch.ones_like(out))
 
     linear_seconds = _time(linears, repeats, device)
     attention_seconds = _time(attention, repeats, device)
     linear_flops = 6 * tokens * sum(i * o for i, o in shapes)
-    attention_flops = 12 * scenario.layers * scenario.hidden * length * sequences * length
+    attention_flops = 12 * config.num_hidden_layers * config.hidden_size * length * sequences * length
     result = {
         "tokens": tokens,
         "length": length,

@@ -142,14 +142,12 @@ ORPO_VARIANTS = {
 }
 
 
-def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list[dict], seed: int = 0):
-    """A trainer of ``impl`` (one of ``ORPO_VARIANTS`` or 'trl') on a fresh seed-built model."""
-    from datasets import Dataset
-
-    from orpo.demo import demo_tokenizer, tiny_model
+def scenario_model(scenario: Scenario, vocab: int, seed: int = 0, attn_implementation: str = "sdpa"):
+    """The scenario's model, built from a config with a fixed seed (random init)."""
+    from orpo.demo import tiny_model
 
     heads = scenario.heads or max(1, scenario.hidden // 64)
-    model = tiny_model(
+    return tiny_model(
         seed=seed,
         model_type=scenario.model_type,
         vocab_size=vocab,
@@ -160,8 +158,18 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
         num_key_value_heads=scenario.kv_heads or heads,
         max_position_embeddings=4096,
         tie_word_embeddings=scenario.tie,
-        attn_implementation="flex_attention" if impl == "orpo-flex" else "sdpa",
+        attn_implementation=attn_implementation,
     )
+
+
+def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list[dict], seed: int = 0):
+    """A trainer of ``impl`` (one of ``ORPO_VARIANTS`` or 'trl') on a fresh seed-built model."""
+    from datasets import Dataset
+
+    from orpo.demo import demo_tokenizer
+
+    attn = "flex_attention" if impl == "orpo-flex" else "sdpa"
+    model = scenario_model(scenario, vocab, seed, attn)
     tokenizer = demo_tokenizer()
     common = dict(
         output_dir=output_dir,

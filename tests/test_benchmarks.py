@@ -97,30 +97,23 @@ def test_gpu_check_runs_its_sdpa_checks_on_the_cpu(tmp_path):
 
 
 def test_mfu_ceiling_counts_the_models_own_matmuls(tmp_path):
-    """The ceiling's FLOPs come from the scenario model's real linear layers (q, k, v, o, MLP, head)."""
+    """The ceiling's FLOPs come from the scenario model's real linear layers (q, k, v, o, MLP, head), and
+    the 0.5B scenario is Qwen2-0.5B's shape."""
     sys.path.insert(0, str(BENCHMARKS))
     import torch
-    from bench_mfu_ceiling import linear_shapes
-    from bench_vs_trl import SCENARIOS, model_flops_per_token
-
-    from orpo.demo import tiny_model
+    from bench_mfu_ceiling import scenario_shape
+    from bench_vs_trl import SCENARIOS, model_flops_per_token, scenario_model
 
     for name in ("gpu-0.5b", "micro", "small-vocab"):
         s = SCENARIOS[name]
-        heads = s.heads or max(1, s.hidden // 64)
         with torch.device("meta"):
-            model = tiny_model(
-                model_type=s.model_type,
-                vocab_size=s.vocab_sizes[0],
-                hidden_size=s.hidden,
-                intermediate_size=s.intermediate or s.hidden * 8 // 3,
-                num_hidden_layers=s.layers,
-                num_attention_heads=heads,
-                num_key_value_heads=s.kv_heads or heads,
-                tie_word_embeddings=s.tie,
-            )
+            model = scenario_model(s, s.vocab_sizes[0])
         linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-        assert sum(i * o for i, o in linear_shapes(s)) == linear
+        config, shapes = scenario_shape(s)
+        assert sum(i * o for i, o in shapes) == linear
+        assert len(shapes) == 7 * config.num_hidden_layers + 1  # q, k, v, o, gate, up, down; the head
+        if name == "gpu-0.5b":  # Qwen2-0.5B: 494,032,768 parameters, the embedding tied to the head
+            assert sum(p.numel() for p in model.parameters()) == 494_032_768
         # bench_vs_trl's MFU counts the same matmuls (and the norms' and biases' few parameters), not
         # an untied input embedding, which is a lookup
         extra = model_flops_per_token(model, 0) / 6 - linear
