@@ -40,11 +40,12 @@ def launch(tmp_path, name, processes, batch, accum=1, steps=3, *extra):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     assert (out / "world_size.txt").read_text() == str(processes)
-    history = [h for h in json.loads((out / "history.json").read_text()) if "loss" in h]
+    logged = json.loads((out / "history.json").read_text())
+    history = [h for h in logged if "loss" in h]
     saved = out / "adapter_model.safetensors"  # a LoRA run saves the adapter only
     weights = load_file(str(saved if saved.exists() else out / "model.safetensors"))
     # with --eval: the evaluations during training (in the history) and the one after it
-    evaluations = [h for h in json.loads((out / "history.json").read_text()) if "eval_loss" in h]
+    evaluations = [h for h in logged if "eval_loss" in h]
     evaluations.append(json.loads((out / "eval.json").read_text()))
     return history, weights, evaluations
 

@@ -23,6 +23,7 @@ from orpo.collator import (
     SharedPrefixCollator,
     first_fit_decreasing,
 )
+from orpo.models import is_quantized
 
 # Backends that take our shared-prefix mask as it is: a 4D tensor, or flex attention's block mask (flash
 # attention takes no mask at all).
@@ -163,7 +164,7 @@ def check_mode(model):
     repacks the 4-bit weights for a CPU inference kernel, after which (bitsandbytes 0.50) no gradient
     reaches the LoRA adapters any more. Those keep training mode (dropout is off by default)."""
     parameter = next(model.parameters())
-    quantized_on_cpu = bool(getattr(model, "is_quantized", False)) and parameter.device.type == "cpu"
+    quantized_on_cpu = is_quantized(model) and parameter.device.type == "cpu"
     was_training = model.training
     model.train(quantized_on_cpu)
     try:

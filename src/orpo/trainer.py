@@ -440,7 +440,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         row = self._probe_row()
         if self._layout_unverified and row is not None:
             # checked on the whole model now that the engine has prepared it
-            config = self.accelerator.unwrap_model(model).config
+            config = self._model_config(model)
             error = layout_error(model, config, self.layout, row)
             if not error <= tolerance(self._low_precision(model)):
                 raise OrpoError(
