@@ -2,6 +2,8 @@
 
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -107,6 +109,38 @@ def test_quiet_and_verbose_set_the_log_level(flag, level, capsys):
     assert logging.getLogger("orpo").level == level
     assert hf_logging.get_verbosity() == level
     assert "quickstart" in capsys.readouterr().out
+    # bitsandbytes' import-time note about an optional CPU kernel from the hub shows only with --verbose
+    bnb_level = logging.INFO if flag == "--verbose" else logging.ERROR
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").level == bnb_level
+
+
+def test_help_and_version_answer_without_loading_torch():
+    """``orpo --help`` took 6-8 s when the package imported the trainer eagerly."""
+    code = (
+        "import sys\n"
+        "from orpo.cli import main\n"
+        "for argv in (['--version'], ['--help'], ['train', '--help'], ['fly']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "orpo 0." in done.stdout and "quickstart" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_package_exports_load_on_first_use():
+    import orpo
+    import orpo.loss
+    import orpo.trainer
+
+    assert orpo.ORPOTrainer is orpo.trainer.ORPOTrainer and orpo.orpo_loss is orpo.loss.orpo_loss
+    assert set(orpo.__all__) <= set(dir(orpo))
+    assert all(getattr(orpo, name) is not None for name in orpo.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'ORPOTrainr'"):
+        orpo.ORPOTrainr  # noqa: B018
 
 
 def test_eval_split_of_a_saved_dataset_dict(trained, tmp_path, capsys):

@@ -1,10 +1,37 @@
 """ORPO — Odds Ratio Preference Optimization (Hong, Lee, Thorne 2024) on the Hugging Face stack."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"  # first: submodules read it while the package initialises
 
-from orpo.config import ORPOConfig  # noqa: E402
-from orpo.errors import OrpoError  # noqa: E402
-from orpo.loss import log1mexp, orpo_loss  # noqa: E402
-from orpo.trainer import ORPOTrainer  # noqa: E402
-
+# The public names load on first use (PEP 562): ``ORPOTrainer`` pulls in transformers, peft and
+# torch (seconds), which ``orpo --help``, ``--version`` or a mistyped command line never need.
+_EXPORTS = {
+    "ORPOConfig": "orpo.config",
+    "ORPOTrainer": "orpo.trainer",
+    "OrpoError": "orpo.errors",
+    "log1mexp": "orpo.loss",
+    "orpo_loss": "orpo.loss",
+}
 __all__ = ["ORPOConfig", "ORPOTrainer", "OrpoError", "log1mexp", "orpo_loss"]
+
+if TYPE_CHECKING:
+    from orpo.config import ORPOConfig
+    from orpo.errors import OrpoError
+    from orpo.loss import log1mexp, orpo_loss
+    from orpo.trainer import ORPOTrainer
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'orpo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -468,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_BNB_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
 def _set_loudness(quiet: bool, verbose: bool) -> None:
     """Python logging for orpo, transformers and datasets: warnings by default."""
     import logging
@@ -479,6 +482,9 @@ def _set_loudness(quiet: bool, verbose: bool) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("orpo").setLevel(level)
     hf_logging.set_verbosity(level)
+    # transformers imports peft, and peft bitsandbytes where installed, whose import on CPUs with bf16
+    # instructions warns that an optional kernel from the hub is missing: noise on every command.
+    logging.getLogger(_BNB_CPU_KERNEL_LOGGER).setLevel(logging.INFO if verbose else logging.ERROR)
     if quiet:
         datasets.disable_progress_bars()
         hf_logging.disable_progress_bar()
