@@ -172,3 +172,40 @@ def test_load_in_4bit_without_bitsandbytes_says_what_to_install(tmp_path, tokeni
         ORPOTrainer(
             model=str(_saved_base(tmp_path, tokenizer)), args=_qlora_args(tmp_path), tokenizer=tokenizer
         )
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_peft_model_passed_in_trains_its_adapter_with_the_chunked_head(tmp_path, tokenizer, checkpointing):
+    """A ``PeftModel`` built by the user (no ``peft_config``) trains as one built by the trainer, with
+    and without activation checkpointing: the same losses, and only the adapter moves."""
+    from datasets import Dataset
+
+    def run(lora_model, **kwargs):
+        trainer = ORPOTrainer(
+            model=lora_model,
+            args=_args(tmp_path, **kwargs),
+            train_dataset=Dataset.from_list(toy_rows(16)),
+            tokenizer=tokenizer,
+        )
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return trainer, losses
+
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(0)
+    reference = peft.get_peft_model(make_model(seed=2), lora)
+    before = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    _, expected = run(reference)  # trained in place
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(make_model(seed=2), lora)
+    trainer, losses = run(model, activation_checkpointing=checkpointing)
+    assert trainer._head_plan is not None  # the chunked head, not full logits
+    assert len(losses) == 3 and losses == pytest.approx(expected, rel=1e-5)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            assert torch.allclose(param, dict(reference.named_parameters())[name], atol=1e-6), name
+            if "lora_B" in name:  # starts at zero: a change means the adapter trained
+                assert not torch.equal(param, before[name]), name
+        else:
+            assert torch.equal(param, before[name]), name
