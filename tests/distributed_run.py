@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=None, help="a larger vocabulary (benchmarks)")
     parser.add_argument("--model-head", action="store_true", help="the model's own full logits (benchmarks)")
     parser.add_argument("--eval", action="store_true", help="evaluate every 2 steps and after training")
+    parser.add_argument(
+        "--generate", action="store_true", help="with --eval: generate_during_eval (short completions)"
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens_per_batch")
     parser.add_argument("--fsdp", action="store_true", help="FSDP full shard (FSDP2)")
@@ -105,6 +108,8 @@ def main() -> None:
     if args.vocab:
         shape["vocab_size"] = args.vocab
     model = args.model_dir or make_model(seed=3, **shape)
+    if args.generate:  # completions of a few tokens at least (the trained toy model ends early)
+        model.generation_config.min_new_tokens = 4
     if args.model_dir and args.zero == 3:
         # On GPUs accelerate starts DeepSpeed's communication; on CPU it leaves it to torch, and zero.Init
         # would then see 1 process.
@@ -123,6 +128,9 @@ def main() -> None:
         orpo_alpha=0.5,
         logging_steps=1,
         **({"eval_strategy": "steps", "eval_steps": 2, "per_device_eval_batch_size": 3} if args.eval else {}),
+        **(
+            {"generate_during_eval": True, "max_length": 32, "max_prompt_length": 16} if args.generate else {}
+        ),
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,

@@ -47,6 +47,9 @@ def launch(tmp_path, name, processes, batch, accum=1, steps=3, *extra):
     # with --eval: the evaluations during training (in the history) and the one after it
     evaluations = [h for h in logged if "eval_loss" in h]
     evaluations.append(json.loads((out / "eval.json").read_text()))
+    generations = out / "eval_generations.jsonl"  # with --generate: written by the first process only
+    if generations.exists():
+        evaluations.append([json.loads(line) for line in generations.read_text().splitlines()])
     return history, weights, evaluations
 
 
@@ -74,6 +77,9 @@ def assert_same_run(a, b):
             # summation orders) is absolute, ~1e-7 of the terms, however small the difference
             assert step_a[name] == pytest.approx(step_b[name], rel=1e-5, abs=1e-6), (step_a["step"], name)
     for eval_a, eval_b in zip(evaluations_a, evaluations_b, strict=True):
+        if isinstance(eval_a, list):  # generate_during_eval's rows: the same prompts and completions
+            assert eval_a == eval_b and all(row["completion"] for row in eval_a)
+            continue
         for name in STEP_METRICS:
             key = f"eval_{name}"
             if key in eval_a or key in eval_b:
@@ -112,15 +118,15 @@ def test_token_budget_batches_split_across_processes(tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [("--eval",), ("--untied", "--unfused"), ("--lora",)],
-    ids=["tied-head-fused-eval", "own-head-unfused", "lora"],
+    [("--eval", "--generate"), ("--untied", "--unfused"), ("--lora",)],
+    ids=["tied-head-fused-eval-generate", "own-head-unfused", "lora"],
 )
 def test_fsdp2_full_shard_with_the_chunked_head_equals_one_process(tmp_path, reference, flags):
     """FSDP2 full shard over 2 processes (really sharded: see distributed_run.run_fsdp_on_cpu) equals
     1 process with the same global batch. accelerate puts the LM head in the last FSDP unit, which stays
     unsharded from the forward to the backward: the chunked head sees the whole weight, and its
     gradient reaches FSDP's reduce-scatter. Evaluation (during and after training) equals too."""
-    one = reference(4, 1, 3, *[f for f in flags if f in ("--untied", "--lora", "--eval")])
+    one = reference(4, 1, 3, *[f for f in flags if f in ("--untied", "--lora", "--eval", "--generate")])
     fsdp = launch(tmp_path, "fsdp", 2, 2, 1, 3, "--fsdp", *flags)
     assert (tmp_path / "fsdp" / "engine.txt").read_text() == "fsdp2"
     assert (tmp_path / "fsdp" / "head.txt").read_text() == "chunked"
@@ -145,8 +151,12 @@ def test_deepspeed_zero2_equals_one_process(tmp_path, reference):
 
 @pytest.mark.parametrize(
     "flags",
-    [("--untied",), ("--untied", "--unfused"), ("--packed-shared", "--gradient-checkpointing", "--eval")],
-    ids=["own-head-fused", "own-head-unfused", "tied-head-packed-shared-checkpointing-eval"],
+    [
+        ("--untied",),
+        ("--untied", "--unfused"),
+        ("--packed-shared", "--gradient-checkpointing", "--eval", "--generate"),
+    ],
+    ids=["own-head-fused", "own-head-unfused", "tied-head-packed-shared-checkpointing-eval-generate"],
 )
 def test_deepspeed_zero3_gathers_the_head_for_the_chunked_head(tmp_path, reference, flags):
     """ZeRO-3 partitions every parameter (the harness sets no persistence threshold): the chunked head
@@ -157,7 +167,7 @@ def test_deepspeed_zero3_gathers_the_head_for_the_chunked_head(tmp_path, referen
     _needs_deepspeed()
     # the reference: 1 process, the same model, default layout, fused head, no checkpointing (none of
     # which change results)
-    one = reference(4, 1, 3, *[f for f in flags if f in ("--untied", "--eval")])
+    one = reference(4, 1, 3, *[f for f in flags if f in ("--untied", "--eval", "--generate")])
     zero3 = launch(tmp_path, "zero3", 2, 2, 1, 3, "--zero", "3", *flags)
     assert (tmp_path / "zero3" / "head.txt").read_text() == "chunked"
     # asked for or not: checked on the first layers before partitioning, on the whole model after

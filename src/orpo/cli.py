@@ -193,7 +193,8 @@ def _load_trained(model_dir: str, tokenizer_name: str | None, init_kwargs: dict 
         from orpo.demo import tiny_model
 
         return tiny_model(seed=seed), _load_tokenizer(tokenizer_name or "demo")
-    return load_causal_lm(model_dir, init_kwargs), _load_tokenizer(tokenizer_name or model_dir)
+    trust = bool((init_kwargs or {}).get("trust_remote_code", False))
+    return load_causal_lm(model_dir, init_kwargs), _load_tokenizer(tokenizer_name or model_dir, trust)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -322,14 +323,14 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_tokenizer(name: str):
+def _load_tokenizer(name: str, trust_remote_code: bool = False):
     if name == "demo":
         from orpo.demo import demo_tokenizer
 
         return demo_tokenizer()
     from orpo.models import load_tokenizer
 
-    return load_tokenizer(name)
+    return load_tokenizer(name, trust_remote_code)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,6 +133,29 @@ class ORPOConfig(TrainingArguments):
             "chunk instead of 4), when every pair's scored tokens fit in one chunk; exact either way."
         },
     )
+    generate_during_eval: bool = field(
+        default=False,
+        metadata={
+            "help": "At each evaluation, generate completions for a few fixed held-out prompts and log them "
+            "(output_dir/eval_generations.jsonl; a 'game_log' table in W&B or Comet when reporting there)."
+        },
+    )
+    padding_value: int | None = field(
+        default=None, metadata={"help": "Token id that pads batches; default: the tokenizer's pad token."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a model or tokenizer loaded by name run code from its repository (TRL's option; the "
+            "same as trust_remote_code in model_init_kwargs). Off by default."
+        },
+    )
+    is_encoder_decoder: bool | None = field(
+        default=None,
+        metadata={
+            "help": "TRL's option; orpo trains decoder-only causal LMs, so only unset or false is valid."
+        },
+    )
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 mixed precision; default: on where the hardware supports it (not on CPU)."},
@@ -161,6 +184,20 @@ class ORPOConfig(TrainingArguments):
             self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
         self._validate_orpo_fields()
         super().__post_init__()
+        self._fold_trust_remote_code()
+
+    def _fold_trust_remote_code(self) -> None:
+        """``trust_remote_code=True`` (TRL's field) is ``model_init_kwargs['trust_remote_code']``, which the
+        loaders read; the two may not disagree."""
+        init_kwargs = dict(self.model_init_kwargs or {})
+        if self.trust_remote_code:
+            if init_kwargs.get("trust_remote_code") is False:
+                raise OrpoError(
+                    "trust_remote_code=True but model_init_kwargs sets trust_remote_code: false; give one of them"
+                )
+            init_kwargs["trust_remote_code"] = True
+            self.model_init_kwargs = init_kwargs
+        self.trust_remote_code = bool(init_kwargs.get("trust_remote_code", False))
 
     def _validate_orpo_fields(self) -> None:
         if self.orpo_alpha < 0:
@@ -187,5 +224,10 @@ class ORPOConfig(TrainingArguments):
             raise OrpoError(f"nan_policy must be 'error' or 'skip', got {self.nan_policy!r}")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise OrpoError(f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch}")
+        if self.is_encoder_decoder:
+            raise OrpoError(
+                "is_encoder_decoder=True: orpo trains decoder-only causal language models (the paper's setting); "
+                "encoder-decoder models such as T5 are not supported"
+            )
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
             raise OrpoError(f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")

@@ -73,12 +73,21 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None) -> PreTra
         raise OrpoError(f"could not load a causal LM from '{name_or_path}': {reason}") from err
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """``AutoTokenizer.from_pretrained`` with a user-facing error when it cannot be loaded."""
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise OrpoError(f"could not load a tokenizer from '{name_or_path}': {err}") from err
+
+
+def check_decoder_only(model) -> None:
+    """ORPO here trains causal LMs: an encoder-decoder model (T5, BART) is an error, not a crash later."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise OrpoError(
+            f"{type(model).__name__} is an encoder-decoder model; orpo trains decoder-only causal language "
+            "models (the paper's setting)"
+        )
 
 
 def is_quantized(model) -> bool:

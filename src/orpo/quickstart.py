@@ -14,13 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
 from orpo.config import ORPOConfig
 from orpo.demo import demo_tokenizer, load_demo_dataset, tiny_model
 from orpo.errors import UsageError
+from orpo.generation import complete
 from orpo.plot import plot_runs
 from orpo.trainer import ORPOTrainer
 
@@ -67,27 +67,18 @@ def _say(message: str) -> None:
 
 
 def greedy_answers(model, tokenizer, prompts: list[str], batch_size: int = 64) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches), cut at EOS."""
+    """Greedy completions of ``prompts``, cut at EOS."""
     model.eval()
-    pad_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    answers = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-            with torch.no_grad():
-                out = model.generate(
-                    **batch,
-                    max_new_tokens=MAX_NEW_TOKENS,
-                    do_sample=False,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            new_tokens = out[:, batch["input_ids"].shape[1] :]
-            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = pad_side
-    return answers
+    completions = complete(
+        model,
+        [tokenizer(prompt)["input_ids"] for prompt in prompts],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_new_tokens=MAX_NEW_TOKENS,
+        batch_size=batch_size,
+        do_sample=False,
+    )
+    return tokenizer.batch_decode(completions, skip_special_tokens=True)
 
 
 def _train_one(

@@ -30,6 +30,7 @@ from orpo.config import ORPOConfig
 from orpo.data import ROW_INDEX, TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
 from orpo.errors import OrpoError
 from orpo.formats import load_preference_data
+from orpo.generation import complete, publish_generations, sample_indices
 from orpo.head import HeadInputCapture, HeadPlan, forward_replaced, head_plan_for
 from orpo.layouts import (
     PADDED,
@@ -52,7 +53,7 @@ from orpo.logprobs import (
     segment_chunks,
 )
 from orpo.loss import means_from_sums, orpo_loss
-from orpo.models import disable_dropout, is_quantized, load_causal_lm, load_tokenizer
+from orpo.models import check_decoder_only, disable_dropout, is_quantized, load_causal_lm, load_tokenizer
 
 logger = logging.getLogger("orpo")
 
@@ -99,7 +100,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
 
     Args:
         model: a causal LM, or a name/path loaded with ``AutoModelForCausalLM`` (kwargs from
-            ``args.model_init_kwargs``; ``trust_remote_code`` only if set there).
+            ``args.model_init_kwargs``; ``trust_remote_code`` only if set there or in ``args``).
         args: an :class:`ORPOConfig` (a plain ``TrainingArguments`` is converted).
         train_dataset / eval_dataset: ``datasets.Dataset`` (or a dict of them for eval) of
             ``prompt`` / ``chosen`` / ``rejected`` rows, strings or chat messages. Already
@@ -131,9 +132,10 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         args = self._resolve_args(args)
         if model is None and model_init is None:
             raise OrpoError("ORPOTrainer needs a model (a model object or a name/path)")
-        tokenizer = self._resolve_tokenizer(tokenizer, processing_class, model)
+        tokenizer = self._resolve_tokenizer(tokenizer, processing_class, model, args.trust_remote_code)
         if isinstance(model, str):
             model = load_causal_lm(model, args.model_init_kwargs)
+        check_decoder_only(model)
         if peft_config is not None:
             model = self._wrap_peft(model, peft_config, args)
         elif is_quantized(model) and not hasattr(model, "peft_config"):
@@ -143,9 +145,10 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             )
         if model is not None and args.disable_dropout:
             disable_dropout(model)
-        if tokenizer.pad_token_id is None:
+        if tokenizer.pad_token_id is None and args.padding_value is None:
             logger.warning("the tokenizer has no pad token; using its eos token for padding")
             tokenizer.pad_token = tokenizer.eos_token
+        pad_id = self._pad_id = tokenizer.pad_token_id if args.padding_value is None else args.padding_value
 
         limits = TruncationLimits(args.max_length, args.max_prompt_length, args.max_completion_length)
         self.tokenize_reports = {}
@@ -174,7 +177,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or PADDED.collator(tokenizer.pad_token_id, args.nll_include_prompt),
+            data_collator=data_collator or PADDED.collator(pad_id, args.nll_include_prompt),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
@@ -187,7 +190,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         self._register_head_capture()  # before anything can compile the model (torch_compile)
         if data_collator is None:
             self.layout = self._choose_layout()
-            self.data_collator = self.layout.collator(tokenizer.pad_token_id, args.nll_include_prompt)
+            self.data_collator = self.layout.collator(pad_id, args.nll_include_prompt)
             logger.info(f"batch layout: {self.layout.description}")
 
     # ---- construction helpers -----------------------------------------------------------------
@@ -206,7 +209,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         raise OrpoError(f"args must be an ORPOConfig or TrainingArguments, got {type(args).__name__}")
 
     @staticmethod
-    def _resolve_tokenizer(tokenizer, processing_class, model):
+    def _resolve_tokenizer(tokenizer, processing_class, model, trust_remote_code: bool = False):
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise OrpoError(
                 "pass the tokenizer as `tokenizer=` or `processing_class=`, not two different ones"
@@ -215,7 +218,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         if tokenizer is None:
             if not isinstance(model, str):
                 raise OrpoError("ORPOTrainer needs a tokenizer (`tokenizer=` or `processing_class=`)")
-            tokenizer = load_tokenizer(model)
+            tokenizer = load_tokenizer(model, trust_remote_code)
         return tokenizer
 
     @staticmethod
@@ -810,7 +813,54 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         self._eval_prefix = metric_key_prefix
         self._metric_sums["eval"].clear()
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self.args.generate_during_eval:
+            self._log_eval_generations(eval_dataset, metric_key_prefix)
+        return metrics
+
+    def _log_eval_generations(self, eval_dataset, prefix: str) -> None:
+        """``generate_during_eval``: completions for ``per_device_eval_batch_size`` held-out prompts, the
+        same ones at every evaluation, logged by :func:`orpo.generation.publish_generations`. Every
+        process generates (a sharded model needs all of them in each forward); the first one logs."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):
+            dataset = self.eval_dataset[dataset]
+        if not isinstance(dataset, Dataset) or not len(dataset):
+            return  # several named sets: evaluate() comes back here for each of them
+        rows = sample_indices(len(dataset), self.args.per_device_eval_batch_size, self.args.seed)
+        prompts = [list(ids) for ids in dataset.select(rows)["prompt_input_ids"]]
+        tokenizer = self.processing_class
+        new_tokens = self.args.max_completion_length or max(
+            1, (self.args.max_length or 1024) - max(len(ids) for ids in prompts)
+        )
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with self.accelerator.autocast():
+                completions = complete(
+                    model,
+                    prompts,
+                    pad_token_id=self._pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    max_new_tokens=new_tokens,
+                    batch_size=self.args.per_device_eval_batch_size,
+                )
+        finally:
+            model.train(was_training)
+        if self.is_world_process_zero():
+            step = self.state.global_step
+            logged = [
+                {
+                    "step": step,
+                    "dataset": prefix,
+                    "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                    "completion": tokenizer.decode(completion, skip_special_tokens=True),
+                }
+                for prompt, completion in zip(prompts, completions, strict=True)
+            ]
+            table = "game_log" if prefix == "eval" else f"{prefix}_game_log"
+            publish_generations(logged, self.args.output_dir, self.args.report_to, table)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the accumulated ORPO metrics (means over all pairs / tokens since the last log,

@@ -1,0 +1,229 @@
+"""TRL's ORPOConfig fields beyond ``beta``: a TRL script ports by changing the import.
+
+``trust_remote_code``, ``padding_value``, ``is_encoder_decoder`` and ``generate_during_eval``.
+"""
+
+import dataclasses
+import json
+import sys
+import types
+
+import pytest
+import transformers
+from datasets import Dataset
+from transformers import T5Config, T5ForConditionalGeneration
+
+from conftest import demo_train_argv, make_model, toy_rows
+from orpo import ORPOConfig, ORPOTrainer
+from orpo.errors import OrpoError
+from orpo.generation import complete, publish_generations, sample_indices
+
+
+def args(tmp_path, **kwargs):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        seed=0,
+    )
+    return ORPOConfig(**{**base, **kwargs})
+
+
+def test_every_trl_orpo_config_field_is_accepted(tmp_path):
+    trl_orpo = pytest.importorskip("trl.experimental.orpo")
+    ours = {f.name for f in dataclasses.fields(ORPOConfig)}
+    theirs = {f.name for f in dataclasses.fields(trl_orpo.ORPOConfig)}
+    assert theirs <= ours, sorted(theirs - ours)
+
+
+# ---- trust_remote_code ------------------------------------------------------------------------------
+
+
+def test_trust_remote_code_reaches_the_model_and_tokenizer_loaders(tmp_path, tokenizer, monkeypatch):
+    directory = tmp_path / "model"
+    make_model().save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    seen = {}
+
+    def spy(auto_class, label):
+        original = auto_class.from_pretrained
+
+        def from_pretrained(name, *rest, **kwargs):
+            seen[label] = kwargs.get("trust_remote_code")
+            return original(name, *rest, **kwargs)
+
+        monkeypatch.setattr(auto_class, "from_pretrained", from_pretrained)
+
+    spy(transformers.AutoModelForCausalLM, "model")
+    spy(transformers.AutoTokenizer, "tokenizer")
+    ORPOTrainer(model=str(directory), args=args(tmp_path), train_dataset=Dataset.from_list(toy_rows(8)))
+    assert seen == {"model": False, "tokenizer": False}  # off unless asked for
+    config = args(tmp_path, trust_remote_code=True)
+    assert config.model_init_kwargs == {"trust_remote_code": True}
+    ORPOTrainer(model=str(directory), args=config, train_dataset=Dataset.from_list(toy_rows(8)))
+    assert seen == {"model": True, "tokenizer": True}
+
+
+def test_orpo_train_passes_trust_remote_code_to_both_loaders(tmp_path, tokenizer, monkeypatch):
+    from orpo.cli import main
+
+    directory = tmp_path / "model"
+    make_model().save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    seen = []
+    for auto_class in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        original = auto_class.from_pretrained
+
+        def from_pretrained(name, *rest, _original=original, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _original(name, *rest, **kwargs)
+
+        monkeypatch.setattr(auto_class, "from_pretrained", from_pretrained)
+    argv = demo_train_argv(tmp_path / "out", max_steps=1, save_strategy="no", trust_remote_code="true")
+    argv[argv.index("demo")] = str(directory)
+    assert main(argv) == 0
+    assert seen == [True, True]
+
+
+def test_trust_remote_code_and_model_init_kwargs_agree(tmp_path):
+    assert args(tmp_path, model_init_kwargs={"trust_remote_code": True}).trust_remote_code is True
+    with pytest.raises(OrpoError, match="model_init_kwargs sets trust_remote_code: false"):
+        args(tmp_path, trust_remote_code=True, model_init_kwargs={"trust_remote_code": False})
+
+
+# ---- padding_value ------------------------------------------------------------------------------
+
+
+def test_padding_value_pads_batches_and_leaves_the_loss_unchanged(tmp_path, tokenizer):
+    dataset = Dataset.from_list(toy_rows(8))
+
+    def first_batch(**kwargs):
+        trainer = ORPOTrainer(
+            model=make_model(),
+            args=args(tmp_path, padding_free=False, prefix_sharing=False, **kwargs),
+            train_dataset=dataset,
+            tokenizer=tokenizer,
+        )
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        return batch, trainer.compute_loss(trainer.model, batch).item()
+
+    default_batch, default_loss = first_batch()
+    batch, loss = first_batch(padding_value=7)
+    assert tokenizer.pad_token_id != 7
+    padding = batch["attention_mask"] == 0
+    assert padding.any() and (batch["input_ids"][padding] == 7).all()
+    assert (default_batch["input_ids"][padding] == tokenizer.pad_token_id).all()
+    assert loss == pytest.approx(default_loss, rel=1e-6)
+
+
+# ---- is_encoder_decoder -------------------------------------------------------------------------
+
+
+def test_encoder_decoder_models_are_a_clear_error(tmp_path, tokenizer):
+    with pytest.raises(OrpoError, match="decoder-only causal language models"):
+        args(tmp_path, is_encoder_decoder=True)
+    assert args(tmp_path, is_encoder_decoder=False).is_encoder_decoder is False
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=300, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    )
+    with pytest.raises(OrpoError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        ORPOTrainer(
+            model=t5, args=args(tmp_path), train_dataset=Dataset.from_list(toy_rows(8)), tokenizer=tokenizer
+        )
+
+
+# ---- generate_during_eval -----------------------------------------------------------------------
+
+
+def test_generate_during_eval_logs_the_same_prompts_at_each_evaluation(tmp_path, tokenizer):
+    train, held_out = Dataset.from_list(toy_rows(16, seed=0)), Dataset.from_list(toy_rows(10, seed=1))
+    trainer = ORPOTrainer(
+        model=make_model(),
+        args=args(
+            tmp_path,
+            generate_during_eval=True,
+            per_device_eval_batch_size=3,
+            max_completion_length=5,
+            max_steps=4,
+            eval_strategy="steps",
+            eval_steps=2,
+            learning_rate=1e-2,
+        ),
+        train_dataset=train,
+        eval_dataset=held_out,
+        tokenizer=tokenizer,
+    )
+    trainer.train()
+    logged = [json.loads(line) for line in (tmp_path / "out" / "eval_generations.jsonl").open()]
+    assert [row["step"] for row in logged] == [2, 2, 2, 4, 4, 4]
+    assert {row["dataset"] for row in logged} == {"eval"}
+    picked = sample_indices(len(held_out), 3, seed=0)
+    prompts = [
+        tokenizer.decode(trainer.eval_dataset[i]["prompt_input_ids"], skip_special_tokens=True)
+        for i in picked
+    ]
+    assert [row["prompt"] for row in logged] == prompts * 2
+    # the completions are the trained model's own greedy ones (the tiny model's generation config)
+    model = trainer.model.eval()
+    expected = complete(
+        model,
+        [trainer.eval_dataset[i]["prompt_input_ids"] for i in picked],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_new_tokens=5,
+    )
+    assert [row["completion"] for row in logged[3:]] == tokenizer.batch_decode(
+        expected, skip_special_tokens=True
+    )
+    assert any(row["completion"] for row in logged)
+
+
+def test_named_eval_sets_get_generations_each(tmp_path, tokenizer):
+    sets = {"a": Dataset.from_list(toy_rows(4, seed=1)), "b": Dataset.from_list(toy_rows(4, seed=2))}
+    trainer = ORPOTrainer(
+        model=make_model(),
+        args=args(tmp_path, generate_during_eval=True, per_device_eval_batch_size=2, max_completion_length=3),
+        train_dataset=Dataset.from_list(toy_rows(8)),
+        eval_dataset=sets,
+        tokenizer=tokenizer,
+    )
+    trainer.evaluate()
+    logged = [json.loads(line) for line in (tmp_path / "out" / "eval_generations.jsonl").open()]
+    assert [row["dataset"] for row in logged] == ["eval_a", "eval_a", "eval_b", "eval_b"]
+
+
+def test_complete_left_pads_and_cuts_after_eos(tokenizer):
+    model = make_model().eval()
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 5]]
+    alone = [
+        complete(model, [p], pad_token_id=0, eos_token_id=None, max_new_tokens=4, do_sample=False)[0]
+        for p in prompts
+    ]
+    together = complete(model, prompts, pad_token_id=0, eos_token_id=None, max_new_tokens=4, do_sample=False)
+    assert together == alone and all(len(c) == 4 for c in together)
+    eos = alone[0][1]  # pretend the second new token is EOS: the completion ends there
+    cut = complete(model, prompts[:1], pad_token_id=0, eos_token_id=eos, max_new_tokens=4, do_sample=False)[0]
+    assert cut == alone[0][: alone[0].index(eos) + 1]
+
+
+def test_generations_go_to_wandb_and_comet_tables_when_reporting_there(tmp_path, monkeypatch):
+    logged, tables = [], []
+    wandb = types.SimpleNamespace(
+        run=object(),
+        Table=lambda columns, data: ("table", columns, data),
+        log=logged.append,
+    )
+    experiment = types.SimpleNamespace(log_table=lambda name, **kw: tables.append((name, kw)))
+    comet = types.SimpleNamespace(get_running_experiment=lambda: experiment)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "comet_ml", comet)
+    rows = [{"step": 1, "dataset": "eval", "prompt": "p", "completion": "c"}]
+    publish_generations(rows, str(tmp_path), ["wandb", "comet_ml"], "game_log")
+    assert logged == [{"game_log": ("table", ["Prompt", "Policy"], [["p", "c"]])}]
+    assert tables == [("game_log.csv", {"tabular_data": [["p", "c"]], "headers": ["Prompt", "Policy"]})]
+    publish_generations(rows, str(tmp_path), [], "game_log")  # not reporting there: the file only
+    assert len(logged) == 1 and len(tables) == 1
+    assert len((tmp_path / "eval_generations.jsonl").read_text().splitlines()) == 2
