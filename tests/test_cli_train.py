@@ -103,7 +103,7 @@ def test_model_aliases_and_axolotl_dataset_type(tmp_path):
 @pytest.mark.parametrize(
     "config,message",
     [
-        ({**BASE, "learning_rat": 1e-5}, "unknown config key 'learning_rat'; did you mean 'learning_rate'"),
+        ({**BASE, "learning_rat": 1e-5}, "unknown config key 'learning_rat' .did you mean 'learning_rate'"),
         ({**BASE, "orpo_alpah": 0.1}, "did you mean 'orpo_alpha'"),
         ({**BASE, "learning_rate": "fast"}, "config key 'learning_rate' must be float, got str 'fast'"),
         ({**BASE, "max_steps": 1.5}, "config key 'max_steps' must be int"),

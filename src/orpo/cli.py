@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -106,6 +107,8 @@ def _run_training(args: argparse.Namespace) -> int:
         run.eval_datasets = [relative_to(base, spec) for spec in run.eval_datasets]
     for note in run.notes:
         print(f"note: {note}")
+    for variable, value in run.env.items():  # W&B's settings from an Axolotl config
+        os.environ.setdefault(variable, value)
     resolved = to_yaml(run)
     print("resolved config:\n" + "\n".join(f"  {line}" for line in resolved.splitlines()), flush=True)
     out = Path(run.args.output_dir)
@@ -121,6 +124,8 @@ def _run_training(args: argparse.Namespace) -> int:
     template = chat_template_text(run.chat_template)
     if template is not None:
         tokenizer.chat_template = template
+    if run.special_tokens:
+        _add_special_tokens(model, tokenizer, run.special_tokens)
     peft_config = None
     if run.peft:
         try:
@@ -182,6 +187,20 @@ def _run_training(args: argparse.Namespace) -> int:
     print(f"model saved to {out}/ (safetensors + tokenizer); resolved config in {out}/orpo_config.yaml")
     print("final metrics: " + ", ".join(f"{k}={v}" for k, v in final.items()))
     return 0
+
+
+def _add_special_tokens(model, tokenizer, tokens: dict[str, str]) -> None:
+    """The config's ``special_tokens`` (as Axolotl's): set on the tokenizer; tokens new to its vocabulary
+    get embedding rows (the model's embeddings are resized)."""
+    try:
+        added = tokenizer.add_special_tokens(tokens)
+    except (ValueError, AttributeError) as err:
+        raise UsageError(f"special_tokens: {err}") from err
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+        print(
+            f"note: special_tokens added {added} new token(s); the embeddings now have {len(tokenizer)} rows"
+        )
 
 
 def _load_trained(model_dir: str, tokenizer_name: str | None, init_kwargs: dict | None = None, seed: int = 0):

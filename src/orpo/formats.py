@@ -239,12 +239,13 @@ def normalize_source(
     return Dataset.from_list(rows), fmt, problems
 
 
-def _source_and_weight(spec) -> tuple[object, float]:
+def _source_weight_split(spec) -> tuple[object, float, str | None]:
+    """A source, its weight and its own split (None: the caller's), from any way of writing one."""
     if isinstance(spec, dict) and "path" in spec:
-        return spec["path"], float(spec.get("weight", 1.0))
+        return spec["path"], float(spec.get("weight", 1.0)), spec.get("split")
     if isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], int | float):
-        return spec[0], float(spec[1])
-    return spec, 1.0
+        return spec[0], float(spec[1]), None
+    return spec, 1.0, None
 
 
 def _take(dataset: Dataset, weight: float, seed: int) -> Dataset:
@@ -271,7 +272,8 @@ def load_preference_data(
 
     ``spec`` is a source (path, hub name, ``Dataset``...) or a list of sources, each optionally with a
     weight: ``[{"path": "a.jsonl", "weight": 0.5}, ("b.jsonl", 2.0), "c.jsonl"]``. A weight below 1
-    keeps that fraction of the source's rows (a seeded random subset), above 1 repeats them.
+    keeps that fraction of the source's rows (a seeded random subset), above 1 repeats them. A
+    ``{"path", "split"}`` source takes that split of a hub dataset or ``DatasetDict`` instead of ``split``.
     Returns ``(dataset, format, name)``.
     """
     from datasets import concatenate_datasets
@@ -279,10 +281,10 @@ def load_preference_data(
     specs = spec if isinstance(spec, list) else [spec]
     parts, formats, names = [], set(), []
     for k, item in enumerate(specs):
-        source, weight = _source_and_weight(item)
+        source, weight, own_split = _source_weight_split(item)
         if weight < 0:
             raise OrpoError(f"source {source}: weight must be >= 0, got {weight}")
-        loaded = load_source(source, split=split, subset=subset)
+        loaded = load_source(source, split=own_split or split, subset=subset)
         dataset, detected, _ = normalize_source(loaded, fmt=fmt, columns=columns, skip_invalid=skip_invalid)
         parts.append(_take(dataset, weight, seed + k) if weight != 1.0 else dataset)
         formats.add("standard" if isinstance(dataset[0]["prompt"], str) else "conversational")

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from orpo.axolotl import translate
 from orpo.config import ORPOConfig
 from orpo.errors import OrpoError, UsageError
 
@@ -36,6 +37,14 @@ ALIASES = {
     "base_model": ("model", "Axolotl"),
     "dataset": ("datasets", "shorthand"),
     "eval_dataset": ("eval_datasets", "shorthand"),
+    "optimizer": ("optim", "Axolotl"),
+    "lr_scheduler": ("lr_scheduler_type", "Axolotl"),
+    "eval_batch_size": ("per_device_eval_batch_size", "Axolotl"),
+    "train_on_inputs": ("nll_include_prompt", "Axolotl (true: the prompt tokens are trained on too)"),
+    "dataset_processes": ("dataset_num_proc", "Axolotl"),
+    "evaluation_strategy": ("eval_strategy", "transformers < 4.46"),
+    "test_datasets": ("eval_datasets", "Axolotl"),
+    "gradient_checkpointing": ("activation_checkpointing", "transformers < 5.2x, Axolotl"),
 }
 # Keys of the config's `model:` block passed on to from_pretrained (load_in_4bit/8bit: bitsandbytes).
 MODEL_INIT_KEYS = (
@@ -46,7 +55,7 @@ MODEL_INIT_KEYS = (
     "load_in_4bit",
     "load_in_8bit",
 )
-RUN_KEYS = ("model", "tokenizer", "chat_template", "datasets", "eval_datasets", "peft")
+RUN_KEYS = ("model", "tokenizer", "chat_template", "special_tokens", "datasets", "eval_datasets", "peft")
 # Keys other tools put in their configs that mean nothing here; ignored with a note.
 IGNORED = {
     "rl": "Axolotl's trainer switch",
@@ -71,11 +80,13 @@ class RunConfig:
     model: dict[str, Any]
     tokenizer: str | None = None
     chat_template: str | None = None
+    special_tokens: dict[str, str] | None = None  # e.g. {pad_token: ...}, added to the tokenizer
     datasets: list = field(default_factory=list)
     eval_datasets: list = field(default_factory=list)
     peft: dict | None = None
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # for trackers: WANDB_PROJECT, ...
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -157,8 +168,9 @@ def relative_to(base: Path, spec):
 
 def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
     """Merge file keys and overrides (overrides win), map foreign names, validate, build the config."""
-    merged = {**raw, **(overrides or {})}
-    notes, values = [], {}
+    notes, values, unknown = [], {}, []
+    axolotl = translate({**raw, **(overrides or {})}, notes)
+    merged = axolotl.values
     fields = _field_types()
     for key, value in merged.items():
         if key in IGNORED:
@@ -171,10 +183,8 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
                 raise UsageError(f"config gives both '{key}' and '{target}' with different values; keep one")
             key = target
         if key not in fields and key not in RUN_KEYS:
-            known = sorted([*fields, *RUN_KEYS, *ALIASES])
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UsageError(f"unknown config key '{key}'{hint}")
+            unknown.append(key)
+            continue
         if key in fields and not _accepts(fields[key], value) and _accepts(fields[key], _as_number(value)):
             value = _as_number(value)
         if key in fields and not _accepts(fields[key], value):
@@ -182,6 +192,8 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
                 f"config key '{key}' must be {_type_name(fields[key])}, got {type(value).__name__} {value!r}"
             )
         values[key] = value
+    if unknown:
+        raise UsageError(_unknown_keys_message(unknown, fields))
 
     model = values.pop("model", None)
     if model is None:
@@ -192,6 +204,10 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
         raise UsageError(
             "'model' must be a name/path or a mapping with 'name' (and dtype, attn_implementation, ...)"
         )
+    for key, value in axolotl.model_options.items():
+        if key in model and model[key] != value:
+            raise UsageError(f"'{key}' is given both in 'model' and at the top level, differently; keep one")
+        model[key] = value
     unknown_model_keys = set(model) - {"name", *MODEL_INIT_KEYS}
     if unknown_model_keys:
         raise UsageError(f"unknown keys under 'model': {sorted(unknown_model_keys)}")
@@ -200,7 +216,9 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
         raise UsageError("the config needs 'datasets' (a path, hub name, or a list of them)")
     datasets = _dataset_specs(datasets, notes)
     eval_datasets = _dataset_specs(values.pop("eval_datasets", None) or [], notes)
-    run = {key: values.pop(key, None) for key in ("tokenizer", "chat_template", "peft")}
+    run = {key: values.pop(key, None) for key in ("tokenizer", "chat_template", "special_tokens", "peft")}
+    if run["special_tokens"] is not None and not isinstance(run["special_tokens"], dict):
+        raise UsageError("'special_tokens' must map token names to tokens, e.g. {pad_token: '<|pad|>'}")
     values.setdefault("output_dir", "orpo-output")
     values.setdefault("report_to", "none")
     init_kwargs = dict(values.pop("model_init_kwargs", None) or {})
@@ -215,8 +233,25 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
     except (ValueError, TypeError) as err:
         raise UsageError(f"invalid training settings: {err}") from err
     return RunConfig(
-        args=args, model=model, datasets=datasets, eval_datasets=eval_datasets, notes=notes, raw=merged, **run
+        args=args,
+        model=model,
+        datasets=datasets,
+        eval_datasets=eval_datasets,
+        notes=notes,
+        raw=merged,
+        env=axolotl.env,
+        **run,
     )
+
+
+def _unknown_keys_message(unknown: list[str], fields) -> str:
+    """All unknown keys at once, each with its likeliest meaning, so one edit fixes the file."""
+    known = sorted([*fields, *RUN_KEYS, *ALIASES])
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(parts)}"
 
 
 def _dataset_specs(value, notes: list[str]) -> list:
@@ -229,16 +264,22 @@ def _dataset_specs(value, notes: list[str]) -> list:
             continue
         if not isinstance(item, dict) or "path" not in item:
             raise UsageError(f"each dataset needs a 'path' (file, directory or hub name), got {item!r}")
-        unknown = set(item) - {"path", "weight", "type", "split"}
+        unknown = set(item) - {"path", "weight", "type", "split", "ds_type", "data_files"}
         if unknown:
             raise UsageError(
                 f"unknown keys {sorted(unknown)} in dataset {item['path']} (use path, weight, split)"
             )
-        if "type" in item:
-            notes.append(
-                f"dataset {item['path']}: ignoring Axolotl 'type: {item['type']}' (formats are detected)"
-            )
-        specs.append({"path": item["path"], "weight": float(item.get("weight", 1.0))})
+        for key, why in (("type", "formats are detected"), ("ds_type", "file types are detected")):
+            if key in item:
+                notes.append(f"dataset {item['path']}: ignoring Axolotl '{key}: {item[key]}' ({why})")
+        files = item.get("data_files") or [item["path"]]
+        for path in [files] if isinstance(files, str) else files:
+            spec = {"path": path, "weight": float(item.get("weight", 1.0))}
+            if item.get("split"):
+                spec["split"] = item["split"]
+            specs.append(spec)
+        if "data_files" in item:
+            notes.append(f"dataset {item['path']}: its data_files (Axolotl) are the sources")
     return specs
 
 
@@ -274,7 +315,7 @@ def to_yaml(run: RunConfig) -> str:
         ):
             changed[f.name] = value.value if hasattr(value, "value") else value
     document = {"model": run.model, "datasets": run.datasets, **changed}
-    for key in ("eval_datasets", "tokenizer", "chat_template", "peft"):
+    for key in ("eval_datasets", "tokenizer", "chat_template", "special_tokens", "peft"):
         if getattr(run, key):
             document[key] = getattr(run, key)
     return yaml.safe_dump(json.loads(json.dumps(document, default=str)), sort_keys=False)

@@ -174,19 +174,24 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         self._head_plan: HeadPlan | None | str = "unresolved"
         self._eval_prefix = "eval"
 
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator or PADDED.collator(pad_id, args.nll_include_prompt),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            model_init=model_init,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+        try:
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator or PADDED.collator(pad_id, args.nll_include_prompt),
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=tokenizer,
+                model_init=model_init,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            )
+        except OrpoError:
+            raise
+        except ValueError as err:  # Trainer's own checks of the settings (e.g. evaluation, no eval data)
+            raise OrpoError(f"invalid training settings: {err}") from err
         self._register_head_capture()  # before anything can compile the model (torch_compile)
         if data_collator is None:
             self.layout = self._choose_layout()
