@@ -79,6 +79,7 @@ def test_an_axolotl_orpo_config_resolves_to_ours(axolotl_config):
     assert args.per_device_train_batch_size == 4 and args.per_device_eval_batch_size == 4
     assert args.optim.value == "adamw_torch" and args.lr_scheduler_type.value == "cosine"
     assert args.nll_include_prompt is False and args.bf16 is False  # auto: no bf16 on this CPU
+    assert args.activation_checkpointing is True  # gradient_checkpointing, transformers 5's new name
     # 2 evaluations per epoch over 1 epoch: every half of the training steps; one save per epoch
     assert args.eval_strategy.value == "steps" and args.eval_steps == 0.5
     assert args.save_strategy.value == "epoch"
