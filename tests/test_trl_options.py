@@ -88,6 +88,29 @@ def test_orpo_train_passes_trust_remote_code_to_both_loaders(tmp_path, tokenizer
     assert seen == [True, True]
 
 
+def test_eval_and_generate_take_trust_remote_code(tmp_path, tokenizer, monkeypatch, capsys):
+    from orpo.cli import main
+
+    directory = tmp_path / "model"
+    make_model().save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    seen = []
+    for auto_class in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        original = auto_class.from_pretrained
+
+        def from_pretrained(name, *rest, _original=original, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _original(name, *rest, **kwargs)
+
+        monkeypatch.setattr(auto_class, "from_pretrained", from_pretrained)
+    assert main(["eval", "--model", str(directory), "--data", "demo:test", "--json"]) == 0
+    assert seen == [False, False]
+    seen.clear()
+    generate = ["generate", "--model", str(directory), "--prompt", "1+1=", "--max-new-tokens", "2"]
+    assert main([*generate, "--no-chat-template", "--trust-remote-code"]) == 0
+    assert seen == [True, True]
+
+
 def test_trust_remote_code_and_model_init_kwargs_agree(tmp_path):
     assert args(tmp_path, model_init_kwargs={"trust_remote_code": True}).trust_remote_code is True
     with pytest.raises(OrpoError, match="model_init_kwargs sets trust_remote_code: false"):

@@ -203,6 +203,11 @@ def _add_special_tokens(model, tokenizer, tokens: dict[str, str]) -> None:
         )
 
 
+def _remote_code(args: argparse.Namespace) -> dict | None:
+    """``--trust-remote-code`` as loader kwargs (off unless given)."""
+    return {"trust_remote_code": True} if args.trust_remote_code else None
+
+
 def _load_trained(model_dir: str, tokenizer_name: str | None, init_kwargs: dict | None = None, seed: int = 0):
     """A model by name or directory (or ``demo``, the embedded one, freshly initialised with ``seed``)
     and its tokenizer (``tokenizer_name``, else the model's)."""
@@ -230,7 +235,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     datasets.disable_progress_bars()
     logging.getLogger("orpo").setLevel(logging.ERROR)
-    model, tokenizer = _load_trained(args.model, args.tokenizer)
+    model, tokenizer = _load_trained(args.model, args.tokenizer, _remote_code(args))
     with tempfile.TemporaryDirectory() as scratch:
         config = ORPOConfig(
             output_dir=scratch,
@@ -276,7 +281,7 @@ def _generate(args: argparse.Namespace) -> int:
             if line.strip()
         ]
     )
-    model, tokenizer = _load_trained(args.model, args.tokenizer)
+    model, tokenizer = _load_trained(args.model, args.tokenizer, _remote_code(args))
     model.eval()
     use_template = getattr(tokenizer, "chat_template", None) is not None and not args.no_chat_template
     for prompt in prompts:
@@ -328,13 +333,15 @@ def _merge(args: argparse.Namespace) -> int:
     if not (adapter / "adapter_config.json").is_file():
         raise OrpoError(f"{adapter}: no adapter_config.json (is this a LoRA adapter directory?)")
     try:
-        model = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            str(adapter), trust_remote_code=args.trust_remote_code
+        )
     except (OSError, ValueError) as err:
         raise OrpoError(f"could not load the adapter in {adapter} with its base model: {err}") from err
     merged = model.merge_and_unload()
     merged.save_pretrained(args.output)
     if (adapter / "tokenizer_config.json").is_file():
-        _load_tokenizer(str(adapter)).save_pretrained(args.output)
+        _load_tokenizer(str(adapter), args.trust_remote_code).save_pretrained(args.output)
     print(
         f"merged {adapter} into its base model ({model.peft_config['default'].base_model_name_or_path}); "
         f"saved to {args.output}/"
@@ -403,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-prompt-length", type=int, default=512)
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.add_argument(
+        "--trust-remote-code", action="store_true", help="let the model run code from its repository"
+    )
     evaluate.set_defaults(handler=_eval)
 
     generate = commands.add_parser(
@@ -420,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
+    generate.add_argument(
+        "--trust-remote-code", action="store_true", help="let the model run code from its repository"
+    )
     generate.set_defaults(handler=_generate)
 
     plot = commands.add_parser(
@@ -442,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--adapter", required=True, help="directory with adapter_config.json")
     merge.add_argument("--output", required=True, help="where the merged model goes")
+    merge.add_argument(
+        "--trust-remote-code", action="store_true", help="let the model run code from its repository"
+    )
     merge.set_defaults(handler=_merge)
 
     quick = commands.add_parser(
