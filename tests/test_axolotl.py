@@ -141,6 +141,9 @@ def test_trackers_qlora_and_attention_keys(tmp_path):
         ({"adapter": "qlora", "load_in_8bit": True}, "remove load_in_8bit"),
         ({"evals_per_epoch": 2, "eval_steps": 5, "eval_datasets": "e.jsonl"}, "give one of evals_per_epoch"),
         ({"special_tokens": ["<pad>"]}, "'special_tokens' must map token names to tokens"),
+        ({"rl": "dpo"}, "'rl: dpo' asks for another method"),
+        ({"pref_loss": "sigmoid"}, "'pref_loss: sigmoid' asks for another method"),
+        ({"stage": "dpo"}, "'stage: dpo' without 'pref_loss: orpo' is DPO"),
     ],
 )
 def test_axolotl_keys_we_cannot_honour_are_errors(tmp_path, extra, message):

@@ -56,11 +56,12 @@ MODEL_INIT_KEYS = (
     "load_in_8bit",
 )
 RUN_KEYS = ("model", "tokenizer", "chat_template", "special_tokens", "datasets", "eval_datasets", "peft")
-# Keys other tools put in their configs that mean nothing here; ignored with a note.
-IGNORED = {
-    "rl": "Axolotl's trainer switch",
-    "stage": "LLaMA-Factory's stage",
-    "pref_loss": "LLaMA-Factory's loss switch",
+# Other tools' switches of the training method: ignored with a note when they ask for ORPO (the values
+# here), an error when they ask for something else (a DPO config must not quietly train ORPO).
+METHOD_SWITCHES = {
+    "rl": ("Axolotl's trainer switch", ("orpo",)),
+    "stage": ("LLaMA-Factory's stage; its ORPO runs in stage dpo", ("dpo", "orpo")),
+    "pref_loss": ("LLaMA-Factory's loss switch", ("orpo",)),
 }
 BUILTIN_CHAT_TEMPLATES = {
     "chatml": (
@@ -171,10 +172,17 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
     notes, values, unknown = [], {}, []
     axolotl = translate({**raw, **(overrides or {})}, notes)
     merged = axolotl.values
+    if merged.get("stage") == "dpo" and merged.get("pref_loss") != "orpo":
+        raise UsageError(
+            "'stage: dpo' without 'pref_loss: orpo' is DPO in LLaMA-Factory; orpo trains ORPO only"
+        )
     fields = _field_types()
     for key, value in merged.items():
-        if key in IGNORED:
-            notes.append(f"ignoring '{key}' ({IGNORED[key]}): orpo always trains ORPO")
+        if key in METHOD_SWITCHES:
+            what, orpo_values = METHOD_SWITCHES[key]
+            if value not in orpo_values:
+                raise UsageError(f"'{key}: {value}' asks for another method ({what}); orpo trains ORPO only")
+            notes.append(f"ignoring '{key}: {value}' ({what}): orpo always trains ORPO")
             continue
         if key in ALIASES:
             target, origin = ALIASES[key]
