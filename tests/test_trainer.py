@@ -660,3 +660,33 @@ def test_micro_batches_do_not_unwrap_the_model_each_time(tmp_path, tokenizer, to
     trainer.train()
     assert trainer.state.global_step == 4
     assert len(calls) < 8  # 8 micro-batches: a few one-off calls, none per micro-batch
+
+
+def test_non_padding_tokens_seen_count_real_eos_tokens_when_pad_is_eos(tmp_path):
+    """Trainer's own non-padding count (packed rows have no attention mask) compares ids with the pad id;
+    with pad = eos, what the trainer sets for tokenizers without a pad token, it missed every EOS."""
+    from orpo.demo import demo_tokenizer
+
+    def tokens_seen(pad_is_eos):
+        tokenizer = demo_tokenizer()
+        if pad_is_eos:
+            tokenizer.pad_token = tokenizer.eos_token
+        trainer = ORPOTrainer(
+            model=make_model(),
+            args=config(
+                tmp_path,
+                max_steps=2,
+                per_device_train_batch_size=4,
+                include_num_input_tokens_seen="non_padding",
+                padding_free=None,  # the default layout: packed shared-prefix rows
+                prefix_sharing=None,
+            ),
+            train_dataset=Dataset.from_list(toy_rows(8)),
+            tokenizer=tokenizer,
+        )
+        trainer.train()
+        assert trainer.layout.packed
+        return trainer.state.num_input_tokens_seen
+
+    expected = tokens_seen(pad_is_eos=False)
+    assert expected > 0 and tokens_seen(pad_is_eos=True) == expected

@@ -323,6 +323,16 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             shard.num_processes, shard.process_index = 1, 0
         return loader
 
+    def _track_num_input_tokens(self, inputs):
+        """``include_num_input_tokens_seen: non_padding`` from the collator's own count of the tokens it
+        laid out that are not padding (a shared prompt counts once): Trainer's own count compares ids
+        with the pad id, which misses every real EOS when the pad token is the EOS token (common)."""
+        if self.args.include_num_input_tokens_seen == "non_padding" and "num_tokens" in inputs:
+            tokens = torch.as_tensor(inputs["num_tokens"], device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+            return
+        super()._track_num_input_tokens(inputs)
+
     def _set_signature_columns_if_needed(self):
         # The collator needs the tokenized columns, not the model's forward arguments, so even with
         # remove_unused_columns=True nothing it needs is dropped.
