@@ -8,7 +8,7 @@ import yaml
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
-from conftest import toy_rows
+from conftest import make_model, toy_rows
 from orpo.cli import main
 from orpo.errors import OrpoError, UsageError
 from orpo.run_config import resolve
@@ -133,7 +133,6 @@ def test_trackers_qlora_and_attention_keys(tmp_path):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        ({"val_set_size": 0.05}, "val_set_size: 0.05 .Axolotl. splits the training data"),
         ({"adapter": "ia3"}, "adapter: 'ia3' is not supported"),
         ({"adapter": "lora", "peft": {"r": 4}}, "both 'adapter' .Axolotl. and a 'peft' block"),
         ({"flash_attention": True, "sdp_attention": True}, "choose one attention implementation"),
@@ -230,3 +229,40 @@ def resolve_and_build(tmp_path):
     return ORPOTrainer(
         model=tiny_model(), args=run.args, train_dataset=run.datasets, tokenizer=demo_tokenizer()
     )
+
+
+def test_val_set_size_holds_out_seeded_training_pairs_for_evaluation(tmp_path, tokenizer):
+    from orpo import ORPOConfig, ORPOTrainer
+
+    def trainer(size, **kwargs):
+        return ORPOTrainer(
+            model=make_model(),
+            args=ORPOConfig(output_dir=str(tmp_path), report_to="none", val_set_size=size, **kwargs),
+            train_dataset=Dataset.from_list(toy_rows(20)),
+            tokenizer=tokenizer,
+        )
+
+    fraction, count = trainer(0.25), trainer(3)
+    assert (len(fraction.train_dataset), len(fraction.eval_dataset)) == (15, 5)
+    assert (len(count.train_dataset), len(count.eval_dataset)) == (17, 3)
+    held_out = set(fraction.eval_dataset["row_index"])  # rows keep their source row numbers
+    assert held_out.isdisjoint(fraction.train_dataset["row_index"])
+    assert held_out | set(fraction.train_dataset["row_index"]) == set(range(20))
+    assert set(trainer(0.25).eval_dataset["row_index"]) == held_out  # seeded
+    assert set(trainer(0.25, seed=1).eval_dataset["row_index"]) != held_out
+    assert "eval_rewards/accuracies" in fraction.evaluate()
+    with pytest.raises(OrpoError, match="val_set_size or an eval_dataset, not both"):
+        ORPOTrainer(
+            model=make_model(),
+            args=ORPOConfig(output_dir=str(tmp_path), report_to="none", val_set_size=0.25),
+            train_dataset=Dataset.from_list(toy_rows(8)),
+            eval_dataset=Dataset.from_list(toy_rows(4)),
+            tokenizer=tokenizer,
+        )
+    with pytest.raises(OrpoError, match="holds out 20 of 20 training pairs"):
+        trainer(20)
+
+
+def test_axolotl_val_set_size_with_evals_per_epoch(tmp_path):
+    run = resolve({"base_model": "m", "datasets": "d.jsonl", "val_set_size": 0.05, "evals_per_epoch": 1})
+    assert run.args.val_set_size == 0.05 and run.args.eval_strategy.value == "epoch"

@@ -1,8 +1,8 @@
 """Axolotl's config keys that are more than a new name: its adapter, attention, precision and tracker
 keys become our ``peft`` block, ``model`` options, ``bf16`` / ``tf32`` and ``report_to``, so an Axolotl
 ORPO config (``rl: orpo``) trains as it is. Plain renames (``sequence_len``, ``optimizer``, ...) are
-aliases in :mod:`orpo.run_config`; keys that mean nothing here are ignored with a note; anything whose
-effect we would lose is an error naming the key.
+aliases in :mod:`orpo.run_config` (``val_set_size`` is an :class:`~orpo.ORPOConfig` field); keys that
+mean nothing here are ignored with a note; anything whose effect we would lose is an error naming the key.
 """
 
 from __future__ import annotations
@@ -93,12 +93,6 @@ def translate(merged: dict[str, Any], notes: list[str]) -> Translated:
     if values.get("chat_template") == "tokenizer_default":
         notes.append("'chat_template: tokenizer_default' (Axolotl): the tokenizer's own template")
         del values["chat_template"]
-    size = values.pop("val_set_size", None)
-    if size:
-        raise UsageError(
-            f"val_set_size: {size} (Axolotl) splits the training data; orpo does not: give a held-out "
-            "file as eval_datasets"
-        )
     liger = [key for key in values if key.startswith("liger_")]
     if liger:
         if any(values[key] for key in liger):
@@ -174,7 +168,9 @@ def _per_epoch(values: dict, notes: list[str]) -> None:
     over E epochs is a step interval of 1 / (k * E), which Trainer takes as a fraction of all training
     steps (of max_steps, when that is set). Evaluations need held-out data; without it, none."""
     epochs = float(values.get("num_train_epochs", values.get("num_epochs", 3)) or 1)
-    has_eval_data = any(values.get(key) for key in ("eval_datasets", "eval_dataset", "test_datasets"))
+    has_eval_data = any(
+        values.get(key) for key in ("eval_datasets", "eval_dataset", "test_datasets", "val_set_size")
+    )
     for key, strategy, steps in (
         ("evals_per_epoch", "eval_strategy", "eval_steps"),
         ("saves_per_epoch", "save_strategy", "save_steps"),
@@ -185,7 +181,7 @@ def _per_epoch(values: dict, notes: list[str]) -> None:
         if strategy in values or steps in values:
             raise UsageError(f"give one of {key} (Axolotl) and {strategy} / {steps}")
         if key == "evals_per_epoch" and not has_eval_data:
-            notes.append(f"ignoring '{key}': no eval_datasets (Axolotl's test_datasets) to evaluate on")
+            notes.append(f"ignoring '{key}': no eval_datasets (test_datasets) or val_set_size to evaluate on")
             continue
         if float(per_epoch) == 1:
             values[strategy] = "epoch"

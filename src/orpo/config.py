@@ -133,6 +133,13 @@ class ORPOConfig(TrainingArguments):
             "chunk instead of 4), when every pair's scored tokens fit in one chunk; exact either way."
         },
     )
+    val_set_size: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this fraction (below 1) or number (from 1) of the training pairs, seeded, as the "
+            "evaluation set (Axolotl's option); 0 = none."
+        },
+    )
     generate_during_eval: bool = field(
         default=False,
         metadata={
@@ -224,6 +231,10 @@ class ORPOConfig(TrainingArguments):
             raise OrpoError(f"nan_policy must be 'error' or 'skip', got {self.nan_policy!r}")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise OrpoError(f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch}")
+        if self.val_set_size < 0:
+            raise OrpoError(
+                f"val_set_size must be >= 0 (a fraction below 1 or a number of pairs), got {self.val_set_size}"
+            )
         if self.is_encoder_decoder:
             raise OrpoError(
                 "is_encoder_decoder=True: orpo trains decoder-only causal language models (the paper's setting); "

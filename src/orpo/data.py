@@ -282,3 +282,16 @@ def tokenize_dataset(
     if report.rows_out == 0:
         raise OrpoError(f"{source}: no row is left after tokenization ({report.summary()})")
     return encoded, report
+
+
+def split_off_eval(dataset: Dataset, size: float, seed: int) -> tuple[Dataset, Dataset]:
+    """``(train, held_out)``: a seeded random ``size`` of the pairs held out, a fraction below 1 or a
+    number of pairs from 1. Rows keep their ``row_index``, so messages still name the source rows."""
+    count = round(size * len(dataset)) if size < 1 else int(size)
+    if not 1 <= count < len(dataset):
+        raise OrpoError(
+            f"val_set_size {size:g} holds out {count} of {len(dataset)} training pairs; it must leave at "
+            "least one pair on each side"
+        )
+    parts = dataset.train_test_split(test_size=count, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]

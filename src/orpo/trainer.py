@@ -27,7 +27,14 @@ from transformers.trainer_utils import seed_worker
 from orpo.batching import TokenBudgetBatchSampler, pair_lengths
 from orpo.checkpoints import AtomicCheckpoints
 from orpo.config import ORPOConfig
-from orpo.data import ROW_INDEX, TOKENIZED_COLUMNS, TruncationLimits, default_cache_dir, tokenize_dataset
+from orpo.data import (
+    ROW_INDEX,
+    TOKENIZED_COLUMNS,
+    TruncationLimits,
+    default_cache_dir,
+    split_off_eval,
+    tokenize_dataset,
+)
 from orpo.errors import OrpoError
 from orpo.formats import load_preference_data
 from orpo.generation import complete, publish_generations, sample_indices
@@ -161,6 +168,15 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
                 }
             else:
                 eval_dataset = self._prepare_dataset(eval_dataset, tokenizer, limits, args, "eval_dataset")
+        if args.val_set_size and train_dataset is not None:
+            if eval_dataset is not None:
+                raise OrpoError("give val_set_size or an eval_dataset, not both")
+            total = len(train_dataset)
+            train_dataset, eval_dataset = split_off_eval(train_dataset, args.val_set_size, args.seed)
+            logger.warning(
+                f"val_set_size {args.val_set_size:g}: {len(eval_dataset)} of {total} training pairs held out "
+                f"for evaluation (seed {args.seed})"
+            )
 
         self.layout: Layout | None = None  # the batch layout, when the trainer chooses the collator
         self._layout_unverified = False
