@@ -42,73 +42,58 @@ def test_every_trl_orpo_config_field_is_accepted(tmp_path):
 # ---- trust_remote_code ------------------------------------------------------------------------------
 
 
-def test_trust_remote_code_reaches_the_model_and_tokenizer_loaders(tmp_path, tokenizer, monkeypatch):
+@pytest.fixture
+def saved_model(tmp_path, tokenizer):
+    """A tiny model and the demo tokenizer saved to a directory, to load by path."""
     directory = tmp_path / "model"
     make_model().save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
-    seen = {}
+    return directory
 
-    def spy(auto_class, label):
+
+@pytest.fixture
+def remote_code_seen(monkeypatch):
+    """The ``trust_remote_code`` each model and tokenizer load is given, in call order."""
+    seen = []
+    for auto_class in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
         original = auto_class.from_pretrained
 
-        def from_pretrained(name, *rest, **kwargs):
-            seen[label] = kwargs.get("trust_remote_code")
-            return original(name, *rest, **kwargs)
+        def from_pretrained(name, *rest, _original=original, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _original(name, *rest, **kwargs)
 
         monkeypatch.setattr(auto_class, "from_pretrained", from_pretrained)
+    return seen
 
-    spy(transformers.AutoModelForCausalLM, "model")
-    spy(transformers.AutoTokenizer, "tokenizer")
-    ORPOTrainer(model=str(directory), args=args(tmp_path), train_dataset=Dataset.from_list(toy_rows(8)))
-    assert seen == {"model": False, "tokenizer": False}  # off unless asked for
+
+def test_trust_remote_code_reaches_the_model_and_tokenizer_loaders(tmp_path, saved_model, remote_code_seen):
+    ORPOTrainer(model=str(saved_model), args=args(tmp_path), train_dataset=Dataset.from_list(toy_rows(8)))
+    assert sorted(remote_code_seen) == [False, False]  # off unless asked for
+    remote_code_seen.clear()
     config = args(tmp_path, trust_remote_code=True)
     assert config.model_init_kwargs == {"trust_remote_code": True}
-    ORPOTrainer(model=str(directory), args=config, train_dataset=Dataset.from_list(toy_rows(8)))
-    assert seen == {"model": True, "tokenizer": True}
+    ORPOTrainer(model=str(saved_model), args=config, train_dataset=Dataset.from_list(toy_rows(8)))
+    assert remote_code_seen == [True, True]
 
 
-def test_orpo_train_passes_trust_remote_code_to_both_loaders(tmp_path, tokenizer, monkeypatch):
+def test_orpo_train_passes_trust_remote_code_to_both_loaders(tmp_path, saved_model, remote_code_seen):
     from orpo.cli import main
 
-    directory = tmp_path / "model"
-    make_model().save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    seen = []
-    for auto_class in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
-        original = auto_class.from_pretrained
-
-        def from_pretrained(name, *rest, _original=original, **kwargs):
-            seen.append(kwargs.get("trust_remote_code"))
-            return _original(name, *rest, **kwargs)
-
-        monkeypatch.setattr(auto_class, "from_pretrained", from_pretrained)
     argv = demo_train_argv(tmp_path / "out", max_steps=1, save_strategy="no", trust_remote_code="true")
-    argv[argv.index("demo")] = str(directory)
+    argv[argv.index("demo")] = str(saved_model)
     assert main(argv) == 0
-    assert seen == [True, True]
+    assert remote_code_seen == [True, True]
 
 
-def test_eval_and_generate_take_trust_remote_code(tmp_path, tokenizer, monkeypatch, capsys):
+def test_eval_and_generate_take_trust_remote_code(saved_model, remote_code_seen, capsys):
     from orpo.cli import main
 
-    directory = tmp_path / "model"
-    make_model().save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    seen = []
-    for auto_class in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
-        original = auto_class.from_pretrained
-
-        def from_pretrained(name, *rest, _original=original, **kwargs):
-            seen.append(kwargs.get("trust_remote_code"))
-            return _original(name, *rest, **kwargs)
-
-        monkeypatch.setattr(auto_class, "from_pretrained", from_pretrained)
-    assert main(["eval", "--model", str(directory), "--data", "demo:test", "--json"]) == 0
-    assert seen == [False, False]
-    seen.clear()
-    generate = ["generate", "--model", str(directory), "--prompt", "1+1=", "--max-new-tokens", "2"]
+    assert main(["eval", "--model", str(saved_model), "--data", "demo:test", "--json"]) == 0
+    assert remote_code_seen == [False, False]
+    remote_code_seen.clear()
+    generate = ["generate", "--model", str(saved_model), "--prompt", "1+1=", "--max-new-tokens", "2"]
     assert main([*generate, "--no-chat-template", "--trust-remote-code"]) == 0
-    assert seen == [True, True]
+    assert remote_code_seen == [True, True]
 
 
 def test_trust_remote_code_and_model_init_kwargs_agree(tmp_path):
