@@ -1,5 +1,6 @@
 import json
 import os
+import shlex
 import signal
 from pathlib import Path
 
@@ -198,7 +199,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, capsys, monkey
     assert main(argv) == 130
     err = capsys.readouterr().err
     # The step in flight finishes, then a checkpoint is written and training stops.
-    assert f"checkpoint saved in {out}/checkpoint-3" in err and "--resume" in err
+    assert f"checkpoint saved in {out}/checkpoint-3" in err
+    # the resume hint is this very command (flags included) plus --resume
+    assert f"resume with: {shlex.join(['orpo', *argv, '--resume'])}" in err
     assert (out / "checkpoint-3" / "model.safetensors").is_file()
     assert not (out / "model.safetensors").exists()  # no final model: the run is not finished
     monkeypatch.setattr(ORPOTrainer, "training_step", real_step)
@@ -210,3 +213,12 @@ def test_qlora_example_asks_for_a_4bit_base():
     run = resolve(read_config_file(ROOT / "examples" / "qlora-7b.yaml"))
     assert run.args.model_init_kwargs["load_in_4bit"] is True
     assert run.peft["r"] == 16
+
+
+def test_config_flag_as_in_trls_cli(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: demo\ndatasets: demo:test\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["train", "--config", str(config), "--max_steps", "1", "--save_strategy", "no"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert main(["train", str(config), "--config", str(tmp_path / "other.yaml")]) == 2
+    assert "two config files" in capsys.readouterr().err

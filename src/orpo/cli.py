@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 
@@ -95,8 +96,12 @@ def _run_training(args: argparse.Namespace) -> int:
     # value of an override such as `--max_steps 3` for it).
     extra = list(args.extra)
     args.config = extra.pop(0) if extra and not extra[0].startswith("--") else None
+    if args.config_file:
+        if args.config and args.config != args.config_file:
+            raise UsageError(f"two config files: {args.config} and --config {args.config_file}; give one")
+        args.config = args.config_file
     raw = read_config_file(args.config) if args.config else {}
-    overrides = _overrides(extra)
+    overrides, override_words = _overrides(extra), extra
     for flag, key in ((args.model, "model"), (args.dataset, "datasets"), (args.output_dir, "output_dir")):
         if flag is not None:
             overrides[key] = flag
@@ -144,9 +149,7 @@ def _run_training(args: argparse.Namespace) -> int:
         peft_config=peft_config,
     )
     print(f"batch layout: {trainer.layout.description}", flush=True)
-    again = " ".join(
-        ["orpo train", *([args.config] if args.config else []), *args.extra[bool(args.config) :]]
-    )
+    again = _train_command(args, override_words)
     stop = StopOnSignal()
     trainer.add_callback(stop)
     try:
@@ -187,6 +190,19 @@ def _run_training(args: argparse.Namespace) -> int:
     print(f"model saved to {out}/ (safetensors + tokenizer); resolved config in {out}/orpo_config.yaml")
     print("final metrics: " + ", ".join(f"{k}={v}" for k, v in final.items()))
     return 0
+
+
+def _train_command(args: argparse.Namespace, override_words: list[str]) -> str:
+    """This run's ``orpo train`` command line (for the resume hint): config, flags and overrides."""
+    words = ["orpo", "train", *([args.config] if args.config else [])]
+    for flag, value in (
+        ("--model", args.model),
+        ("--dataset", args.dataset),
+        ("--output-dir", args.output_dir),
+    ):
+        if value is not None:
+            words += [flag, value]
+    return shlex.join([*words, *override_words])
 
 
 def _add_special_tokens(model, tokenizer, tokens: dict[str, str]) -> None:
@@ -381,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  orpo train examples/tiny.yaml\n  orpo train examples/tiny.yaml --learning_rate 5e-6 "
         "--orpo_alpha 0.2\n  orpo train --model Qwen/Qwen2-0.5B-Instruct --dataset prefs.jsonl --output-dir out",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument(
+        "--config", dest="config_file", metavar="CONFIG.yaml", help="the config file (as TRL's CLI takes it)"
     )
     train.add_argument("--model", help="model name or directory ('demo' for the embedded tiny model)")
     train.add_argument("--dataset", help="training data: file, directory or hub name")
