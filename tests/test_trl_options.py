@@ -85,7 +85,7 @@ def test_orpo_train_passes_trust_remote_code_to_both_loaders(tmp_path, saved_mod
     assert remote_code_seen == [True, True]
 
 
-def test_eval_and_generate_take_trust_remote_code(saved_model, remote_code_seen, capsys):
+def test_eval_generate_and_check_data_take_trust_remote_code(saved_model, remote_code_seen, capsys):
     from orpo.cli import main
 
     assert main(["eval", "--model", str(saved_model), "--data", "demo:test", "--json"]) == 0
@@ -94,6 +94,9 @@ def test_eval_and_generate_take_trust_remote_code(saved_model, remote_code_seen,
     generate = ["generate", "--model", str(saved_model), "--prompt", "1+1=", "--max-new-tokens", "2"]
     assert main([*generate, "--no-chat-template", "--trust-remote-code"]) == 0
     assert remote_code_seen == [True, True]
+    remote_code_seen.clear()
+    assert main(["check-data", "demo:test", "--tokenizer", str(saved_model), "--trust-remote-code"]) == 0
+    assert remote_code_seen == [True]
 
 
 def test_trust_remote_code_and_model_init_kwargs_agree(tmp_path):

@@ -41,7 +41,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
     datasets.disable_progress_bars()
     logging.getLogger("orpo").setLevel(logging.ERROR)  # the report carries the counts
-    tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+    tokenizer = _load_tokenizer(args.tokenizer, args.trust_remote_code) if args.tokenizer else None
     limits = TruncationLimits(args.max_length, args.max_prompt_length, args.max_completion_length)
     report = check_data(
         args.path,
@@ -518,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-completion-length", type=int, default=None)
     check.add_argument(
         "--skip-invalid", action="store_true", help="drop invalid rows (counted) instead of failing"
+    )
+    check.add_argument(
+        "--trust-remote-code", action="store_true", help="let the tokenizer run code from its repository"
     )
     check.set_defaults(handler=_check_data)
     return parser
