@@ -33,6 +33,26 @@ def normalized(name, **kwargs):
             [{"role": "assistant", "content": "4"}],
             [{"role": "assistant", "content": "5"}],
         ),
+        (
+            "sharegpt.jsonl",  # ShareGPT's {"from", "value"} messages (Axolotl datasets)
+            {},
+            "conversational",
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+            [{"role": "assistant", "content": "4"}],
+            [{"role": "assistant", "content": "5"}],
+        ),
+        (
+            "sharegpt_implicit.jsonl",
+            {},
+            "implicit",
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "2+2?"},
+            ],
+            [{"role": "assistant", "content": "4"}],
+            [{"role": "assistant", "content": "5"}],
+        ),
         ("implicit_text.jsonl", {}, "implicit", HH_PROMPT, " 4", " 5"),
         (
             "implicit_messages.jsonl",
@@ -92,6 +112,10 @@ def test_good_formats_are_detected_and_normalised(name, kwargs, fmt, prompt, cho
             r"message_without_role.jsonl:1: field 'prompt' message 1 needs 'role'",
         ),
         ("unknown_role.jsonl", r"unknown_role.jsonl:1: field 'prompt' message 1 has unknown role 'human'"),
+        (
+            "unknown_sender.jsonl",
+            r"unknown_sender.jsonl:2: field 'prompt' message 1 has unknown sender 'from: narrator' \(use system, human",
+        ),
         ("multiline_bad.csv", r"multiline_bad.csv:4: field 'chosen' is empty"),
         (
             "roles_out_of_order.jsonl",

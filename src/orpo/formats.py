@@ -3,7 +3,8 @@
 Formats (TRL's conventions, so hub preference sets load as they are):
 
 - ``standard``: ``prompt``, ``chosen``, ``rejected`` strings;
-- ``conversational``: ``prompt`` a list of ``{"role", "content"}`` messages, ``chosen`` /
+- ``conversational``: ``prompt`` a list of ``{"role", "content"}`` messages (or ShareGPT's
+  ``{"from", "value"}``, with its sender names: human, gpt, ...), ``chosen`` /
   ``rejected`` the assistant message(s) that follow; also ``prompt`` a string with ``chosen`` /
   ``rejected`` whole conversations (UltraFeedback-binarized, orpo-dpo-mix-40k), and a ``system``
   column (Intel/orca_dpo_pairs), which becomes a system message;
@@ -31,25 +32,54 @@ ROLES = ("system", "user", "assistant", "tool")
 # Where an assistant turn starts in plain-text transcripts; the prompt ends after the last one.
 ASSISTANT_MARKERS = ("\n\nAssistant:", "Assistant:", "<|im_start|>assistant\n", "[/INST]", "### Response:")
 PROMPT_ALIASES = ("question",)
+# ShareGPT-style messages (``{"from": "human", "value": ...}``, common in Axolotl datasets): sender -> role.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
 
 
 class RowProblem(Exception):
     """One row's problem; the message names the field and what was expected."""
 
 
+def _message(message, field: str, k: int) -> dict:
+    """One message as ``{"role", "content"}``, from that form or ShareGPT's ``{"from", "value"}``."""
+    if not isinstance(message, dict):
+        raise RowProblem(f"field '{field}' message {k} must be a mapping, got {type(message).__name__}")
+    if message.get("role") is not None:
+        role, content = message["role"], message.get("content")
+        if role not in ROLES:
+            raise RowProblem(
+                f"field '{field}' message {k} has unknown role '{role}' (use {', '.join(ROLES)})"
+            )
+    elif message.get("from") is not None:
+        role, content = SHAREGPT_ROLES.get(message["from"]), message.get("value")
+        if role is None:
+            raise RowProblem(
+                f"field '{field}' message {k} has unknown sender 'from: {message['from']}' "
+                f"(use {', '.join(SHAREGPT_ROLES)})"
+            )
+    else:
+        raise RowProblem(
+            f"field '{field}' message {k} needs 'role' and 'content' (or ShareGPT's 'from' and 'value')"
+        )
+    if not isinstance(content, str):
+        raise RowProblem(f"field '{field}' message {k} content must be a string")
+    return {"role": role, "content": content}
+
+
 def _messages(value, field: str) -> list[dict]:
     if not isinstance(value, list):
         raise RowProblem(f"field '{field}' must be a list of messages, got {type(value).__name__}")
-    for k, message in enumerate(value, start=1):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RowProblem(f"field '{field}' message {k} needs 'role' and 'content'")
-        if message["role"] not in ROLES:
-            raise RowProblem(
-                f"field '{field}' message {k} has unknown role '{message['role']}' (use {', '.join(ROLES)})"
-            )
-        if not isinstance(message["content"], str):
-            raise RowProblem(f"field '{field}' message {k} content must be a string")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return [_message(message, field, k) for k, message in enumerate(value, start=1)]
 
 
 def _text(value, field: str, allow_empty: bool = False) -> str:
