@@ -93,6 +93,19 @@ def test_merge_without_adapter_is_a_clear_error(tmp_path, capsys):
     assert "no adapter_config.json" in capsys.readouterr().err
 
 
+def test_an_adapter_without_a_recorded_base_is_a_clear_error(tmp_path, tokenizer, capsys):
+    """An adapter trained on a model built in memory names no base; loading it used to send transformers
+    to the hub for a model called 'None' (30 s of retries offline), then fail with a network error."""
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    adapter = tmp_path / "adapter"
+    peft.get_peft_model(make_model(), lora).save_pretrained(str(adapter))
+    tokenizer.save_pretrained(str(adapter))
+    assert main(["eval", "--model", str(adapter), "--data", "demo:test"]) == 1
+    assert "LoRA adapter whose base model is not recorded" in capsys.readouterr().err
+    assert main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 1
+    assert "LoRA adapter whose base model is not recorded" in capsys.readouterr().err
+
+
 # ---- QLoRA: a 4-bit base (bitsandbytes' 4-bit layers run on CPU too) -------------------------------
 
 

@@ -348,6 +348,9 @@ def _merge(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise OrpoError(f"{adapter}: no adapter_config.json (is this a LoRA adapter directory?)")
+    from orpo.models import check_adapter_base
+
+    check_adapter_base(adapter)
     try:
         model = AutoPeftModelForCausalLM.from_pretrained(
             str(adapter), trust_remote_code=args.trust_remote_code

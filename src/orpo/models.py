@@ -4,6 +4,8 @@ adjustments the trainer makes before training (dropout off)."""
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -52,6 +54,18 @@ def quantization_config(init_kwargs: dict):
     )
 
 
+def check_adapter_base(path: str | Path) -> None:
+    """A LoRA adapter directory loads together with the base model its config names; one trained on a
+    model built in memory (the demo, a model from a config) names none, which transformers would go
+    looking for on the hub as 'None'."""
+    config = Path(path) / "adapter_config.json"
+    if config.is_file() and not json.loads(config.read_text()).get("base_model_name_or_path"):
+        raise OrpoError(
+            f"{path} holds a LoRA adapter whose base model is not recorded (it was trained on a model built in "
+            "memory, such as the demo's); load that base and add the adapter with peft.PeftModel.from_pretrained"
+        )
+
+
 def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with dtype names resolved and ``load_in_4bit`` /
     ``load_in_8bit`` turned into a bitsandbytes quantization config; ``trust_remote_code`` stays off
@@ -64,6 +78,7 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None) -> PreTra
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     kwargs.setdefault("trust_remote_code", False)
+    check_adapter_base(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
