@@ -14,6 +14,16 @@ from orpo.sources import load_source
 
 DATA = Path(__file__).parent / "data"
 HH_PROMPT = "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: 2+2?\n\nAssistant:"
+# prompt, chosen, rejected of a two-turn conversation given as whole chosen / rejected conversations
+IMPLICIT_MESSAGES = (
+    [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "2+2?"},
+    ],
+    [{"role": "assistant", "content": "4"}],
+    [{"role": "assistant", "content": "5"}],
+)
 
 
 def normalized(name, **kwargs):
@@ -45,26 +55,14 @@ def normalized(name, **kwargs):
             "sharegpt_implicit.jsonl",
             {},
             "implicit",
-            [
-                {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "hello"},
-                {"role": "user", "content": "2+2?"},
-            ],
-            [{"role": "assistant", "content": "4"}],
-            [{"role": "assistant", "content": "5"}],
+            *IMPLICIT_MESSAGES,
         ),
         ("implicit_text.jsonl", {}, "implicit", HH_PROMPT, " 4", " 5"),
         (
             "implicit_messages.jsonl",
             {},
             "implicit",
-            [
-                {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "hello"},
-                {"role": "user", "content": "2+2?"},
-            ],
-            [{"role": "assistant", "content": "4"}],
-            [{"role": "assistant", "content": "5"}],
+            *IMPLICIT_MESSAGES,
         ),
         (
             "ultrafeedback.jsonl",
