@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers import TrainingArguments
+
 from orpo.errors import UsageError
 
 # Axolotl's LoRA keys -> peft.LoraConfig's.
@@ -71,7 +73,7 @@ def translate(merged: dict[str, Any], notes: list[str]) -> Translated:
         if key in IGNORED:
             notes.append(f"ignoring '{key}' ({IGNORED[key]})")
             del values[key]
-    _adapter(values, out, notes)
+    _adapter(values, notes)
     _attention(values, out, notes)
     for key in ("load_in_4bit", "load_in_8bit"):
         if key in values:
@@ -103,7 +105,7 @@ def translate(merged: dict[str, Any], notes: list[str]) -> Translated:
     return out
 
 
-def _adapter(values: dict, out: Translated, notes: list[str]) -> None:
+def _adapter(values: dict, notes: list[str]) -> None:
     adapter = values.pop("adapter", None)
     lora = {LORA_KEYS[key]: values.pop(key) for key in list(values) if key in LORA_KEYS}
     target_linear = values.pop("lora_target_linear", None)
@@ -167,7 +169,8 @@ def _per_epoch(values: dict, notes: list[str]) -> None:
     """``evals_per_epoch`` / ``saves_per_epoch``: once per epoch is the ``epoch`` strategy; k per epoch
     over E epochs is a step interval of 1 / (k * E), which Trainer takes as a fraction of all training
     steps (of max_steps, when that is set). Evaluations need held-out data; without it, none."""
-    epochs = float(values.get("num_train_epochs", values.get("num_epochs", 3)) or 1)
+    default = TrainingArguments.num_train_epochs
+    epochs = float(values.get("num_train_epochs", values.get("num_epochs", default)) or 1)
     has_eval_data = any(
         values.get(key) for key in ("eval_datasets", "eval_dataset", "test_datasets", "val_set_size")
     )
