@@ -23,7 +23,7 @@ from datasets import Dataset  # noqa: E402
 from conftest import make_model, toy_rows  # noqa: E402
 from orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 from orpo.demo import demo_tokenizer  # noqa: E402
-from orpo.shutdown import finish_processes  # noqa: E402
+from orpo.guards import finish_processes  # noqa: E402
 
 
 def deepspeed_config(stage: int) -> dict:
@@ -189,7 +189,7 @@ def main() -> None:
         Path(args.out, "partitioned_at_load.txt").write_text(str(partitioned_at_load))
 
     del trainer, model
-    finish_processes()  # what `orpo train` does too: see orpo.shutdown
+    finish_processes()  # what `orpo train` does too: see orpo.guards
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ BASE = {"model": "demo", "datasets": "demo:train"}
 def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys, monkeypatch):
     import gc
 
-    import orpo.shutdown
+    import orpo.guards
     from orpo import ORPOTrainer
 
     alive_at_teardown = []
@@ -28,7 +28,7 @@ def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys
         gc.collect()
         alive_at_teardown.append(sum(isinstance(o, ORPOTrainer) for o in gc.get_objects()))
 
-    monkeypatch.setattr(orpo.shutdown, "finish_processes", finish_processes)
+    monkeypatch.setattr(orpo.guards, "finish_processes", finish_processes)
     out = tmp_path / "run"
     code = main(
         [
@@ -47,7 +47,7 @@ def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys
         ]
     )
     assert code == 0
-    # the clean multi-process exit (orpo.shutdown) ran once, after the trainer was released
+    # the clean multi-process exit (orpo.guards) ran once, after the trainer was released
     assert alive_at_teardown == [0]
     assert {
         "model.safetensors",
@@ -67,6 +67,23 @@ def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys
         and f"model saved to {out}/" in printed
         and "eval_rewards/accuracies" in printed
     )
+
+
+def test_saving_the_resolved_config_builds_no_second_orpo_config(monkeypatch):
+    """Each TrainingArguments resets accelerate's shared process state as it is built, so a second one
+    (once built to read the defaults for orpo_config.yaml) turned multi-process runs into N copies."""
+    from orpo.config import ORPOConfig
+    from orpo.run_config import resolve, to_yaml
+
+    run = resolve({"model": "demo", "datasets": ["demo:train"], "use_cpu": True, "max_steps": 3})
+    built = []
+    original = ORPOConfig.__post_init__
+    monkeypatch.setattr(ORPOConfig, "__post_init__", lambda self: built.append(self) or original(self))
+    saved = yaml.safe_load(to_yaml(run))
+    assert built == []
+    # what the config set, and the always-shown fields; nothing the config left at its default
+    assert saved["use_cpu"] is True and saved["max_steps"] == 3 and saved["orpo_alpha"] == 0.1
+    assert "warmup_steps" not in saved and "bf16" not in saved
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from conftest import STEP_METRICS, make_model
 
+pytestmark = pytest.mark.slow
+
 RUN = Path(__file__).resolve().parent / "distributed_run.py"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 PACKED_SHARED = "shared prompt prefix, pairs packed into rows"
@@ -199,29 +201,80 @@ LAUNCHERS = {
 }
 
 
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_orpo_train_with_two_processes_exits_cleanly(tmp_path, launcher):
-    """The command line under torchrun and accelerate launch: both processes train, the model is saved,
-    and the exit is clean (orpo.shutdown: trainer released, barrier, process group destroyed; without
-    it some runs abort at interpreter exit)."""
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        "model: demo\ndatasets: [demo:train]\nper_device_train_batch_size: 4\nmax_steps: 2\n"
-        f"max_length: 64\nmax_prompt_length: 32\nsave_strategy: 'no'\noutput_dir: {tmp_path / 'out'}\n"
-    )
-    cmd = [sys.executable, *LAUNCHERS[launcher], "-m", "orpo", "train", str(config), "--disable_tqdm", "true"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+CLI_RUN = (
+    "model: demo\ndatasets: [demo:train]\nmax_steps: 3\nlogging_steps: 1\nmax_length: 64\n"
+    "max_prompt_length: 32\nsave_strategy: 'no'\ndisable_tqdm: true\nseed: 7\n"
+)
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def orpo_train(out: Path, launcher: list[str], batch: int) -> tuple[subprocess.CompletedProcess, list, dict]:
+    """``orpo train`` as a user runs it (a subprocess, under ``launcher``): its output, the logged steps
+    and the final weights."""
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(CLI_RUN + f"per_device_train_batch_size: {batch}\noutput_dir: {out}\n")
+    cmd = [sys.executable, *launcher, "-m", "orpo", "train", str(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=CLI_ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return proc, [h for h in history if "loss" in h], load_file(str(out / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process_cli(tmp_path_factory):
+    """``orpo train`` in one process with the global batch of 2 processes × 2 pairs."""
+    return orpo_train(tmp_path_factory.mktemp("cli") / "one", [], batch=4)
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_orpo_train_under_a_launcher_is_one_data_parallel_job(tmp_path, launcher, one_process_cli):
+    """The command line under torchrun and accelerate launch (the README's commands): 2 processes × batch 2
+    train exactly like 1 process × batch 4 (per-step losses and metrics, epoch, final weights), and the exit
+    is clean (orpo.guards.finish_processes: trainer released, barrier, process group destroyed; without it
+    some runs abort at interpreter exit). Before the fix each process trained its own copy of the whole data
+    (the epoch was half, the losses those of batch 2)."""
+    proc, history, weights = orpo_train(tmp_path / "two", LAUNCHERS[launcher], batch=2)
+    _, history_one, weights_one = one_process_cli
     assert "terminate called" not in proc.stderr
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in proc.stderr
     assert proc.stdout.count("final metrics:") == 2  # two processes trained; each reports the global metrics
-    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert [h["step"] for h in history] == [h["step"] for h in history_one] == [1, 2, 3]
+    for step, step_one in zip(history, history_one, strict=True):
+        assert step["epoch"] == step_one["epoch"], step["step"]
+        for name in STEP_METRICS:
+            assert step[name] == pytest.approx(step_one[name], rel=1e-5, abs=1e-6), (step["step"], name)
+    assert weights.keys() == weights_one.keys()
+    for name in weights:
+        assert torch.allclose(weights[name], weights_one[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_a_launch_whose_trainer_is_not_distributed_stops_before_training(tmp_path):
+    """A script under torchrun that builds another TrainingArguments after its ORPOConfig (which resets
+    accelerate's state to a single process on a machine without GPUs) is stopped with one message instead of
+    training 2 unsynchronised copies."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from transformers import TrainingArguments\n"
+        "from orpo import ORPOConfig, ORPOTrainer\n"
+        "from orpo.demo import demo_tokenizer, load_demo_dataset, tiny_model\n"
+        f"args = ORPOConfig(output_dir={str(tmp_path / 'out')!r}, max_steps=2, report_to='none')\n"
+        "trainer = ORPOTrainer(model=tiny_model(), args=args, train_dataset=load_demo_dataset('train'),\n"
+        "                      tokenizer=demo_tokenizer())\n"
+        f"TrainingArguments(output_dir={str(tmp_path / 'other')!r})\n"
+        "trainer.train()\n"
+    )
+    cmd = [sys.executable, *LAUNCHERS["torchrun"], str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=CLI_ENV)
+    assert proc.returncode != 0
+    assert proc.stderr.count("this process is one of 2 started by the launcher") == 2
+    assert "each would train its own copy" in proc.stderr
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
 
 
 def test_finish_processes_destroys_the_process_group(tmp_path):
     import torch.distributed as dist
 
-    from orpo.shutdown import finish_processes
+    from orpo.guards import finish_processes
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     finish_processes()

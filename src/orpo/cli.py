@@ -80,7 +80,7 @@ def _overrides(extra: list[str]) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from orpo.shutdown import finish_processes
+    from orpo.guards import finish_processes
 
     code = _run_training(args)  # its frame, which held the trainer and the model, is gone now
     finish_processes()
@@ -120,7 +120,7 @@ def _run_training(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "orpo_config.yaml").write_text(resolved)
 
-    from orpo.stop_signals import StopOnSignal
+    from orpo.guards import StopOnSignal
     from orpo.trainer import ORPOTrainer
 
     model, tokenizer = _load_trained(

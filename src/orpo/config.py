@@ -9,9 +9,17 @@ import torch
 from transformers import TrainingArguments
 
 from orpo.errors import OrpoError
+from orpo.guards import launched_processes
 from orpo.logprobs import DEFAULT_CHUNK_MIB
 
 DEFAULT_ALPHA = 0.1
+
+
+def accelerator_present() -> bool:
+    """True where torch sees an accelerator (CUDA, ROCm, MPS, XPU, ...) or runs on TPUs (XLA)."""
+    from transformers.utils import is_torch_xla_available
+
+    return torch.accelerator.is_available() or is_torch_xla_available()
 
 
 def bf16_supported() -> bool:
@@ -185,8 +193,12 @@ class ORPOConfig(TrainingArguments):
             self.beta = None
         if self.orpo_alpha is None:
             self.orpo_alpha = DEFAULT_ALPHA
+        if not self.use_cpu and launched_processes() > 1 and not accelerator_present():
+            # Under torchrun / accelerate launch on a machine without accelerators, accelerate chooses its
+            # multi-CPU (gloo) mode only when asked for the CPU; otherwise every process would train alone.
+            self.use_cpu = True
         if self.bf16 is None:
-            self.bf16 = bf16_supported() and not self.fp16 and not getattr(self, "use_cpu", False)
+            self.bf16 = bf16_supported() and not self.fp16 and not self.use_cpu
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
         self._validate_orpo_fields()

@@ -87,6 +87,7 @@ class RunConfig:
     peft: dict | None = None
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    given: tuple[str, ...] = ()  # the ORPOConfig fields the config set (after renames)
     env: dict[str, str] = field(default_factory=dict)  # for trackers: WANDB_PROJECT, ...
 
 
@@ -227,6 +228,7 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
     run = {key: values.pop(key, None) for key in ("tokenizer", "chat_template", "special_tokens", "peft")}
     if run["special_tokens"] is not None and not isinstance(run["special_tokens"], dict):
         raise UsageError("'special_tokens' must map token names to tokens, e.g. {pad_token: '<|pad|>'}")
+    given = tuple(values)
     values.setdefault("output_dir", "orpo-output")
     values.setdefault("report_to", "none")
     init_kwargs = dict(values.pop("model_init_kwargs", None) or {})
@@ -247,6 +249,7 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
         eval_datasets=eval_datasets,
         notes=notes,
         raw=merged,
+        given=given,
         env=axolotl.env,
         **run,
     )
@@ -307,20 +310,22 @@ def chat_template_text(value: str | None) -> str | None:
     return value
 
 
+# Shown in every resolved config, set or not: what a reader looks for first.
+ALWAYS_SHOWN = ("output_dir", "orpo_alpha", "orpo_beta", "learning_rate")
+
+
 def to_yaml(run: RunConfig) -> str:
-    """The resolved run as YAML (saved next to the outputs as ``orpo_config.yaml``)."""
-    defaults = ORPOConfig(output_dir=run.args.output_dir)
+    """The resolved run as YAML (saved next to the outputs as ``orpo_config.yaml``): the fields the config
+    set, as resolved, plus :data:`ALWAYS_SHOWN`. Every other field is at its default. No second
+    ``ORPOConfig`` is built to find the defaults: building one re-initialises accelerate's process state,
+    which would undo the run's own (a multi-process run would then train unsynchronised copies)."""
+    shown = (
+        set(run.given) | set(ALWAYS_SHOWN) | ({"model_init_kwargs"} if run.args.model_init_kwargs else set())
+    )
     changed = {}
     for f in dataclasses.fields(ORPOConfig):
-        if not f.init or f.name.startswith("_"):
-            continue
-        value = getattr(run.args, f.name)
-        if value != getattr(defaults, f.name) or f.name in (
-            "output_dir",
-            "orpo_alpha",
-            "orpo_beta",
-            "learning_rate",
-        ):
+        if f.init and f.name in shown:
+            value = getattr(run.args, f.name)
             changed[f.name] = value.value if hasattr(value, "value") else value
     document = {"model": run.model, "datasets": run.datasets, **changed}
     for key in ("eval_datasets", "tokenizer", "chat_template", "special_tokens", "peft"):

@@ -38,6 +38,7 @@ from orpo.data import (
 from orpo.errors import OrpoError
 from orpo.formats import load_preference_data
 from orpo.generation import complete, publish_generations, sample_indices
+from orpo.guards import require_distributed_launch
 from orpo.head import HeadInputCapture, HeadPlan, forward_replaced, head_plan_for
 from orpo.layouts import (
     PADDED,
@@ -137,6 +138,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         peft_config=None,
     ):
         args = self._resolve_args(args)
+        require_distributed_launch(args.world_size)  # before loading or tokenizing anything
         if model is None and model_init is None:
             raise OrpoError("ORPOTrainer needs a model (a model object or a name/path)")
         tokenizer = self._resolve_tokenizer(tokenizer, processing_class, model, args.trust_remote_code)
@@ -213,6 +215,11 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             self.layout = self._choose_layout()
             self.data_collator = self.layout.collator(pad_id, args.nll_include_prompt)
             logger.info(f"batch layout: {self.layout.description}")
+
+    def train(self, *args, **kwargs):
+        # Again here: any TrainingArguments built since __init__ reset accelerate's shared state.
+        require_distributed_launch(self.args.world_size)
+        return super().train(*args, **kwargs)
 
     # ---- construction helpers -----------------------------------------------------------------
 
