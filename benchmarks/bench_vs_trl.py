@@ -207,7 +207,7 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
         )
         trainer = ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         if not chunked_head:
-            trainer._resolve_head = lambda model, inputs: None  # the model's own full logits
+            trainer.head.use_model_logits()  # the model's own full logits
         return trainer
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.orpo import ORPOConfig as TRLConfig

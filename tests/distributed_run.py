@@ -149,9 +149,9 @@ def main() -> None:
         **({"deepspeed": deepspeed_config(args.zero)} if args.zero is not None else {}),
     )
     if args.unready_rank == int(os.environ.get("RANK", "0")):
-        import orpo.trainer
+        import orpo.layouts
 
-        orpo.trainer.probe_ready = lambda model: False
+        orpo.layouts.probe_ready = lambda model: False
     trainer = ORPOTrainer(
         model=model,
         args=config,
@@ -163,7 +163,7 @@ def main() -> None:
     # under ZeRO-3 a model loaded by path is partitioned as it loads (zero.Init): its parameters carry ids
     partitioned_at_load = hasattr(next(trainer.model.parameters()), "ds_id")
     if args.model_head:
-        trainer._resolve_head = lambda model, inputs: None
+        trainer.head.use_model_logits()
     memory_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     trainer.train()
@@ -179,7 +179,7 @@ def main() -> None:
         Path(args.out, "history.json").write_text(json.dumps(history, indent=1))
         Path(args.out, "eval.json").write_text(json.dumps(final_eval, indent=1))
         Path(args.out, "world_size.txt").write_text(str(int(os.environ.get("WORLD_SIZE", "1"))))
-        Path(args.out, "head.txt").write_text("model" if trainer._head_plan is None else "chunked")
+        Path(args.out, "head.txt").write_text("model" if trainer.head.plan is None else "chunked")
         Path(args.out, "layout.txt").write_text(trainer.layout.description)
         Path(args.out, "cost.json").write_text(
             json.dumps({"seconds": seconds, "peak_increase_mib": peak_mib})

@@ -1,5 +1,5 @@
 """An Axolotl ORPO config (``rl: orpo``) trains with ``orpo train`` as it is: its adapter, attention,
-precision, tracker and per-epoch keys become ours (orpo.axolotl), the rest are renames or notes."""
+precision, tracker and per-epoch keys become ours (orpo.cli.axolotl), the rest are renames or notes."""
 
 import json
 
@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import make_model, toy_rows
 from orpo.cli import main
+from orpo.cli.run_config import resolve
 from orpo.errors import OrpoError, UsageError
-from orpo.run_config import resolve
 
 # The shape of the ORPO configs Axolotl users write (its docs and examples), on the demo model.
 AXOLOTL_ORPO = """
@@ -169,9 +169,9 @@ def test_a_dataset_entry_takes_its_own_split_and_data_files(tmp_path, tokenizer)
             "validation": Dataset.from_list(toy_rows(3, seed=1)),
         }
     ).save_to_disk(str(saved))
-    from orpo.formats import load_preference_data
+    from orpo.data import read_pairs
 
-    dataset, _, name = load_preference_data([{"path": str(saved), "split": "validation"}])
+    dataset = read_pairs([{"path": str(saved), "split": "validation"}]).dataset
     assert len(dataset) == 3
     files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     for k, path in enumerate(files):
@@ -190,21 +190,8 @@ def test_a_dataset_entry_takes_its_own_split_and_data_files(tmp_path, tokenizer)
         {"path": str(files[1]), "weight": 1.0},
         {"path": str(saved), "weight": 1.0, "split": "validation"},
     ]
-    dataset, _, _ = load_preference_data(run.datasets)
+    dataset = read_pairs(run.datasets).dataset
     assert len(dataset) == 2 + 3 + 3
-
-
-def test_special_tokens_are_added_and_new_ones_get_embedding_rows(tmp_path):
-    from orpo.cli import _add_special_tokens
-    from orpo.demo import demo_tokenizer, tiny_model
-
-    model, tokenizer = tiny_model(), demo_tokenizer()
-    rows = model.get_input_embeddings().weight.shape[0]
-    _add_special_tokens(model, tokenizer, {"pad_token": tokenizer.eos_token})  # already in the vocabulary
-    assert tokenizer.pad_token == tokenizer.eos_token and model.get_input_embeddings().weight.shape[0] == rows
-    _add_special_tokens(model, tokenizer, {"additional_special_tokens": ["<|new|>"]})
-    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) > rows
-    assert tokenizer.convert_tokens_to_ids("<|new|>") == len(tokenizer) - 1
 
 
 def test_trainer_setting_errors_are_one_line_orpo_errors(tmp_path, capsys):

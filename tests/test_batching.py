@@ -9,7 +9,7 @@ from datasets import Dataset
 
 from conftest import make_model, toy_rows
 from orpo import ORPOConfig, ORPOTrainer
-from orpo.batching import TokenBudgetBatchSampler, pair_lengths
+from orpo.data.batching import TokenBudgetBatchSampler, pair_lengths
 from orpo.errors import OrpoError
 from orpo.layouts import Layout
 
@@ -80,7 +80,7 @@ def test_batch_tokens_match_what_the_collators_lay_out(tokenizer):
             for n, m, k in [(3, 2, 5), (40, 1, 3), (1, 30, 2)]
         ]
     )
-    from orpo.data import TruncationLimits, tokenize_dataset
+    from orpo.data.tokenize import TruncationLimits, tokenize_dataset
 
     tokenized, _ = tokenize_dataset(rows, tokenizer, TruncationLimits(None, None, None))
     lengths = pair_lengths(tokenized)

@@ -57,7 +57,7 @@ def test_check_data_column_mapping_and_skip_invalid(capsys):
 def test_check_data_hub_name_with_subset_and_split(monkeypatch, capsys):
     from datasets import Dataset
 
-    import orpo.sources
+    import orpo.data.sources
 
     calls = []
 
@@ -65,7 +65,7 @@ def test_check_data_hub_name_with_subset_and_split(monkeypatch, capsys):
         calls.append((name, subset, split))
         return Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}])
 
-    monkeypatch.setattr(orpo.sources, "load_dataset", stand_in)
+    monkeypatch.setattr(orpo.data.sources, "load_dataset", stand_in)
     assert main(["check-data", "org/prefs", "--subset", "en", "--split", "train_prefs"]) == 0
     assert calls == [("org/prefs", "en", "train_prefs")]
     assert "source:  org/prefs[train_prefs]" in capsys.readouterr().out

@@ -9,8 +9,8 @@ import yaml
 
 from conftest import demo_train_argv
 from orpo.cli import main
+from orpo.cli.run_config import read_config_file, resolve
 from orpo.errors import OrpoError
-from orpo.run_config import read_config_file, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": "demo", "datasets": "demo:train"}
@@ -72,8 +72,8 @@ def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys
 def test_saving_the_resolved_config_builds_no_second_orpo_config(monkeypatch):
     """Each TrainingArguments resets accelerate's shared process state as it is built, so a second one
     (once built to read the defaults for orpo_config.yaml) turned multi-process runs into N copies."""
+    from orpo.cli.run_config import resolve, to_yaml
     from orpo.config import ORPOConfig
-    from orpo.run_config import resolve, to_yaml
 
     run = resolve({"model": "demo", "datasets": ["demo:train"], "use_cpu": True, "max_steps": 3})
     built = []
@@ -173,7 +173,7 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
 
 
 def test_chat_template_from_builtin_name_jinja_or_file(tmp_path):
-    from orpo.run_config import BUILTIN_CHAT_TEMPLATES, chat_template_text
+    from orpo.cli.run_config import BUILTIN_CHAT_TEMPLATES, chat_template_text
 
     assert chat_template_text("chatml") == BUILTIN_CHAT_TEMPLATES["chatml"]
     jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -186,7 +186,7 @@ def test_chat_template_from_builtin_name_jinja_or_file(tmp_path):
 
 
 def test_column_mapping_from_a_config_file_reaches_the_data(tmp_path):
-    from orpo.formats import load_preference_data
+    from orpo.data import read_pairs
 
     config = tmp_path / "c.yaml"
     config.write_text(
@@ -194,8 +194,8 @@ def test_column_mapping_from_a_config_file_reaches_the_data(tmp_path):
         "dataset_columns: {prompt: question, chosen: response_j, rejected: response_k}\n"
     )
     run = resolve({**read_config_file(config), "output_dir": str(tmp_path)})
-    dataset, fmt, _ = load_preference_data(run.datasets, columns=run.args.dataset_columns)
-    assert fmt == "standard" and dataset[0]["chosen"] == "Use +."
+    pairs = read_pairs(run.datasets, columns=run.args.dataset_columns)
+    assert pairs.format == "standard" and pairs.dataset[0]["chosen"] == "Use +."
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, capsys, monkeypatch):

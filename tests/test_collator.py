@@ -1,6 +1,6 @@
 import torch
 
-from orpo.collator import PaddedPairCollator
+from orpo.data.collator import PaddedPairCollator
 
 FEATURES = [
     {"prompt_input_ids": [5, 6, 7], "chosen_input_ids": [8, 9], "rejected_input_ids": [10]},
@@ -45,7 +45,7 @@ def test_pad_to_multiple_of_only_adds_padding():
 
 
 def test_packed_shared_prefix_layout():
-    from orpo.collator import SharedPrefixCollator
+    from orpo.data.collator import SharedPrefixCollator
 
     features = [
         {"prompt_input_ids": [1, 2, 3, 4], "chosen_input_ids": [5, 6], "rejected_input_ids": [7, 8]},

@@ -4,7 +4,7 @@ import pytest
 from datasets import Dataset
 from tokenizers import processors
 
-from orpo.data import PairTokenizer, TruncationLimits, tokenize_dataset, truncate_pair
+from orpo.data.tokenize import PairTokenizer, TruncationLimits, tokenize_dataset, truncate_pair
 from orpo.demo import demo_tokenizer
 from orpo.errors import OrpoError
 
@@ -79,18 +79,35 @@ def test_empty_prompt_gets_a_start_token(tokenizer):
         ({"prompt": "p", "chosen": 3, "rejected": "r"}, r"row 4: field 'chosen' must be a string, got int"),
         ({"prompt": "p", "chosen": "  ", "rejected": "r"}, r"row 4: field 'chosen' is empty"),
         (
-            {"prompt": [{"role": "user", "content": "p"}], "chosen": "c", "rejected": "r"},
-            r"row 4: field 'chosen' is str, but 'prompt' is a list of messages",
+            {"prompt": [{"role": "user"}], "chosen": [], "rejected": []},
+            r"row 4: field 'prompt' message 1 content must be a string",
         ),
         (
-            {"prompt": [{"role": "user"}], "chosen": [], "rejected": []},
-            r"row 4: field 'prompt' message 1 needs",
+            {"prompt": [{"content": "p"}], "chosen": [], "rejected": []},
+            r"row 4: field 'prompt' message 1 needs 'role' and 'content'",
         ),
     ],
 )
 def test_bad_rows_name_the_row_and_field(tokenizer, row, message):
     with pytest.raises(OrpoError, match=message):
         PairTokenizer(tokenizer, source="train.jsonl")(row, 3)
+
+
+def test_a_string_response_next_to_a_message_prompt_is_the_assistant_message(tokenizer):
+    """The one rule of the one row checker (orpo.data.formats), here and when loading: a plain string
+    response after a message-list prompt is that assistant message (the tokenizer's own check used to
+    reject it while loading accepted it)."""
+    prompt = [{"role": "user", "content": "p"}]
+    as_text = PairTokenizer(tokenizer)({"prompt": prompt, "chosen": "c", "rejected": "r"}, 0)
+    as_messages = PairTokenizer(tokenizer)(
+        {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": "c"}],
+            "rejected": [{"role": "assistant", "content": "r"}],
+        },
+        0,
+    )
+    assert as_text == as_messages
 
 
 def test_truncation_keeps_prompt_end_and_response_start():

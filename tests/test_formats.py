@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
-import orpo.sources
-from orpo.data import PairTokenizer
+import orpo.data.sources
+from orpo.data.formats import normalize_source
+from orpo.data.sources import load_source
+from orpo.data.tokenize import PairTokenizer
 from orpo.errors import OrpoError
-from orpo.formats import normalize_source
-from orpo.sources import load_source
 
 DATA = Path(__file__).parent / "data"
 HH_PROMPT = "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: 2+2?\n\nAssistant:"
@@ -142,10 +142,15 @@ def test_skip_invalid_drops_rows_and_says_how_many(caplog):
     assert "skipped 1 invalid row(s)" in caplog.text and "empty_response.jsonl:2" in caplog.text
 
 
-def test_identical_pair_is_a_warning(caplog):
+def test_identical_pair_is_kept_and_warned_about_once(caplog, tokenizer, tmp_path, monkeypatch):
+    """Counted once, by tokens (orpo.data.tokenize), on the one path data takes (orpo.data.load_pairs)."""
+    from orpo.data import TruncationLimits, load_pairs
+
+    monkeypatch.setenv("ORPO_CACHE_DIR", str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="orpo"):
-        dataset, _, _ = normalized("identical.jsonl")
-    assert len(dataset) == 2 and "1 row(s) have identical chosen and rejected" in caplog.text
+        tokenized, report = load_pairs(str(DATA / "identical.jsonl"), tokenizer, TruncationLimits())
+    assert len(tokenized) == 2 and report.identical_pairs == 1
+    assert caplog.text.count("identical chosen and rejected") == 1
 
 
 def test_parquet_save_to_disk_and_directory_sources(tmp_path):
@@ -177,7 +182,7 @@ def test_in_memory_and_hub_sources(monkeypatch):
         calls.append((name, subset, split))
         return rows
 
-    monkeypatch.setattr(orpo.sources, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(orpo.data.sources, "load_dataset", fake_load_dataset)
     loaded = load_source("org/prefs", split="train_prefs", subset="en")
     assert calls == [("org/prefs", "en", "train_prefs")]
     assert loaded.origins == ["org/prefs[train_prefs] row 1"]
@@ -239,11 +244,11 @@ def test_trainer_reports_bad_files_with_their_lines(tmp_path, tokenizer):
 
 
 def test_mixing_sources_with_weights_gives_the_expected_counts(tmp_path):
-    from orpo.formats import load_preference_data
+    from orpo.data import read_pairs
 
     rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(10)]
     Dataset.from_list(rows).to_json(str(tmp_path / "ten.jsonl"))
-    mixed, fmt, name = load_preference_data(
+    pairs = read_pairs(
         [
             {"path": str(tmp_path / "ten.jsonl"), "weight": 0.5},
             (str(DATA / "standard.jsonl"), 3),
@@ -251,15 +256,16 @@ def test_mixing_sources_with_weights_gives_the_expected_counts(tmp_path):
         ],
         columns={"prompt": "question", "chosen": "response_j", "rejected": "response_k"},
     )
-    assert len(mixed) == 5 + 3 * 2 + 2 and fmt == "standard"
+    mixed, name = pairs.dataset, pairs.name
+    assert len(mixed) == 5 + 3 * 2 + 2 and pairs.format == "standard"
     assert len(set(mixed["prompt"][:5])) == 5  # a subset, not a repeat
     assert "x0.5" in name and "x3" in name
-    again, _, _ = load_preference_data([{"path": str(tmp_path / "ten.jsonl"), "weight": 0.5}])
+    again = read_pairs([{"path": str(tmp_path / "ten.jsonl"), "weight": 0.5}]).dataset
     assert again["prompt"] == mixed["prompt"][:5]  # seeded
 
 
 def test_mixing_text_and_conversational_sources_is_an_error():
-    from orpo.formats import load_preference_data
+    from orpo.data import read_pairs
 
     with pytest.raises(OrpoError, match="mix plain-text and conversational rows"):
-        load_preference_data([str(DATA / "standard.jsonl"), str(DATA / "conversational.jsonl")])
+        read_pairs([str(DATA / "standard.jsonl"), str(DATA / "conversational.jsonl")])

@@ -276,11 +276,10 @@ def test_engine_models_choose_on_their_first_layers_and_check_the_whole_model_on
     """Under FSDP / DeepSpeed the model runs whole only once the engine has prepared it: at construction
     the layout is chosen on its first decoder layers (auto picks the fastest exact one, a leak falls
     back or, asked for, is an error), and the whole prepared model is checked on the first batch."""
-    monkeypatch.setattr(ORPOTrainer, "_parameters_sharded", lambda self: True)
+    monkeypatch.setattr(ORPOTrainer, "_engine_prepares_model", lambda self: True)
     model = tiny("llama", "sdpa")
     trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset)
     assert trainer.layout.description == "shared prompt prefix, pairs packed into rows"
-    assert trainer._layout_unverified
     # a model that turns out not to honour the layout once prepared: caught on the first batch
     _patch(monkeypatch, IGNORE_SHARED_MASK)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
@@ -300,10 +299,10 @@ def test_engine_models_not_at_hand_check_the_layout_on_the_first_batch(
 ):
     """Parameters not at hand at construction (meta on some processes, ZeRO-3 partitions): auto means
     padded, and a layout asked for is checked on the first batch."""
-    import orpo.trainer
+    import orpo.layouts
 
-    monkeypatch.setattr(ORPOTrainer, "_parameters_sharded", lambda self: True)
-    monkeypatch.setattr(orpo.trainer, "probe_ready", lambda model: False)
+    monkeypatch.setattr(ORPOTrainer, "_engine_prepares_model", lambda self: True)
+    monkeypatch.setattr(orpo.layouts, "probe_ready", lambda model: False)
     assert (
         trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset).layout.description
         == "padded rows"

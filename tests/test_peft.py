@@ -144,7 +144,7 @@ def test_qlora_trains_a_4bit_base_through_the_adapter(tmp_path, tokenizer):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
-    assert trainer._head_plan is not None  # the head (not quantized) still runs chunked
+    assert trainer.head.plan is not None  # the head (not quantized) still runs chunked
     for name, param in base.named_parameters():
         if "lora_" not in name:
             assert torch.equal(param, quantized[name]), name  # frozen
@@ -213,7 +213,7 @@ def test_a_peft_model_passed_in_trains_its_adapter_with_the_chunked_head(tmp_pat
     torch.manual_seed(0)
     model = peft.get_peft_model(make_model(seed=2), lora)
     trainer, losses = run(model, activation_checkpointing=checkpointing)
-    assert trainer._head_plan is not None  # the chunked head, not full logits
+    assert trainer.head.plan is not None  # the chunked head, not full logits
     assert len(losses) == 3 and losses == pytest.approx(expected, rel=1e-5)
     for name, param in model.named_parameters():
         if "lora_" in name:

@@ -91,7 +91,7 @@ def test_chunked_head_equals_full_logits_values_and_gradients(tmp_path, tokenize
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning: the head must be separated
         ours, _ = trainer.scored_logprobs(model, batch)
-    assert trainer._head_plan is not None
+    assert trainer.head.plan is not None
     ref = reference_logps(model, batch)
     assert torch.allclose(ours, ref, atol=1e-5)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,7 +109,7 @@ def test_chunked_head_equals_full_logits_values_and_gradients(tmp_path, tokenize
 def test_fused_head_loss_equals_unfused_loss_and_gradients(
     tmp_path, tokenizer, toy_dataset, factory, include_prompt, chunk, monkeypatch
 ):
-    import orpo.trainer as trainer_module
+    import orpo.head as head_module
 
     model = factory()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -126,9 +126,9 @@ def test_fused_head_loss_equals_unfused_loss_and_gradients(
         "several-chunks": int(sizes.max()) + 1,
     }.get(chunk)
     fused_calls = []
-    real_fused = trainer_module.fused_linear_loss
+    real_fused = head_module.fused_linear_loss
     monkeypatch.setattr(
-        trainer_module,
+        head_module,
         "fused_linear_loss",
         lambda *a, **k: fused_calls.append(k["chunks"]) or real_fused(*a, **k),
     )
@@ -185,7 +185,7 @@ def test_unknown_logit_transform_falls_back_to_full_logits(tmp_path, tokenizer, 
     batch = batch_for(trainer)
     with pytest.warns(UserWarning, match="disagrees with the model's own logits"):
         ours, _ = trainer.scored_logprobs(model, batch)
-    assert trainer._head_plan is None
+    assert trainer.head.plan is None
     assert torch.allclose(ours, reference_logps(model, batch), atol=1e-6)
 
 
@@ -414,7 +414,7 @@ def test_bf16_model_uses_the_chunked_head_and_matches_its_own_logits(tmp_path, t
     trainer = ORPOTrainer(model=model, args=config(tmp_path), train_dataset=toy_dataset, tokenizer=tokenizer)
     batch = batch_for(trainer)
     ours, _ = trainer.scored_logprobs(model, batch)
-    assert trainer._head_plan is not None and ours.dtype == torch.float32
+    assert trainer.head.plan is not None and ours.dtype == torch.float32
     assert torch.allclose(ours, reference_logps(model, batch), atol=1e-2)
     loss = trainer.compute_loss(model, batch)
     loss.backward()
@@ -487,7 +487,7 @@ def test_bf16_autocast_training_step_on_cpu(tmp_path, model, tokenizer, toy_data
         tokenizer=tokenizer,
     )
     trainer.train()
-    assert trainer._head_plan is not None  # the separated head agreed with the autocast model's own logits
+    assert trainer.head.plan is not None  # the separated head agreed with the autocast model's own logits
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
 
 
@@ -635,7 +635,7 @@ def test_torch_compile_trains_like_eager_with_the_chunked_head(tmp_path, tokeniz
         )
         trainer = ORPOTrainer(model=make_model(seed=3), args=args, train_dataset=dataset, tokenizer=tokenizer)
         trainer.train()
-        assert trainer._head_plan is not None
+        assert trainer.head.plan is not None
         return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     eager = losses()

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
 
+from orpo import defaults
 from orpo.errors import OrpoError
 from orpo.guards import launched_processes
 from orpo.logprobs import DEFAULT_CHUNK_MIB
-
-DEFAULT_ALPHA = 0.1
 
 
 def accelerator_present() -> bool:
@@ -29,6 +29,21 @@ def bf16_supported() -> bool:
     return bool(getattr(torch, "xpu", None) and torch.xpu.is_available())
 
 
+def as_orpo_config(args) -> ORPOConfig:
+    """The trainer's ``args``: an :class:`ORPOConfig` as it is, a plain ``TrainingArguments`` converted
+    (its fields kept), None the defaults."""
+    if args is None:
+        return ORPOConfig(output_dir="orpo-output")
+    if isinstance(args, ORPOConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        for key in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):
+            values.pop(key, None)  # mirrors of activation_checkpointing*, resolved again
+        return ORPOConfig(**values)
+    raise OrpoError(f"args must be an ORPOConfig or TrainingArguments, got {type(args).__name__}")
+
+
 @dataclass
 class ORPOConfig(TrainingArguments):
     """Training arguments for :class:`orpo.ORPOTrainer`.
@@ -42,12 +57,12 @@ class ORPOConfig(TrainingArguments):
     orpo_alpha: float | None = field(
         default=None,
         metadata={
-            "help": "Weight λ of the odds-ratio term (default 0.1, the paper's λ; 0 = SFT only). "
+            "help": f"Weight λ of the odds-ratio term (default {defaults.ALPHA}, the paper's λ; 0 = SFT only). "
             "TRL calls it `beta`."
         },
     )
     orpo_beta: float = field(
-        default=1.0,
+        default=defaults.BETA,
         metadata={"help": "Temperature on the log odds ratio inside the sigmoid; 1.0 = the paper's loss."},
     )
     beta: float | None = field(
@@ -55,10 +70,12 @@ class ORPOConfig(TrainingArguments):
         metadata={"help": "TRL's name for `orpo_alpha` (accepted as an alias; folded into orpo_alpha)."},
     )
     max_length: int | None = field(
-        default=1024, metadata={"help": "Maximum tokens of prompt + response; longer rows are truncated."}
+        default=defaults.MAX_LENGTH,
+        metadata={"help": "Maximum tokens of prompt + response; longer rows are truncated."},
     )
     max_prompt_length: int | None = field(
-        default=512, metadata={"help": "Maximum prompt tokens; longer prompts keep their end."}
+        default=defaults.MAX_PROMPT_LENGTH,
+        metadata={"help": "Maximum prompt tokens; longer prompts keep their end."},
     )
     max_completion_length: int | None = field(
         default=None, metadata={"help": "Maximum response tokens; longer responses keep their start."}
@@ -192,7 +209,7 @@ class ORPOConfig(TrainingArguments):
             self.orpo_alpha = self.beta
             self.beta = None
         if self.orpo_alpha is None:
-            self.orpo_alpha = DEFAULT_ALPHA
+            self.orpo_alpha = defaults.ALPHA
         if not self.use_cpu and launched_processes() > 1 and not accelerator_present():
             # Under torchrun / accelerate launch on a machine without accelerators, accelerate chooses its
             # multi-CPU (gloo) mode only when asked for the CPU; otherwise every process would train alone.

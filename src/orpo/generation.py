@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from orpo import defaults
+
 TABLE_COLUMNS = ["Prompt", "Policy"]  # TRL's column names for its "game_log" table
 
 
@@ -80,3 +82,37 @@ def publish_generations(rows: list[dict], output_dir: str, report_to: list[str],
         experiment = comet_ml.get_running_experiment()
         if experiment is not None:
             experiment.log_table(f"{table}.csv", tabular_data=data, headers=TABLE_COLUMNS)
+
+
+def eval_samples(model, dataset, tokenizer, args, pad_token_id: int, autocast) -> list[dict]:
+    """``generate_during_eval``: completions for ``per_device_eval_batch_size`` prompts of a tokenized
+    evaluation ``dataset``, the same ones at every evaluation (``args.seed``), as rows of ``prompt`` and
+    ``completion`` text. New tokens: ``max_completion_length``, else what ``max_length`` leaves after the
+    longest prompt. ``model`` is unwrapped; it is put in eval mode for the call (``autocast``: the run's
+    mixed precision context) and back after."""
+    rows = sample_indices(len(dataset), args.per_device_eval_batch_size, args.seed)
+    prompts = [list(ids) for ids in dataset.select(rows)["prompt_input_ids"]]
+    new_tokens = args.max_completion_length or max(
+        1, (args.max_length or defaults.MAX_LENGTH) - max(len(ids) for ids in prompts)
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast():
+            completions = complete(
+                model,
+                prompts,
+                pad_token_id=pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                max_new_tokens=new_tokens,
+                batch_size=args.per_device_eval_batch_size,
+            )
+    finally:
+        model.train(was_training)
+    return [
+        {
+            "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+            "completion": tokenizer.decode(completion, skip_special_tokens=True),
+        }
+        for prompt, completion in zip(prompts, completions, strict=True)
+    ]

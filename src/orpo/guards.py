@@ -9,6 +9,8 @@
   checkpoint whose weights and step disagree. Instead the handler only records the signal; at the end of
   the current optimizer step :class:`StopOnSignal` asks the Trainer to save a checkpoint and stop. A second
   signal stops at once (``KeyboardInterrupt``), without a new checkpoint.
+- **Non-finite losses** (:class:`NonFiniteLosses`): ``nan_policy: error`` stops with the step and the dataset
+  rows, after a checkpoint of the weights before that step; ``skip`` leaves such micro-batches out.
 - **The exit.** Measured with torch 2.13 and gloo (2 CPU processes): leaving the process group's teardown to
   interpreter exit aborts about 8% of runs ("terminate called without an active exception"), and destroying
   the group while a trainer still holds references hangs about 25%; releasing the trainer and model,
@@ -18,13 +20,17 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import sys
 
+import torch
 from transformers import TrainerCallback
 
 from orpo.errors import OrpoError
+
+logger = logging.getLogger("orpo")
 
 
 def launched_processes() -> int:
@@ -100,3 +106,51 @@ class StopOnSignal(TrainerCallback):
     def exit_code(self) -> int:
         """The shell's convention: 128 + signal number (130 for Ctrl-C, 143 for SIGTERM)."""
         return 128 + int(self.received or signal.SIGINT)
+
+
+class NonFiniteLosses:
+    """The ``nan_policy`` for micro-batch losses.
+
+    ``skip``: a non-finite loss becomes a zero loss (the micro-batch adds nothing to the update) and is
+    counted; this needs a host sync per micro-batch, so it is single-process only. ``error``: losses are
+    kept and checked once per optimizer step, where the gradient norm syncs the host anyway
+    (:meth:`step_problem`), so micro-batches run without a host sync each."""
+
+    def __init__(self, policy: str, num_processes: int):
+        if policy == "skip" and num_processes > 1:
+            raise OrpoError(
+                "nan_policy 'skip' works in single-process training only; use 'error' with several processes"
+            )
+        self.policy = policy
+        self.skipped = 0  # micro-batches skipped since the start of training
+        self._losses: list = []  # (loss, dataset rows) of this optimizer step's micro-batches
+
+    def check(self, loss: torch.Tensor, rows: torch.Tensor | None, step: int) -> tuple[torch.Tensor, bool]:
+        """A training micro-batch's loss: ``(loss to back-propagate, skipped)``."""
+        if self.policy != "skip":
+            self._losses.append((loss.detach(), rows))
+            return loss, False
+        if bool(torch.isfinite(loss.detach())):  # must be known before the backward: a host sync
+            return loss, False
+        self.skipped += 1
+        where = rows.tolist() if rows is not None else "unknown"
+        logger.warning(f"non-finite loss ({loss.item()}) at step {step}, dataset rows {where}: batch skipped")
+        return torch.zeros((), device=loss.device, requires_grad=True), True
+
+    def step_problem(self, accelerator, step: int) -> str | None:
+        """At the end of an optimizer step's backward passes (``error``): what was non-finite, on any
+        process, or None. Every process takes the same branch."""
+        checks, self._losses = self._losses, []
+        if not checks:
+            return None
+        finite = torch.isfinite(torch.stack([loss for loss, _ in checks]))
+        bad = (~finite).sum().float()
+        if accelerator.num_processes > 1:
+            bad = accelerator.reduce(bad, reduction="sum")
+        if not bool(bad):
+            return None
+        local = [(loss, rows) for (loss, rows), ok in zip(checks, finite.tolist(), strict=True) if not ok]
+        rows = [r for _, r in local for r in (r.tolist() if r is not None else ["unknown"])]
+        value = local[0][0].item() if local else float("nan")
+        where = f"dataset rows {rows}" if local else "another process's batch"
+        return f"non-finite loss ({value}) at step {step}, {where}"

@@ -1,15 +1,38 @@
 """The LM head, computed outside the model: which heads can be separated (:func:`head_plan_for`),
 how the trainer takes the head's input from the model's own forward without the model computing
-logits (:class:`HeadInputCapture`), and how it runs its head computation through the head module's
-hooks (:func:`forward_replaced`)."""
+logits (:class:`HeadInputCapture`), how it runs its head computation through the head module's
+hooks (:func:`forward_replaced`), and :class:`HeadRunner`, which puts these together for the trainer:
+the body's hidden states at the scored positions only, then the chunked (or fused) head of
+:mod:`orpo.logprobs`, checked once against the model's own logits."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from orpo.logprobs import (
+    chunk_size_for,
+    chunked_target_logprobs,
+    full_target_logprobs,
+    fused_linear_loss,
+    rounding_tolerance,
+    segment_chunk_loss,
+    segment_chunks,
+)
+
+logger = logging.getLogger("orpo")
+
+# How many tokens of the first batch's first row the one-off head self-check compares.
+HEAD_CHECK_TOKENS = 64
+# The largest chunk (in chunk sizes) the fused head+loss takes for a single pair; beyond it, the
+# unfused head keeps memory at one chunk.
+FUSED_MAX_CHUNKS = 4
 
 
 @dataclass
@@ -111,3 +134,214 @@ def forward_replaced(module: nn.Module, forward):
             del module.forward
         else:
             module.forward = own
+
+
+def attention_backends(device: torch.device):
+    """On CUDA, sdpa without its cuDNN backend: cuDNN plans each new shape on the host (~2.5 ms per
+    attention call on an H200, measured), and batch shapes change every step, so a 0.5B model spent
+    a third of its host time there while the GPU waited; flash / memory-efficient kernels take the
+    same inputs. Elsewhere, no change."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def first_sequence(inputs: dict, max_tokens: int) -> dict:
+    """The first sequence of a collated batch (at most ``max_tokens``), unpadded, as model inputs."""
+    if "segment_ids" in inputs:  # shared prefix: the prompt and chosen tokens of the first row
+        length = int((inputs["segment_ids"][0] >= 0).logical_and(inputs["segment_ids"][0] <= 1).sum())
+    elif "position_ids" in inputs:
+        restarts = (inputs["position_ids"][0, 1:] == 0).nonzero()
+        length = int(restarts[0]) + 1 if len(restarts) else inputs["input_ids"].shape[1]
+    else:
+        length = int(inputs["attention_mask"][0].sum())
+    ids = inputs["input_ids"][:1, : min(length, max_tokens)]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@dataclass
+class HeadSettings:
+    """What the trainer tells the head runner about the run."""
+
+    chunk_size: int | None  # tokens per head chunk; None: from the vocabulary (orpo.logprobs)
+    fused: bool  # fused head + loss where every pair fits (ORPOConfig.fused_head_loss)
+    low_precision: bool  # bf16/fp16 training or a half-precision model: rounding-level tolerances
+    zero3: bool  # DeepSpeed ZeRO-3: the head's weight is whole only inside its module's call
+    weight_partitioned: bool  # FSDP1: the head's weight is a shard outside the forward; use the model's
+
+
+class HeadRunner:
+    """Log-probs of a batch's scored tokens (``score_positions`` / ``score_targets``, from the collators).
+
+    The model body runs with its LM head fed zero positions (:class:`HeadInputCapture`); the head is then
+    applied to the final hidden states at the scored positions only, a chunk at a time. Before the first
+    batch is scored, :meth:`resolve` finds the head (:func:`head_plan_for`) and checks it against the
+    model's own logits on the batch's first sequence; a head it cannot separate, or one that disagrees,
+    falls back to the model's full logits with a warning. ``model_kwargs(model, inputs)`` turns a
+    collated batch into forward arguments (the batch layout's, :mod:`orpo.layouts`)."""
+
+    def __init__(self, accelerator, settings: HeadSettings, model_kwargs: Callable[[nn.Module, dict], dict]):
+        self.accelerator = accelerator
+        self.settings = settings
+        self.model_kwargs = model_kwargs
+        self.resolved = False
+        self.plan: HeadPlan | None = None  # once resolved: None = the model's own full logits
+        self._capture: HeadInputCapture | None = None
+
+    def register(self, unwrapped: nn.Module) -> None:
+        """Hook the model's LM head now, ahead of any compiled call of the model (see HeadInputCapture)."""
+        if hasattr(unwrapped, "get_output_embeddings"):
+            self._capture_for(unwrapped.get_output_embeddings())
+
+    def _capture_for(self, head: nn.Module | None) -> HeadInputCapture | None:
+        if not isinstance(head, nn.Linear):
+            return None
+        if self._capture is None or self._capture.head is not head:
+            if self._capture is not None:
+                self._capture.handle.remove()
+            self._capture = HeadInputCapture(head)
+        return self._capture
+
+    def use_model_logits(self) -> None:
+        """Skip the separated head: every batch is scored from the model's own full logits (the reference
+        the benchmarks compare the chunked head with)."""
+        self.resolved, self.plan = True, None
+
+    def chunk_size(self, plan: HeadPlan) -> int:
+        # out_features, not weight.shape: a ZeRO-3 weight is an empty placeholder between uses
+        return self.settings.chunk_size or chunk_size_for(plan.head.out_features)
+
+    def resolve(self, model: nn.Module, inputs: dict, check_mode) -> None:
+        """Find the separable head once and check it on a few tokens of the first batch (``check_mode``:
+        the context that makes the model deterministic for the comparison)."""
+        self.resolved = True
+        self.plan = None
+        if self.settings.weight_partitioned:
+            logger.info(
+                "FSDP1 shards the LM head's weight outside its forward: computing it inside the model"
+            )
+            return
+        unwrapped = self.accelerator.unwrap_model(model)
+        self.register(unwrapped)
+        plan = head_plan_for(unwrapped)
+        if plan is None:
+            warnings.warn(
+                "the model's LM head is not a plain nn.Linear (quantized, adapter-wrapped or custom): "
+                "computing full logits, which costs batch x seq x vocab memory",
+                stacklevel=3,
+            )
+            return
+        check = first_sequence(inputs, HEAD_CHECK_TOKENS)
+        length = check["input_ids"].shape[1]
+        if length < 2:
+            self.plan = plan
+            return
+        targets = check["input_ids"][0, 1:]
+        positions = torch.arange(length - 1, device=targets.device)
+        with check_mode(model):
+            reference, _ = full_target_logprobs(model(**check, use_cache=False).logits[0, :-1], targets)
+            try:
+                ours, _ = self._chunked(model, plan, check, positions, targets)
+            except RuntimeError as err:  # e.g. a head weight an engine left sharded after the forward
+                warnings.warn(
+                    f"the LM head cannot be computed outside the model ({err}); computing full logits",
+                    stacklevel=3,
+                )
+                return
+        error = (reference - ours).abs().max().item()
+        if not error <= rounding_tolerance(self.settings.low_precision):
+            warnings.warn(
+                f"the separated LM head disagrees with the model's own logits (max |Δ log p| = {error:.3g}); "
+                "this architecture transforms logits in a way orpo does not know, so full logits are used",
+                stacklevel=3,
+            )
+            return
+        self.plan = plan
+
+    def logprobs(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logps [N], mean_logits [N])`` of the batch's scored tokens."""
+        positions, targets = inputs["score_positions"], inputs["score_targets"]
+        if self.plan is not None:
+            return self._chunked(model, self.plan, inputs, positions, targets)
+        with attention_backends(inputs["input_ids"].device):
+            logits = model(**self.model_kwargs(model, inputs), use_cache=False).logits
+        return full_target_logprobs(logits.reshape(-1, logits.shape[-1]).index_select(0, positions), targets)
+
+    def fused_loss(
+        self, model: nn.Module, inputs: dict, pair_loss: Callable, pair_sizes: Callable[[], list[int]]
+    ):
+        """The loss with the head fused in (:func:`orpo.logprobs.fused_linear_loss`) when it applies:
+        gradients on, a separable head, and every pair's scored tokens (``pair_sizes()``, contiguous) fitting
+        in a chunk of at most :data:`FUSED_MAX_CHUNKS` chunk sizes (chunks are whole pairs, so each chunk's
+        loss and gradient are complete). ``pair_loss(logps, pair, chosen, response, num_pairs)`` is the
+        loss of whole pairs. Returns ``(loss, logps, mean_logits)``, or None for the unfused path."""
+        plan = self.plan
+        if plan is None or not self.settings.fused or not torch.is_grad_enabled():
+            return None
+        chunk_size, pair_sizes = self.chunk_size(plan), pair_sizes()
+        # A pair larger than a chunk gets a chunk of its own, up to 4 chunks' worth of logits (still
+        # less than a one-pair-per-chunk fused loss such as Liger's holds: it scores the prompt too).
+        chunks = segment_chunks(pair_sizes, chunk_size, max_chunk_size=FUSED_MAX_CHUNKS * chunk_size)
+        if chunks is None:
+            return None
+        fields = (inputs["score_chosen"], inputs["score_response"])
+        chunk_loss = segment_chunk_loss(pair_loss, inputs["score_pair"], pair_sizes, *fields)
+        compute = partial_head(
+            fused_linear_loss, targets=inputs["score_targets"], chunks=chunks, loss_fn=chunk_loss, plan=plan
+        )
+        hidden = self._hidden(model, plan, inputs, inputs["score_positions"])
+        return self._run(plan, hidden, compute)
+
+    def _chunked(self, model, plan: HeadPlan, inputs, positions, targets):
+        compute = partial_head(
+            chunked_target_logprobs, targets=targets, chunk_size=self.chunk_size(plan), plan=plan
+        )
+        return self._run(plan, self._hidden(model, plan, inputs, positions), compute)
+
+    def _hidden(self, model, plan: HeadPlan, inputs, positions) -> torch.Tensor:
+        """Run the model body; the final hidden states ``[N, H]`` at the scored positions."""
+        capture = self._capture_for(plan.head)
+        with capture.capturing(), attention_backends(inputs["input_ids"].device):
+            model(**self.model_kwargs(model, inputs), use_cache=False)
+        hidden = capture.take()
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+
+    def _run(self, plan: HeadPlan, hidden: torch.Tensor, compute):
+        """``compute(hidden, weight, bias)`` with the head's operands in the dtype the model's own head
+        would compute in (and the head's logit scale applied).
+
+        Under ZeRO-3 a parameter is whole only during the forward and backward of the module that owns
+        it, so ``compute`` then runs as a call of the head module: DeepSpeed's own hooks gather the
+        weight for it, again when gradients reach its outputs, and hold it until the weight's gradient
+        is accumulated and reduced (as for any module; a gather of our own would end too early)."""
+        accelerator = self.accelerator
+
+        def forward(hidden):
+            weight, bias = plan.head.weight, plan.head.bias
+            with accelerator.autocast():  # mixed precision autocasts the model's forward, not our code
+                if torch.is_autocast_enabled(hidden.device.type):
+                    # The model's own head would run in the autocast dtype; so does ours (and its backward).
+                    dtype = torch.get_autocast_dtype(hidden.device.type)
+                    weight = weight.to(dtype)
+                    bias = bias.to(dtype) if bias is not None else None
+            hidden = hidden.to(weight.dtype)
+            if plan.scale != 1.0:
+                hidden = hidden * plan.scale
+            return compute(hidden, weight, bias)
+
+        if not self.settings.zero3:
+            return forward(hidden)
+        with forward_replaced(plan.head, forward):
+            return plan.head(hidden)
+
+
+def partial_head(head_function: Callable, *, targets, plan: HeadPlan, **options) -> Callable:
+    """``compute(hidden, weight, bias)`` for :meth:`HeadRunner._run`: ``head_function`` of
+    :mod:`orpo.logprobs` with the targets, the plan's soft-cap and its own options bound."""
+
+    def compute(hidden, weight, bias):
+        return head_function(hidden, weight, targets, bias, softcap=plan.softcap, **options)
+
+    return compute

@@ -1,7 +1,7 @@
 """Which batch layout a model can run exactly, the model inputs of each layout, and the check that
 proves it on the model itself.
 
-The collators (:mod:`orpo.collator`) lay tokens out; this module decides which of them a model and
+The collators (:mod:`orpo.data.collator`) lay tokens out; this module decides which of them a model and
 attention backend support and turns a collated batch into forward arguments (the shared-prefix
 layouts need a mask of their own). A layout is never trusted on the backend's name alone:
 :func:`layout_error` runs one preference row laid out both ways and compares the log-probs, so a
@@ -11,11 +11,14 @@ model that ignores restarting ``position_ids`` or our mask is caught before it t
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from orpo.collator import (
+from orpo.data.collator import (
     CHOSEN,
     REJECTED,
     PackedPairCollator,
@@ -23,7 +26,11 @@ from orpo.collator import (
     SharedPrefixCollator,
     first_fit_decreasing,
 )
+from orpo.errors import OrpoError
+from orpo.logprobs import rounding_tolerance
 from orpo.models import is_quantized
+
+logger = logging.getLogger("orpo")
 
 # Backends that take our shared-prefix mask as it is: a 4D tensor, or flex attention's block mask (flash
 # attention takes no mask at all).
@@ -106,7 +113,7 @@ def candidate_layouts(padding_free: bool | None, prefix_sharing: bool | None) ->
 
 
 def _attends(query, key, query_segment, key_segment):
-    """Whether a query token may attend to a key token of a :class:`~orpo.collator.SharedPrefixCollator`
+    """Whether a query token may attend to a key token of a :class:`~orpo.data.collator.SharedPrefixCollator`
     row (broadcasting indices and segment ids): causal within each unit (pair), never a padding key,
     rejected tokens never see chosen ones; every token sees itself, so padding rows are not empty."""
     allowed = (
@@ -301,6 +308,105 @@ def first_layers(model, keep: int = 2):
             config.layer_types = types
 
 
-def tolerance(low_precision: bool) -> float:
-    """How far a layout's log-probs may differ from the sequences alone: rounding only."""
-    return 5e-2 if low_precision else 1e-4
+def leak_message(config, layout: Layout, error: float) -> str:
+    leak = (
+        "rejected tokens see chosen ones or pairs see each other"
+        if layout.shared
+        else "packed sequences attend to each other"
+    )
+    return (
+        f"{layout.options}: {config.model_type} with attn_implementation="
+        f"{attn_implementation(config)!r} does not keep this layout exact ({leak}; "
+        f"max |Δ log p| = {error:.3g} against the sequences alone)"
+    )
+
+
+def first_exact_layout(model, candidates: list[Layout], row: dict | None, low_precision: bool) -> Layout:
+    """The first candidate the backend supports and, given a data ``row``, the model keeps exact. An
+    unsupported or inexact candidate falls through to the next with a warning; the last one raises."""
+    config = model.config
+    for index, layout in enumerate(candidates):
+        last = index == len(candidates) - 1
+        reason = unsupported_reason(layout, config)
+        if reason is not None:
+            if last:
+                option = "prefix_sharing" if layout.shared else "padding_free"
+                raise OrpoError(f"{reason}; set {option}: false or attn_implementation: sdpa")
+            continue
+        if layout == PADDED or row is None:
+            return layout
+        error = layout_error(model, config, layout, row)
+        if error <= rounding_tolerance(low_precision):
+            return layout
+        problem = leak_message(config, layout, error)
+        if last:
+            raise OrpoError(problem)
+        warnings.warn(f"{problem}; trying the next layout", stacklevel=4)
+    raise AssertionError("unreachable: the last candidate either returns or raises")
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    layout: Layout
+    unverified: bool  # to be checked on the whole prepared model at the first batch (verify_layout)
+
+
+def choose_layout(
+    model,
+    row: dict | None,
+    *,
+    padding_free: bool | None,
+    prefix_sharing: bool | None,
+    engine: bool,
+    low_precision: bool,
+    agree: Callable[[Layout], Layout],
+) -> LayoutChoice:
+    """The first of the candidate layouts (``padding_free`` / ``prefix_sharing``: True, False or None
+    = auto; fastest first) that the attention backend supports and the (unwrapped) model honours
+    exactly, checked on the first data ``row``. An auto choice that fails falls back to the next one
+    with a warning; a layout asked for that fails is an error.
+
+    A model an ``engine`` prepares later (FSDP, DeepSpeed, model parallel) is checked here on its first
+    decoder layers, where it is (usually the CPU; ZeRO-3 partitions gathered); all processes then take
+    the most conservative of their choices (``agree``, see :func:`agreed_layout`), and the whole prepared
+    model is checked again on the first batch, where a failure can only be an error. A model not at hand
+    here (meta parameters), or no data row yet: only layouts asked for explicitly, checked on the first
+    batch; auto means padded rows."""
+    explicit = candidate_layouts(bool(padding_free), bool(prefix_sharing))
+    layout = None
+    if row is not None and (not engine or probe_ready(model)):
+        candidates = candidate_layouts(padding_free, prefix_sharing)
+        if not engine:
+            return LayoutChoice(first_exact_layout(model, candidates, row, low_precision), unverified=False)
+        try:
+            with first_layers(model), whole_parameters(model):
+                layout = first_exact_layout(model, candidates, row, low_precision)
+        except OrpoError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:  # a model the cut breaks
+            logger.info(f"batch layout: not checked before the engine prepares the model ({err})")
+    if layout is None:
+        layout = first_exact_layout(model, explicit, None, low_precision)
+    if engine:
+        layout = agree(layout)
+    return LayoutChoice(layout, unverified=layout != PADDED and (engine or row is None))
+
+
+def agreed_layout(layout: Layout, accelerator) -> Layout:
+    """One layout for all processes (their collators and token budgets must match): the latest in
+    the fastest-first order of any process's choice, e.g. padded rows where one process could not
+    check its model."""
+    if accelerator.num_processes == 1:
+        return layout
+    order = candidate_layouts(None, None)
+    index = torch.tensor([order.index(layout)], device=accelerator.device)
+    return order[int(accelerator.gather(index).max())]
+
+
+def verify_layout(model, config, layout: Layout, row: dict, low_precision: bool) -> None:
+    """The first-batch check of a layout chosen before an engine prepared the model, on the whole model."""
+    error = layout_error(model, config, layout, row)
+    if not error <= rounding_tolerance(low_precision):
+        raise OrpoError(
+            leak_message(config, layout, error) + "; set padding_free: false and prefix_sharing: false"
+        )

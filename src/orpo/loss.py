@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from orpo import defaults
 from orpo.errors import OrpoError
 
 # ℓ is clamped to at most this before log1mexp: a response whose every token has p ≈ 1 (common in
@@ -145,8 +146,8 @@ def orpo_loss(
     is_response: torch.Tensor,
     num_pairs: int | None = None,
     *,
-    alpha: float = 0.1,
-    beta: float = 1.0,
+    alpha: float = defaults.ALPHA,
+    beta: float = defaults.BETA,
     nll_normalizer: torch.Tensor | float | None = None,
     pair_normalizer: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, ORPOStats]:

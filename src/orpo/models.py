@@ -1,18 +1,23 @@
 """Loading causal LMs and tokenizers by name or path, with user-facing errors, and the model
-adjustments the trainer makes before training (dropout off)."""
+adjustments made before training (decoder-only check, PEFT wrap, dropout off): :func:`prepare_model` and
+:func:`resolve_tokenizer` are the trainer's path for every model and tokenizer it is given."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
 
+from orpo import defaults
 from orpo.config import bf16_supported
-from orpo.errors import OrpoError
+from orpo.errors import OrpoError, UsageError
+
+logger = logging.getLogger("orpo")
 
 
 def _dtype_from_name(value):
@@ -66,10 +71,14 @@ def check_adapter_base(path: str | Path) -> None:
         )
 
 
-def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None) -> PreTrainedModel:
+def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None, seed: int = 0) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with dtype names resolved and ``load_in_4bit`` /
     ``load_in_8bit`` turned into a bitsandbytes quantization config; ``trust_remote_code`` stays off
-    unless the caller passes it."""
+    unless the caller passes it. ``demo`` is the embedded tiny model, freshly initialised from ``seed``."""
+    if name_or_path == defaults.DEMO:
+        from orpo.demo import tiny_model
+
+        return tiny_model(seed=seed)
     kwargs = dict(init_kwargs or {})
     for key in ("dtype", "torch_dtype"):
         if key in kwargs:
@@ -89,7 +98,12 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None) -> PreTra
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """``AutoTokenizer.from_pretrained`` with a user-facing error when it cannot be loaded."""
+    """``AutoTokenizer.from_pretrained`` with a user-facing error when it cannot be loaded; ``demo`` is the
+    embedded tokenizer."""
+    if name_or_path == defaults.DEMO:
+        from orpo.demo import demo_tokenizer
+
+        return demo_tokenizer()
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -117,3 +131,84 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+def load_model_and_tokenizer(
+    name_or_path: str, tokenizer: str | None = None, init_kwargs: dict | None = None, seed: int = 0
+):
+    """A model by name or directory (or ``demo``) and its tokenizer (``tokenizer``, else the model's),
+    ``trust_remote_code`` from ``init_kwargs`` for both: the path of every command that loads a model."""
+    trust = bool((init_kwargs or {}).get("trust_remote_code", False))
+    return load_causal_lm(name_or_path, init_kwargs, seed), load_tokenizer(tokenizer or name_or_path, trust)
+
+
+def add_special_tokens(model, tokenizer, tokens: dict[str, str]) -> int:
+    """Special tokens (as Axolotl's ``special_tokens``: ``{pad_token: ...}``) set on the tokenizer; tokens new
+    to its vocabulary get embedding rows (the model's embeddings are resized). Returns how many were new."""
+    try:
+        added = tokenizer.add_special_tokens(tokens)
+    except (ValueError, AttributeError) as err:
+        raise UsageError(f"special_tokens: {err}") from err
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+    return added
+
+
+def runs_in_low_precision(model: nn.Module, args) -> bool:
+    """bf16/fp16 mixed precision, or any parameter in another dtype than fp32 (a half-precision or
+    quantized model): exact computations then agree only to rounding (orpo.logprobs.rounding_tolerance)."""
+    return bool(args.bf16 or args.fp16 or any(p.dtype != torch.float32 for p in model.parameters()))
+
+
+def resolve_tokenizer(tokenizer, processing_class, model, args):
+    """The trainer's tokenizer: ``tokenizer=`` or TRL's ``processing_class=`` (not two different ones), else
+    loaded from a model given by name. Without a pad token (and no ``padding_value``) EOS pads."""
+    if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+        raise OrpoError("pass the tokenizer as `tokenizer=` or `processing_class=`, not two different ones")
+    tokenizer = tokenizer if tokenizer is not None else processing_class
+    if tokenizer is None:
+        if not isinstance(model, str):
+            raise OrpoError("ORPOTrainer needs a tokenizer (`tokenizer=` or `processing_class=`)")
+        tokenizer = load_tokenizer(model, args.trust_remote_code)
+    if tokenizer.pad_token_id is None and args.padding_value is None:
+        logger.warning("the tokenizer has no pad token; using its eos token for padding")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def prepare_model(model, args, peft_config=None):
+    """The model the trainer trains: loaded if given by name (``args.model_init_kwargs``), decoder-only,
+    wrapped with ``peft_config`` (a 4-/8-bit base must be), dropout off if ``args.disable_dropout``. None
+    (a ``model_init`` run) stays None."""
+    if isinstance(model, str):
+        model = load_causal_lm(model, args.model_init_kwargs, args.seed)
+    check_decoder_only(model)
+    if peft_config is not None:
+        model = wrap_peft(model, peft_config, args)
+    elif is_quantized(model) and not hasattr(model, "peft_config"):
+        raise OrpoError(
+            "the model is loaded in 4-bit or 8-bit, whose weights cannot be trained directly: train an "
+            "adapter on it (QLoRA) with peft_config= or a 'peft:' block in the config"
+        )
+    if model is not None and args.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
+def wrap_peft(model, peft_config, args):
+    """``get_peft_model``; a 4-/8-bit model is first prepared for adapter training (QLoRA): norms in
+    fp32, input gradients on for activation checkpointing. The adapter's initial weights are drawn
+    from ``args.seed``, so they do not depend on how the base was loaded (e.g. ZeRO-3's partitioned
+    loading draws random numbers of its own)."""
+    try:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+    except ImportError as err:
+        raise OrpoError("peft_config was given but peft is not installed: pip install 'orpo[peft]'") from err
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=bool(args.activation_checkpointing),
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    set_seed(args.seed)
+    return get_peft_model(model, peft_config)

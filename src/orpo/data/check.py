@@ -1,10 +1,10 @@
-"""``orpo check-data``: load, validate and summarise a preference dataset before training on it."""
+"""The report ``orpo check-data`` prints: a preference dataset loaded, validated and summarised before training
+on it (the same path as training: :func:`orpo.data.read_pairs`, then tokenization)."""
 
 from __future__ import annotations
 
-from orpo.data import TruncationLimits, tokenize_dataset
-from orpo.formats import normalize_source
-from orpo.sources import load_source
+from orpo.data import read_pairs
+from orpo.data.tokenize import TruncationLimits, tokenize_dataset
 
 BOUNDARY = "⟦|⟧"  # marks where the prompt ends and the response begins
 
@@ -30,9 +30,11 @@ def check_data(
 ) -> str:
     """The report ``orpo check-data`` prints; raises :class:`orpo.OrpoError` listing the problems
     (file:line: field: what) when rows are invalid and ``skip_invalid`` is off."""
-    loaded = load_source(source, split=split, subset=subset)
-    dataset, detected, skipped = normalize_source(loaded, fmt=fmt, columns=columns, skip_invalid=skip_invalid)
-    lines = [f"source:  {loaded.name}", f"format:  {detected}", f"rows:    {len(dataset)} valid"]
+    pairs = read_pairs(
+        source, fmt=fmt, columns=columns, skip_invalid=skip_invalid, split=split, subset=subset
+    )
+    dataset, skipped, name = pairs.dataset, pairs.skipped, pairs.name
+    lines = [f"source:  {name}", f"format:  {pairs.format}", f"rows:    {len(dataset)} valid"]
     if skipped:
         lines.append(f"skipped: {len(skipped)} invalid rows, e.g.")
         lines += [f"  {problem}" for problem in skipped[:10]]
@@ -40,15 +42,13 @@ def check_data(
         lines.append("(give --tokenizer to see token lengths, truncation and the rendered first row)")
         return "\n".join(lines)
 
-    untruncated, _ = tokenize_dataset(
-        dataset, tokenizer, TruncationLimits(None, None, None), source=loaded.name
-    )
+    untruncated, _ = tokenize_dataset(dataset, tokenizer, TruncationLimits(None, None, None), source=name)
     lines.append("token lengths:")
     for name in ("prompt", "chosen", "rejected"):
         lengths = [len(ids) for ids in untruncated[f"{name}_input_ids"]]
         lines.append(f"  {name:<9}{_percentiles(lengths)}")
     limits = limits or TruncationLimits()
-    truncated, report = tokenize_dataset(dataset, tokenizer, limits, source=loaded.name)
+    truncated, report = tokenize_dataset(dataset, tokenizer, limits, source=name)
     lines.append(
         f"at max_length={limits.max_length}, max_prompt_length={limits.max_prompt_length}, "
         f"max_completion_length={limits.max_completion_length}:"

@@ -2,7 +2,7 @@
 
 Keys are ``ORPOConfig`` fields, plus ``model`` (a name/path, or a mapping with ``name``, ``dtype``,
 ``attn_implementation``, ``trust_remote_code``), ``tokenizer``, ``chat_template``, ``datasets`` and
-``eval_datasets`` (sources as in :mod:`orpo.formats`, optionally with ``weight``), and the names users bring
+``eval_datasets`` (sources as in :mod:`orpo.data.formats`, optionally with ``weight``), and the names users bring
 from Axolotl, LLaMA-Factory and TRL, each mapped with a one-line note. Unknown keys are errors with a
 "did you mean" suggestion; values of the wrong type name the key and the expected type.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from orpo.axolotl import translate
+from orpo.cli.axolotl import translate
 from orpo.config import ORPOConfig
 from orpo.errors import OrpoError, UsageError
 
@@ -266,7 +266,7 @@ def _unknown_keys_message(unknown: list[str], fields) -> str:
 
 
 def _dataset_specs(value, notes: list[str]) -> list:
-    """Sources as :func:`orpo.formats.load_preference_data` takes them; Axolotl's ``type`` noted."""
+    """Sources as :func:`orpo.data.formats.load_preference_data` takes them; Axolotl's ``type`` noted."""
     items = value if isinstance(value, list) else [value]
     specs = []
     for item in items:

@@ -22,12 +22,13 @@ import logging
 
 from datasets import Dataset
 
+from orpo import defaults
+from orpo.data.sources import LoadedSource, list_problems
 from orpo.errors import OrpoError
-from orpo.sources import LoadedSource, list_problems, load_source
 
 logger = logging.getLogger("orpo")
 
-FORMATS = ("standard", "conversational", "implicit")
+FORMATS = defaults.FORMATS
 ROLES = ("system", "user", "assistant", "tool")
 # Where an assistant turn starts in plain-text transcripts; the prompt ends after the last one.
 ASSISTANT_MARKERS = ("\n\nAssistant:", "Assistant:", "<|im_start|>assistant\n", "[/INST]", "### Response:")
@@ -246,14 +247,13 @@ def normalize_source(
         fmt = detect_format(mapped_columns, first)
     elif fmt not in FORMATS:
         raise OrpoError(f"unknown data format '{fmt}' (use auto, {', '.join(FORMATS)})")
-    rows, problems, identical = [], [], 0
+    rows, problems = [], []
     for origin, row in zip(loaded.origins, loaded.rows, strict=True):
         try:
             normalized = normalize_row({renames.get(k, k): v for k, v in row.items()}, fmt)
         except RowProblem as problem:
             problems.append(f"{origin}: {problem}")
             continue
-        identical += normalized["chosen"] == normalized["rejected"]
         rows.append(normalized)
     if problems and not skip_invalid:
         raise OrpoError(
@@ -262,68 +262,6 @@ def normalize_source(
         )
     if problems:
         logger.warning(f"{loaded.name}: skipped {len(problems)} invalid row(s); first: {problems[0]}")
-    if identical:
-        logger.warning(f"{loaded.name}: {identical} row(s) have identical chosen and rejected")
     if not rows:
         raise OrpoError(f"{loaded.name}: no valid rows")
     return Dataset.from_list(rows), fmt, problems
-
-
-def _source_weight_split(spec) -> tuple[object, float, str | None]:
-    """A source, its weight and its own split (None: the caller's), from any way of writing one."""
-    if isinstance(spec, dict) and "path" in spec:
-        return spec["path"], float(spec.get("weight", 1.0)), spec.get("split")
-    if isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], int | float):
-        return spec[0], float(spec[1]), None
-    return spec, 1.0, None
-
-
-def _take(dataset: Dataset, weight: float, seed: int) -> Dataset:
-    """``weight`` times the rows: whole copies, then a seeded random fraction of one more."""
-    import random
-
-    whole = int(weight)
-    order = list(range(len(dataset)))
-    random.Random(seed).shuffle(order)
-    indices = list(range(len(dataset))) * whole + order[: round((weight - whole) * len(dataset))]
-    return dataset.select(indices)
-
-
-def load_preference_data(
-    spec,
-    fmt: str = "auto",
-    columns: dict[str, str] | None = None,
-    skip_invalid: bool = False,
-    split: str = "train",
-    seed: int = 0,
-    subset: str | None = None,
-) -> tuple[Dataset, str, str]:
-    """Load, validate and normalise one source or a weighted mix of sources.
-
-    ``spec`` is a source (path, hub name, ``Dataset``...) or a list of sources, each optionally with a
-    weight: ``[{"path": "a.jsonl", "weight": 0.5}, ("b.jsonl", 2.0), "c.jsonl"]``. A weight below 1
-    keeps that fraction of the source's rows (a seeded random subset), above 1 repeats them. A
-    ``{"path", "split"}`` source takes that split of a hub dataset or ``DatasetDict`` instead of ``split``.
-    Returns ``(dataset, format, name)``.
-    """
-    from datasets import concatenate_datasets
-
-    specs = spec if isinstance(spec, list) else [spec]
-    parts, formats, names = [], set(), []
-    for k, item in enumerate(specs):
-        source, weight, own_split = _source_weight_split(item)
-        if weight < 0:
-            raise OrpoError(f"source {source}: weight must be >= 0, got {weight}")
-        loaded = load_source(source, split=own_split or split, subset=subset)
-        dataset, detected, _ = normalize_source(loaded, fmt=fmt, columns=columns, skip_invalid=skip_invalid)
-        parts.append(_take(dataset, weight, seed + k) if weight != 1.0 else dataset)
-        formats.add("standard" if isinstance(dataset[0]["prompt"], str) else "conversational")
-        names.append(loaded.name if weight == 1.0 else f"{loaded.name} x{weight:g}")
-        last_format = detected
-    if len(formats) > 1:
-        raise OrpoError(
-            f"the sources mix plain-text and conversational rows ({', '.join(names)}); convert one side so all "
-            "rows are rendered the same way"
-        )
-    dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-    return dataset, (last_format if len(parts) == 1 else formats.pop()), " + ".join(names)

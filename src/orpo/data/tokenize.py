@@ -14,12 +14,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
-from orpo import __version__
+from orpo import __version__, defaults
+from orpo.data.formats import RowProblem, normalize_row
 from orpo.errors import OrpoError
 
 logger = logging.getLogger("orpo")
@@ -27,15 +27,15 @@ logger = logging.getLogger("orpo")
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 ROW_INDEX = "row_index"  # the row's index in the dataset before tokenization, for error messages
-CACHE_FORMAT = 2  # bump when the tokenized layout or the rules above change
+CACHE_FORMAT = 3  # bump when the tokenized layout or the rules above change
 
 
 @dataclass
 class TruncationLimits:
     """Token budgets; None means unlimited."""
 
-    max_length: int | None = 1024
-    max_prompt_length: int | None = 512
+    max_length: int | None = defaults.MAX_LENGTH
+    max_prompt_length: int | None = defaults.MAX_PROMPT_LENGTH
     max_completion_length: int | None = None
 
 
@@ -68,36 +68,6 @@ class TokenizeReport:
         for reason, count in self.dropped.items():
             parts.append(f"{count} rows dropped: {reason}")
         return "; ".join(parts)
-
-
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list)
-
-
-def _check_row(row: dict, index: int, source: str) -> None:
-    """Raise an OrpoError naming the row and field for anything the tokenizer cannot take."""
-    where = f"{source}, row {index + 1}"
-    for name in PAIR_FIELDS:
-        if name not in row or row[name] is None:
-            raise OrpoError(f"{where}: missing field '{name}' (expected prompt, chosen and rejected)")
-    conversational = _is_messages(row["prompt"])
-    for name in PAIR_FIELDS:
-        value = row[name]
-        if conversational:
-            if not _is_messages(value):
-                raise OrpoError(
-                    f"{where}: field '{name}' is {type(value).__name__}, but 'prompt' is a list of "
-                    "messages, so every field must be a list of {'role', 'content'} messages"
-                )
-            for k, message in enumerate(value):
-                if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                    raise OrpoError(f"{where}: field '{name}' message {k + 1} needs 'role' and 'content'")
-            if name != "prompt" and not value:
-                raise OrpoError(f"{where}: field '{name}' has no messages")
-        elif not isinstance(value, str):
-            raise OrpoError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-        elif name != "prompt" and not value.strip():
-            raise OrpoError(f"{where}: field '{name}' is empty")
 
 
 class PairTokenizer:
@@ -149,8 +119,13 @@ class PairTokenizer:
         return prompt, responses[0], responses[1]
 
     def __call__(self, row: dict, index: int) -> dict[str, list[int]]:
-        _check_row(row, index, self.source)
-        if _is_messages(row["prompt"]):
+        # The one row checker (orpo.data.formats); rows from read_pairs pass it unchanged.
+        fmt = "conversational" if isinstance(row.get("prompt"), list) else "standard"
+        try:
+            row = normalize_row(row, fmt)
+        except RowProblem as problem:
+            raise OrpoError(f"{self.source}, row {index + 1}: {problem}") from None
+        if fmt == "conversational":
             prompt, chosen, rejected = self._render_conversation(row, index)
             prompt_ids = self._dedupe_bos(self._ids(prompt))
             responses = [self._ids(chosen), self._ids(rejected)]

@@ -1,7 +1,7 @@
 """Axolotl's config keys that are more than a new name: its adapter, attention, precision and tracker
 keys become our ``peft`` block, ``model`` options, ``bf16`` / ``tf32`` and ``report_to``, so an Axolotl
 ORPO config (``rl: orpo``) trains as it is. Plain renames (``sequence_len``, ``optimizer``, ...) are
-aliases in :mod:`orpo.run_config` (``val_set_size`` is an :class:`~orpo.ORPOConfig` field); keys that
+aliases in :mod:`orpo.cli.run_config` (``val_set_size`` is an :class:`~orpo.ORPOConfig` field); keys that
 mean nothing here are ignored with a note; anything whose effect we would lose is an error naming the key.
 """
 

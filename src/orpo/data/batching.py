@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
-from orpo.data import TOKENIZED_COLUMNS
+from orpo.data.tokenize import TOKENIZED_COLUMNS
 from orpo.errors import OrpoError
 
 # (prompt, chosen, rejected) token counts of one pair.

@@ -1,0 +1,52 @@
+"""``orpo merge``: fold a LoRA adapter into its base model and save a plain model."""
+
+from __future__ import annotations
+
+import argparse
+
+from orpo.cli.options import add_trust_remote_code
+from orpo.errors import OrpoError
+
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    merge = commands.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its base model and save the full model",
+        description="Load a LoRA adapter directory (as written by a peft run of orpo train) with its base model, "
+        "fold the adapter into the weights and save a plain model (safetensors) plus the tokenizer.",
+        epilog="example: orpo merge --adapter out/ --output out-merged/",
+    )
+    merge.add_argument("--adapter", required=True, help="directory with adapter_config.json")
+    merge.add_argument("--output", required=True, help="where the merged model goes")
+    add_trust_remote_code(merge)
+    return merge
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        from peft import AutoPeftModelForCausalLM
+    except ImportError as err:
+        raise OrpoError("orpo merge needs peft: pip install 'orpo[peft]'") from err
+    from orpo.models import check_adapter_base, load_tokenizer
+
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise OrpoError(f"{adapter}: no adapter_config.json (is this a LoRA adapter directory?)")
+    check_adapter_base(adapter)
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(
+            str(adapter), trust_remote_code=args.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise OrpoError(f"could not load the adapter in {adapter} with its base model: {err}") from err
+    merged = model.merge_and_unload()
+    merged.save_pretrained(args.output)
+    if (adapter / "tokenizer_config.json").is_file():
+        load_tokenizer(str(adapter), args.trust_remote_code).save_pretrained(args.output)
+    print(
+        f"merged {adapter} into its base model ({model.peft_config['default'].base_model_name_or_path}); "
+        f"saved to {args.output}/"
+    )
+    return 0

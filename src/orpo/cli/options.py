@@ -1,0 +1,44 @@
+"""Arguments several commands share, spelled once."""
+
+from __future__ import annotations
+
+import argparse
+
+from orpo import defaults
+from orpo.errors import UsageError
+
+
+def add_trust_remote_code(parser: argparse.ArgumentParser, what: str = "the model") -> None:
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help=f"let {what} run code from its repository"
+    )
+
+
+def add_length_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-length", type=int, default=defaults.MAX_LENGTH, help="max prompt + response tokens"
+    )
+    parser.add_argument(
+        "--max-prompt-length",
+        type=int,
+        default=defaults.MAX_PROMPT_LENGTH,
+        help="max prompt tokens (keeps the end)",
+    )
+
+
+def remote_code(args: argparse.Namespace) -> dict | None:
+    """``--trust-remote-code`` as loader kwargs (off unless given)."""
+    return {"trust_remote_code": True} if args.trust_remote_code else None
+
+
+def parse_columns(text: str | None) -> dict[str, str] | None:
+    """``--columns prompt=COL,chosen=COL,rejected=COL`` as a mapping."""
+    if not text:
+        return None
+    mapping = {}
+    for item in text.split(","):
+        target, sep, source = item.partition("=")
+        if not sep or target.strip() not in ("prompt", "chosen", "rejected") or not source.strip():
+            raise UsageError(f"--columns takes prompt=COL,chosen=COL,rejected=COL; got '{item}'")
+        mapping[target.strip()] = source.strip()
+    return mapping
