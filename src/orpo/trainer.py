@@ -17,17 +17,15 @@ from collections import defaultdict
 from functools import partial
 
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from torch import nn
-from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.trainer_utils import seed_worker
 
 from orpo.checkpoints import AtomicCheckpoints
 from orpo.config import ORPOConfig, as_orpo_config
-from orpo.data import load_pairs
-from orpo.data.batching import TokenBudgetBatchSampler, pair_lengths
-from orpo.data.tokenize import ROW_INDEX, TOKENIZED_COLUMNS, TruncationLimits, split_off_eval
+from orpo.data import load_run_pairs
+from orpo.data.batching import pair_lengths, token_budget_loader
+from orpo.data.tokenize import ROW_INDEX, TOKENIZED_COLUMNS
 from orpo.errors import OrpoError
 from orpo.generation import eval_samples, publish_generations
 from orpo.guards import NonFiniteLosses, require_distributed_launch
@@ -108,8 +106,9 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         tokenizer = resolve_tokenizer(tokenizer, processing_class, model, args)
         model = prepare_model(model, args, peft_config)
         self._pad_id = tokenizer.pad_token_id if args.padding_value is None else args.padding_value
-        self.tokenize_reports = {}
-        train_dataset, eval_dataset = self._prepare_datasets(train_dataset, eval_dataset, tokenizer, args)
+        train_dataset, eval_dataset, self.tokenize_reports = load_run_pairs(
+            train_dataset, eval_dataset, tokenizer, args
+        )
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._non_finite = NonFiniteLosses(args.nan_policy, args.world_size)
         self._eval_prefix = "eval"
@@ -148,48 +147,6 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         return super().train(*args, **kwargs)
 
     # ---- construction helpers -----------------------------------------------------------------
-
-    def _prepare_datasets(self, train_dataset, eval_dataset, tokenizer, args: ORPOConfig):
-        """Each dataset through :func:`orpo.data.load_pairs` (the first process tokenizes, the others read
-        its cache); ``val_set_size`` then holds out part of the training pairs."""
-        limits = TruncationLimits(args.max_length, args.max_prompt_length, args.max_completion_length)
-        load = partial(self._load_pairs, tokenizer=tokenizer, limits=limits, args=args)
-        with args.main_process_first(desc="tokenizing datasets"):
-            train_dataset = load(train_dataset, "train_dataset", "train")
-            if isinstance(eval_dataset, dict | DatasetDict):
-                eval_dataset = {
-                    name: load(ds, f"eval_dataset[{name}]", "test") for name, ds in eval_dataset.items()
-                }
-            else:
-                eval_dataset = load(eval_dataset, "eval_dataset", "test")
-        if args.val_set_size and train_dataset is not None:
-            if eval_dataset is not None:
-                raise OrpoError("give val_set_size or an eval_dataset, not both")
-            total = len(train_dataset)
-            train_dataset, eval_dataset = split_off_eval(train_dataset, args.val_set_size, args.seed)
-            logger.warning(
-                f"val_set_size {args.val_set_size:g}: {len(eval_dataset)} of {total} training pairs held out "
-                f"for evaluation (seed {args.seed})"
-            )
-        return train_dataset, eval_dataset
-
-    def _load_pairs(self, dataset, name: str, split: str, *, tokenizer, limits, args: ORPOConfig):
-        if dataset is None:
-            return None
-        tokenized, self.tokenize_reports[name] = load_pairs(
-            dataset,
-            tokenizer,
-            limits,
-            fmt=args.dataset_format,
-            columns=args.dataset_columns,
-            skip_invalid=args.skip_invalid_rows,
-            split=split,
-            seed=args.seed,
-            subset=args.dataset_subset,
-            num_proc=args.dataset_num_proc,
-            name=name,
-        )
-        return tokenized
 
     def _head_settings(self) -> HeadSettings:
         zero3 = (
@@ -255,36 +212,14 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         return super()._get_train_sampler(dataset)
 
     def get_train_dataloader(self):
-        """Trainer's loader, or with ``max_tokens_per_batch`` one whose batches fill a token budget (see
-        :mod:`orpo.data.batching`); that sampler is already split across processes, so accelerate's own
-        per-process split is turned into a pass-through."""
-        budget = self.args.max_tokens_per_batch
-        if budget is None or self.train_dataset is None:
+        """Trainer's loader, or with ``max_tokens_per_batch`` one whose batches fill a token budget
+        (:func:`orpo.data.batching.token_budget_loader`)."""
+        if self.args.max_tokens_per_batch is None or self.train_dataset is None:
             return super().get_train_dataloader()
-        sampler = TokenBudgetBatchSampler(
-            pair_lengths(self.train_dataset),
-            budget,
-            (self.layout or PADDED).batch_tokens,
-            seed=self.args.seed,
-            num_processes=self.accelerator.num_processes,
-            process_index=self.accelerator.process_index,
-            row_index=self.train_dataset[ROW_INDEX] if ROW_INDEX in self.train_dataset.column_names else None,
+        dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        return token_budget_loader(
+            dataset, self.data_collator, self.layout or PADDED, self.args, self.accelerator
         )
-        workers = self.args.dataloader_num_workers
-        loader = DataLoader(
-            self._remove_unused_columns(self.train_dataset, description="Training"),
-            batch_sampler=sampler,
-            collate_fn=self.data_collator,
-            num_workers=workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=self.args.dataloader_persistent_workers,
-            worker_init_fn=partial(seed_worker, num_workers=workers, rank=self.args.process_index),
-        )
-        loader = self.accelerator.prepare(loader)
-        shard = getattr(loader, "batch_sampler", None)
-        if shard is not sampler and getattr(shard, "batch_sampler", None) is sampler:
-            shard.num_processes, shard.process_index = 1, 0
-        return loader
 
     def _track_num_input_tokens(self, inputs):
         """``include_num_input_tokens_seen: non_padding`` from the collator's own count of the tokens it

@@ -9,9 +9,10 @@ normalise, the only row checker) → tokenize (:mod:`.tokenize`: truncation, cac
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
 from orpo.data.formats import normalize_source
 from orpo.data.sources import load_source
@@ -20,11 +21,14 @@ from orpo.data.tokenize import (
     TokenizeReport,
     TruncationLimits,
     default_cache_dir,
+    split_off_eval,
     tokenize_dataset,
 )
 from orpo.errors import OrpoError
 
-__all__ = ["Pairs", "TruncationLimits", "TokenizeReport", "load_pairs", "read_pairs"]
+logger = logging.getLogger("orpo")
+
+__all__ = ["Pairs", "TruncationLimits", "TokenizeReport", "load_pairs", "load_run_pairs", "read_pairs"]
 
 
 @dataclass
@@ -126,3 +130,50 @@ def load_pairs(
     return tokenize_dataset(
         pairs.dataset, tokenizer, limits, source=source, num_proc=num_proc, cache_dir=default_cache_dir()
     )
+
+
+def load_run_pairs(
+    train, evaluation, tokenizer, args
+) -> tuple[Dataset | None, object, dict[str, TokenizeReport]]:
+    """The trainer's datasets: each through :func:`load_pairs` with the options of ``args`` (an
+    ``ORPOConfig``; the first process tokenizes, the others read its cache), ``evaluation`` possibly a dict
+    of named sets; then ``val_set_size`` holds out part of the training pairs. Returns ``(train,
+    evaluation, reports)``, the reports by dataset name."""
+    limits = TruncationLimits(args.max_length, args.max_prompt_length, args.max_completion_length)
+    reports = {}
+
+    def load(dataset, name: str, split: str):
+        if dataset is None:
+            return None
+        options = dict(
+            fmt=args.dataset_format, columns=args.dataset_columns, skip_invalid=args.skip_invalid_rows
+        )
+        tokenized, reports[name] = load_pairs(
+            dataset,
+            tokenizer,
+            limits,
+            **options,
+            split=split,
+            seed=args.seed,
+            subset=args.dataset_subset,
+            num_proc=args.dataset_num_proc,
+            name=name,
+        )
+        return tokenized
+
+    with args.main_process_first(desc="tokenizing datasets"):
+        train = load(train, "train_dataset", "train")
+        if isinstance(evaluation, dict | DatasetDict):
+            evaluation = {key: load(ds, f"eval_dataset[{key}]", "test") for key, ds in evaluation.items()}
+        else:
+            evaluation = load(evaluation, "eval_dataset", "test")
+    if args.val_set_size and train is not None:
+        if evaluation is not None:
+            raise OrpoError("give val_set_size or an eval_dataset, not both")
+        total = len(train)
+        train, evaluation = split_off_eval(train, args.val_set_size, args.seed)
+        logger.warning(
+            f"val_set_size {args.val_set_size:g}: {len(evaluation)} of {total} training pairs held out "
+            f"for evaluation (seed {args.seed})"
+        )
+    return train, evaluation, reports

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
-from orpo.data.tokenize import TOKENIZED_COLUMNS
+from orpo.data.tokenize import ROW_INDEX, TOKENIZED_COLUMNS
 from orpo.errors import OrpoError
 
 # (prompt, chosen, rejected) token counts of one pair.
@@ -120,3 +120,38 @@ class TokenBudgetBatchSampler:
         order += order[: rounds * self.num_processes - len(order)]  # every process the same count
         for step in range(rounds):
             yield self.batches[order[step * self.num_processes + self.process_index]]
+
+
+def token_budget_loader(dataset: Dataset, collator, layout, args, accelerator):
+    """The training loader for ``args.max_tokens_per_batch``: a :class:`TokenBudgetBatchSampler` over the
+    pairs as ``layout`` lays them out (its ``batch_tokens``), prepared by ``accelerator``. The sampler is
+    already split across processes, so accelerate's own per-process split is turned into a pass-through."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+    from transformers.trainer_utils import seed_worker
+
+    sampler = TokenBudgetBatchSampler(
+        pair_lengths(dataset),
+        args.max_tokens_per_batch,
+        layout.batch_tokens,
+        seed=args.seed,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        row_index=dataset[ROW_INDEX] if ROW_INDEX in dataset.column_names else None,
+    )
+    workers = args.dataloader_num_workers
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=workers,
+        pin_memory=args.dataloader_pin_memory,
+        persistent_workers=args.dataloader_persistent_workers,
+        worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index),
+    )
+    loader = accelerator.prepare(loader)
+    shard = getattr(loader, "batch_sampler", None)
+    if shard is not sampler and getattr(shard, "batch_sampler", None) is sampler:
+        shard.num_processes, shard.process_index = 1, 0
+    return loader
