@@ -41,6 +41,45 @@ def _deterministic():
     torch.use_deterministic_algorithms(False)
 
 
+def orpo_args(tmp_path, **kwargs):
+    """An ORPOConfig for a test run: output under ``tmp_path``, no reporting, saving or progress bar, a log
+    every step; ``kwargs`` override."""
+    from orpo import ORPOConfig
+
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+    )
+    return ORPOConfig(**{**base, **kwargs})
+
+
+def padded_args(tmp_path, **kwargs):
+    """Padded rows unless a test asks for another layout: the head and loss checks compare against the
+    model's own forward on padded rows (tests/test_layouts.py compares every layout with padded rows)."""
+    return orpo_args(tmp_path, **{"padding_free": False, "prefix_sharing": False, "seed": 0, **kwargs})
+
+
+def batch_for(trainer, n=6, **collator_kwargs):
+    """The first ``n`` training pairs collated (by the trainer's collator, or its type with other options)."""
+    features = [trainer.train_dataset[i] for i in range(n)]
+    collator = trainer.data_collator
+    if collator_kwargs:
+        collator = type(collator)(collator.pad_token_id, collator.nll_include_prompt, **collator_kwargs)
+    return collator(features)
+
+
+def reference_logps(model, batch):
+    """The scored tokens' log-probs from the model's own full logits on a padded batch."""
+    from orpo.logprobs import full_target_logprobs
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    flat = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["score_positions"])
+    return full_target_logprobs(flat, batch["score_targets"])[0]
+
+
 def demo_train_argv(output_dir, *flags: str, **options) -> list[str]:
     """``orpo train`` arguments for the demo model on the held-out demo data, without a progress bar;
     ``options`` become ``--key value``, ``flags`` (e.g. ``--resume``) are appended as they are."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import make_model, toy_rows
+from conftest import make_model, orpo_args, toy_rows
 from orpo import ORPOConfig, ORPOTrainer
 from orpo.data.batching import TokenBudgetBatchSampler, pair_lengths
 from orpo.errors import OrpoError
@@ -17,8 +17,7 @@ LAYOUTS = [Layout(), Layout(packed=True), Layout(shared=True), Layout(packed=Tru
 
 
 def config(tmp_path, **kwargs):
-    base = dict(output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", disable_tqdm=True)
-    return ORPOConfig(**{**base, **kwargs})
+    return orpo_args(tmp_path, **kwargs)
 
 
 def random_lengths(n=300, seed=0):

@@ -1,11 +1,15 @@
 """orpo.models: the one path from a model or tokenizer name to what the trainer trains (Python API and every
 command), and the model adjustments made before training."""
 
+import pytest
 import torch
 
-from orpo import ORPOConfig
+from conftest import make_model, padded_args
+from orpo import ORPOConfig, ORPOTrainer
 from orpo.demo import demo_tokenizer, tiny_model
 from orpo.models import add_special_tokens, load_model_and_tokenizer, prepare_model, runs_in_low_precision
+
+config = padded_args
 
 
 def test_special_tokens_are_added_and_new_ones_get_embedding_rows():
@@ -40,3 +44,74 @@ def test_dropout_is_disabled_and_low_precision_is_seen(tmp_path):
     assert all(m.p == 0.0 for m in prepared.modules() if isinstance(m, torch.nn.Dropout))
     assert not runs_in_low_precision(prepared, args)
     assert runs_in_low_precision(prepared.to(torch.bfloat16), args)
+
+
+def test_model_given_as_a_path_loads_model_and_tokenizer(tmp_path, model, tokenizer, toy_dataset):
+    path = tmp_path / "tiny"
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    trainer = ORPOTrainer(
+        model=str(path),
+        args=config(tmp_path, max_steps=1, per_device_train_batch_size=2),
+        train_dataset=toy_dataset,
+    )
+    trainer.train()
+    assert trainer.processing_class.eos_token == "<|im_end|>"
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path, tokenizer, toy_dataset):
+    from orpo.errors import OrpoError
+
+    with pytest.raises(OrpoError, match="could not load a causal LM from"):
+        ORPOTrainer(
+            model=str(tmp_path / "nope"),
+            args=config(tmp_path),
+            train_dataset=toy_dataset,
+            tokenizer=tokenizer,
+        )
+
+
+def test_dropout_is_disabled(tmp_path, tokenizer, toy_dataset):
+    model = make_model(attention_dropout=0.3)
+    ORPOTrainer(model=model, args=config(tmp_path), train_dataset=toy_dataset, tokenizer=tokenizer)
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)
+
+
+def test_peft_config_without_peft_installed_is_a_clear_error(
+    tmp_path, model, tokenizer, toy_dataset, monkeypatch
+):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_peft(name, *args, **kwargs):
+        if name == "peft" or name.startswith("peft."):
+            raise ImportError("No module named 'peft'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_peft)
+    from orpo.errors import OrpoError
+
+    with pytest.raises(OrpoError, match="peft is not installed"):
+        ORPOTrainer(
+            model=model,
+            args=config(tmp_path),
+            train_dataset=toy_dataset,
+            tokenizer=tokenizer,
+            peft_config=object(),
+        )
+
+
+def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, tokenizer, toy_dataset, caplog):
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None
+    with caplog.at_level("WARNING", logger="orpo"):
+        trainer = ORPOTrainer(
+            model=make_model(),
+            args=config(tmp_path, max_steps=1),
+            train_dataset=toy_dataset,
+            tokenizer=tokenizer,
+        )
+    assert "no pad token; using its eos token" in caplog.text
+    assert trainer.data_collator.pad_token_id == tokenizer.eos_token_id
+    trainer.train()

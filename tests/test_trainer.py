@@ -1,202 +1,20 @@
 import json
 import re
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
-from torch import nn
-from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config
+from transformers import AutoModelForCausalLM
 
-from conftest import STEP_METRICS, family_model, make_model, toy_rows
-from orpo import ORPOConfig, ORPOTrainer
-from orpo.logprobs import full_target_logprobs
+from conftest import STEP_METRICS, batch_for, make_model, padded_args, reference_logps, toy_rows
+from orpo import ORPOTrainer
 from orpo.loss import orpo_loss
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def config(tmp_path, **kwargs):
-    """Padded rows unless a test asks for another layout: the head and loss checks compare against the
-    model's own forward on padded rows (tests/test_packing.py compares every layout with padded rows)."""
-    base = dict(
-        padding_free=False,
-        prefix_sharing=False,
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    return ORPOConfig(**{**base, **kwargs})
-
-
-def batch_for(trainer, n=6, **collator_kwargs):
-    features = [trainer.train_dataset[i] for i in range(n)]
-    collator = trainer.data_collator
-    if collator_kwargs:
-        collator = type(collator)(collator.pad_token_id, collator.nll_include_prompt, **collator_kwargs)
-    return collator(features)
-
-
-def reference_logps(model, batch):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    flat = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["score_positions"])
-    return full_target_logprobs(flat, batch["score_targets"])[0]
-
-
-# ---- the separated head equals the model's own logits ---------------------------------------------
-
-
-def gemma2_model():
-    return family_model(Gemma2Config, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0)
-
-
-def cohere_model():
-    return family_model(CohereConfig, num_key_value_heads=2, logit_scale=0.5)
-
-
-def biased_head_model():
-    model = make_model(tie_word_embeddings=False)
-    model.lm_head = nn.Linear(32, 259, bias=True)
-    nn.init.normal_(model.lm_head.bias)
-    return model
-
-
-HEAD_FACTORIES = pytest.mark.parametrize(
-    "factory",
-    [
-        lambda: make_model(),
-        lambda: make_model(tie_word_embeddings=False),
-        biased_head_model,
-        gemma2_model,
-        cohere_model,
-    ],
-    ids=["tied", "untied", "bias", "gemma2-softcap", "cohere-logit-scale"],
-)
-
-
-@HEAD_FACTORIES
-def test_chunked_head_equals_full_logits_values_and_gradients(tmp_path, tokenizer, toy_dataset, factory):
-    model = factory()
-    trainer = ORPOTrainer(
-        model=model,
-        args=config(tmp_path, logprob_chunk_size=7),
-        train_dataset=toy_dataset,
-        tokenizer=tokenizer,
-    )
-    batch = batch_for(trainer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback warning: the head must be separated
-        ours, _ = trainer.scored_logprobs(model, batch)
-    assert trainer.head.plan is not None
-    ref = reference_logps(model, batch)
-    assert torch.allclose(ours, ref, atol=1e-5)
-    params = [p for p in model.parameters() if p.requires_grad]
-    g_ours = torch.autograd.grad(ours.sum(), params, allow_unused=True)
-    g_ref = torch.autograd.grad(ref.sum(), params, allow_unused=True)
-    for a, b in zip(g_ours, g_ref, strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert torch.allclose(a, b, atol=1e-5)
-
-
-@HEAD_FACTORIES
-@pytest.mark.parametrize("include_prompt", [False, True])
-@pytest.mark.parametrize("chunk", ["one-pair-too-big", "several-chunks", None])
-def test_fused_head_loss_equals_unfused_loss_and_gradients(
-    tmp_path, tokenizer, toy_dataset, factory, include_prompt, chunk, monkeypatch
-):
-    import orpo.head as head_module
-
-    model = factory()
-    params = [p for p in model.parameters() if p.requires_grad]
-    probe = ORPOTrainer(
-        model=model,
-        args=config(tmp_path, nll_include_prompt=include_prompt),
-        train_dataset=toy_dataset,
-        tokenizer=tokenizer,
-    )
-    sizes = torch.bincount(batch_for(probe)["score_pair"])
-    # The fused path gives a pair up to 4 chunks' worth of tokens before it falls back.
-    chunk_size = {
-        "one-pair-too-big": (int(sizes.max()) - 1) // 4,
-        "several-chunks": int(sizes.max()) + 1,
-    }.get(chunk)
-    fused_calls = []
-    real_fused = head_module.fused_linear_loss
-    monkeypatch.setattr(
-        head_module,
-        "fused_linear_loss",
-        lambda *a, **k: fused_calls.append(k["chunks"]) or real_fused(*a, **k),
-    )
-
-    def loss_and_grads(fused):
-        args = config(
-            tmp_path,
-            nll_include_prompt=include_prompt,
-            orpo_alpha=0.7,
-            orpo_beta=0.5,
-            logprob_chunk_size=chunk_size,
-            fused_head_loss=fused,
-        )
-        trainer = ORPOTrainer(model=model, args=args, train_dataset=toy_dataset, tokenizer=tokenizer)
-        loss = trainer.compute_loss(model, batch_for(trainer))
-        sums = {k: float(v) for k, v in trainer._metric_sums["train"].items()}
-        return loss, torch.autograd.grad(loss, params, allow_unused=True), sums
-
-    loss_ref, grads_ref, sums_ref = loss_and_grads(False)
-    assert not fused_calls
-    loss, grads, sums = loss_and_grads(True)
-    # The fused path runs exactly when every pair fits in a chunk; "several-chunks" really is several.
-    assert len(fused_calls) == (0 if chunk == "one-pair-too-big" else 1)
-    if chunk == "several-chunks":
-        assert len(fused_calls[0]) > 1
-    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
-    for a, b in zip(grads, grads_ref, strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
-    assert sums == pytest.approx(sums_ref, rel=1e-5, abs=1e-6)
-
-
-class ScaledLogitsLlama(nn.Module):
-    """A model that transforms its logits after the head in a way orpo cannot know."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = make_model()
-        self.config = self.inner.config
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, **kwargs):
-        out = self.inner(**kwargs)
-        out.logits = out.logits * 3.0
-        return out
-
-
-def test_unknown_logit_transform_falls_back_to_full_logits(tmp_path, tokenizer, toy_dataset):
-    model = ScaledLogitsLlama()
-    trainer = ORPOTrainer(model=model, args=config(tmp_path), train_dataset=toy_dataset, tokenizer=tokenizer)
-    batch = batch_for(trainer)
-    with pytest.warns(UserWarning, match="disagrees with the model's own logits"):
-        ours, _ = trainer.scored_logprobs(model, batch)
-    assert trainer.head.plan is None
-    assert torch.allclose(ours, reference_logps(model, batch), atol=1e-6)
-
-
-def test_non_linear_head_falls_back_with_a_warning(tmp_path, tokenizer, toy_dataset):
-    model = make_model(tie_word_embeddings=False)
-    model.lm_head = nn.Sequential(nn.Linear(32, 259))
-    trainer = ORPOTrainer(model=model, args=config(tmp_path), train_dataset=toy_dataset, tokenizer=tokenizer)
-    batch = batch_for(trainer)
-    with pytest.warns(UserWarning, match="not a plain nn.Linear"):
-        ours, _ = trainer.scored_logprobs(model, batch)
-    assert torch.allclose(ours, reference_logps(model, batch), atol=1e-6)
+config = padded_args
 
 
 # ---- the loss in the trainer -------------------------------------------------------------------------
@@ -340,31 +158,6 @@ def test_save_reload_gives_identical_logprobs(tmp_path, model, tokenizer, toy_da
     assert torch.equal(reference_logps(reloaded, batch), reference_logps(model, batch))
 
 
-def test_model_given_as_a_path_loads_model_and_tokenizer(tmp_path, model, tokenizer, toy_dataset):
-    path = tmp_path / "tiny"
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    trainer = ORPOTrainer(
-        model=str(path),
-        args=config(tmp_path, max_steps=1, per_device_train_batch_size=2),
-        train_dataset=toy_dataset,
-    )
-    trainer.train()
-    assert trainer.processing_class.eos_token == "<|im_end|>"
-
-
-def test_missing_model_path_is_a_clear_error(tmp_path, tokenizer, toy_dataset):
-    from orpo.errors import OrpoError
-
-    with pytest.raises(OrpoError, match="could not load a causal LM from"):
-        ORPOTrainer(
-            model=str(tmp_path / "nope"),
-            args=config(tmp_path),
-            train_dataset=toy_dataset,
-            tokenizer=tokenizer,
-        )
-
-
 def test_conversational_rows_train(tmp_path, model, tokenizer):
     rows = [
         {
@@ -382,12 +175,6 @@ def test_conversational_rows_train(tmp_path, model, tokenizer):
     )
     trainer.train()
     assert trainer.state.global_step == 2
-
-
-def test_dropout_is_disabled(tmp_path, tokenizer, toy_dataset):
-    model = make_model(attention_dropout=0.3)
-    ORPOTrainer(model=model, args=config(tmp_path), train_dataset=toy_dataset, tokenizer=tokenizer)
-    assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)
 
 
 def test_readme_coming_from_trl_example_runs(tmp_path, monkeypatch):
@@ -409,20 +196,6 @@ def test_readme_coming_from_trl_example_runs(tmp_path, monkeypatch):
     assert json.dumps(namespace["trainer"].state.log_history)
 
 
-def test_bf16_model_uses_the_chunked_head_and_matches_its_own_logits(tmp_path, tokenizer, toy_dataset):
-    model = make_model().to(torch.bfloat16)
-    trainer = ORPOTrainer(model=model, args=config(tmp_path), train_dataset=toy_dataset, tokenizer=tokenizer)
-    batch = batch_for(trainer)
-    ours, _ = trainer.scored_logprobs(model, batch)
-    assert trainer.head.plan is not None and ours.dtype == torch.float32
-    assert torch.allclose(ours, reference_logps(model, batch), atol=1e-2)
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
-    assert torch.isfinite(loss) and all(
-        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
-    )
-
-
 def test_compute_metrics_receives_per_pair_logps(tmp_path, model, tokenizer, toy_dataset):
     seen = {}
 
@@ -441,31 +214,6 @@ def test_compute_metrics_receives_per_pair_logps(tmp_path, model, tokenizer, toy
     metrics = trainer.evaluate()
     assert seen["shape"] == (len(toy_dataset), 2)
     assert metrics["eval_chosen_wins"] == pytest.approx(metrics["eval_rewards/accuracies"])
-
-
-def test_peft_config_without_peft_installed_is_a_clear_error(
-    tmp_path, model, tokenizer, toy_dataset, monkeypatch
-):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_peft(name, *args, **kwargs):
-        if name == "peft" or name.startswith("peft."):
-            raise ImportError("No module named 'peft'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_peft)
-    from orpo.errors import OrpoError
-
-    with pytest.raises(OrpoError, match="peft is not installed"):
-        ORPOTrainer(
-            model=model,
-            args=config(tmp_path),
-            train_dataset=toy_dataset,
-            tokenizer=tokenizer,
-            peft_config=object(),
-        )
 
 
 def test_remove_unused_columns_keeps_what_the_collator_needs(tmp_path, model, tokenizer, toy_dataset):
@@ -533,87 +281,6 @@ def test_gradient_checkpointing_training_run(tmp_path, tokenizer, toy_dataset):
 
 
 # ---- non-finite losses -----------------------------------------------------------------------------
-
-
-def poison_training_forward(model, at_call):
-    """Make the final norm's output NaN on the ``at_call``-th training forward pass."""
-    calls = []
-
-    def hook(module, args, output):
-        if not module.training:
-            return None
-        calls.append(1)
-        return output * float("nan") if len(calls) == at_call else None
-
-    return model.model.norm.register_forward_hook(hook)
-
-
-def test_non_finite_loss_stops_with_step_rows_and_a_checkpoint(tmp_path, tokenizer, toy_dataset, monkeypatch):
-    from orpo.errors import OrpoError
-
-    model = make_model(seed=2)
-    trainer = ORPOTrainer(
-        model=model,
-        args=config(tmp_path, max_steps=5, per_device_train_batch_size=4),
-        train_dataset=toy_dataset,
-        tokenizer=tokenizer,
-    )
-    seen_rows = []
-    real = ORPOTrainer.compute_loss
-    monkeypatch.setattr(
-        ORPOTrainer,
-        "compute_loss",
-        lambda self, m, inputs, *a, **k: (
-            seen_rows.append(inputs["row_index"].tolist()) or real(self, m, inputs, *a, **k)
-        ),
-    )
-    poison_training_forward(model, at_call=3)
-    with pytest.raises(OrpoError, match=r"non-finite loss \(nan\) at step 3, dataset rows \[") as err:
-        trainer.train()
-    assert str(seen_rows[-1]) in str(err.value)  # the rows of the poisoned batch
-    assert "checkpoint-2" in str(err.value)
-    saved = tmp_path / "out" / "checkpoint-2"
-    assert (saved / "model.safetensors").is_file()
-    assert json.loads((saved / "trainer_state.json").read_text())["global_step"] == 2
-
-
-def test_nan_policy_skip_leaves_the_batch_out_and_counts_it(tmp_path, tokenizer, toy_dataset):
-    model = make_model(seed=2)
-    trainer = ORPOTrainer(
-        model=model,
-        args=config(tmp_path, max_steps=5, per_device_train_batch_size=4, nan_policy="skip"),
-        train_dataset=toy_dataset,
-        tokenizer=tokenizer,
-    )
-    poison_training_forward(model, at_call=3)
-    trainer.train()
-    logged = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logged) == 5
-    assert [h.get("nan_skipped_batches", 0) for h in logged] == [0, 0, 1, 1, 1]
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert all(torch.isfinite(torch.tensor(h["rewards/accuracies"])) for h in logged if h["step"] != 3)
-
-
-def test_nan_policy_is_validated():
-    from orpo.errors import OrpoError
-
-    with pytest.raises(OrpoError, match="nan_policy must be 'error' or 'skip'"):
-        ORPOConfig(output_dir="x", nan_policy="ignore")
-
-
-def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, tokenizer, toy_dataset, caplog):
-    tokenizer.pad_token = None
-    assert tokenizer.pad_token_id is None
-    with caplog.at_level("WARNING", logger="orpo"):
-        trainer = ORPOTrainer(
-            model=make_model(),
-            args=config(tmp_path, max_steps=1),
-            train_dataset=toy_dataset,
-            tokenizer=tokenizer,
-        )
-    assert "no pad token; using its eos token" in caplog.text
-    assert trainer.data_collator.pad_token_id == tokenizer.eos_token_id
-    trainer.train()
 
 
 def test_torch_compile_trains_like_eager_with_the_chunked_head(tmp_path, tokenizer):

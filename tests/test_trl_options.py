@@ -13,23 +13,14 @@ import transformers
 from datasets import Dataset
 from transformers import T5Config, T5ForConditionalGeneration
 
-from conftest import demo_train_argv, make_model, toy_rows
+from conftest import demo_train_argv, make_model, orpo_args, toy_rows
 from orpo import ORPOConfig, ORPOTrainer
 from orpo.errors import OrpoError
 from orpo.generation import complete, publish_generations, sample_indices
 
 
 def args(tmp_path, **kwargs):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1,
-        per_device_train_batch_size=4,
-        seed=0,
-    )
-    return ORPOConfig(**{**base, **kwargs})
+    return orpo_args(tmp_path, **{"per_device_train_batch_size": 4, "seed": 0, **kwargs})
 
 
 def test_every_trl_orpo_config_field_is_accepted(tmp_path):
