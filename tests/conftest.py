@@ -35,6 +35,18 @@ STEP_METRICS = (
 )
 
 
+# Bad ORPO option values and the message each gives, from Python (tests/test_config.py) and from a config
+# file through `orpo train` (tests/test_bad_inputs.py).
+BAD_OPTION_VALUES = [
+    ({"orpo_alpha": -1.0}, "orpo_alpha must be >= 0"),
+    ({"orpo_beta": 0.0}, "orpo_beta must be > 0"),
+    ({"max_length": 0}, "max_length must be a positive"),
+    ({"max_length": 256, "max_prompt_length": 256}, "max_prompt_length (256) must be smaller"),
+    ({"logprob_chunk_size": 0}, "logprob_chunk_size must be >= 1"),
+    ({"nan_policy": "ignore"}, "nan_policy must be 'error' or 'skip'"),
+]
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
