@@ -196,24 +196,31 @@ def test_readme_coming_from_trl_example_runs(tmp_path, monkeypatch):
     assert json.dumps(namespace["trainer"].state.log_history)
 
 
-def test_compute_metrics_receives_per_pair_logps(tmp_path, model, tokenizer, toy_dataset):
+def test_compute_metrics_receives_what_trl_gives_it(tmp_path, model, tokenizer, toy_dataset):
+    """TRL's prediction_step: per batch, logits = [logits/chosen, logits/rejected] and labels = two zeros,
+    concatenated over batches; a compute_metrics written for TRL's ORPOTrainer gets the same arrays."""
     seen = {}
 
     def compute_metrics(prediction):
-        seen["shape"] = prediction.predictions.shape
-        return {"chosen_wins": float((prediction.predictions[:, 0] > prediction.predictions[:, 1]).mean())}
+        seen["predictions"], seen["labels"] = prediction.predictions, prediction.label_ids
+        return {"chosen_logit_higher": float(prediction.predictions[0] > prediction.predictions[1])}
 
     trainer = ORPOTrainer(
         model=model,
-        args=config(tmp_path, per_device_eval_batch_size=8),
+        args=config(tmp_path, per_device_eval_batch_size=len(toy_dataset)),  # one batch
         train_dataset=toy_dataset,
         eval_dataset=toy_dataset,
         tokenizer=tokenizer,
         compute_metrics=compute_metrics,
     )
     metrics = trainer.evaluate()
-    assert seen["shape"] == (len(toy_dataset), 2)
-    assert metrics["eval_chosen_wins"] == pytest.approx(metrics["eval_rewards/accuracies"])
+    assert seen["predictions"].shape == seen["labels"].shape == (2,) and not seen["labels"].any()
+    assert seen["predictions"][0] == pytest.approx(metrics["eval_logits/chosen"], rel=1e-5)
+    assert seen["predictions"][1] == pytest.approx(metrics["eval_logits/rejected"], rel=1e-5)
+    assert "eval_chosen_logit_higher" in metrics
+    trainer.args.per_device_eval_batch_size = 8
+    trainer.evaluate()
+    assert seen["predictions"].shape == (2 * -(-len(toy_dataset) // 8),)
 
 
 def test_remove_unused_columns_keeps_what_the_collator_needs(tmp_path, model, tokenizer, toy_dataset):

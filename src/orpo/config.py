@@ -74,8 +74,11 @@ class ORPOConfig(TrainingArguments):
         metadata={"help": "Maximum tokens of prompt + response; longer rows are truncated."},
     )
     max_prompt_length: int | None = field(
-        default=defaults.MAX_PROMPT_LENGTH,
-        metadata={"help": "Maximum prompt tokens; longer prompts keep their end."},
+        default=None,
+        metadata={
+            "help": "Maximum prompt tokens; longer prompts keep their end. Unset: half of max_length (TRL has no "
+            "such option; half leaves every response room)."
+        },
     )
     max_completion_length: int | None = field(
         default=None, metadata={"help": "Maximum response tokens; longer responses keep their start."}
@@ -192,9 +195,14 @@ class ORPOConfig(TrainingArguments):
         default=None,
         metadata={"help": "bf16 mixed precision; default: on where the hardware supports it (not on CPU)."},
     )
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={"help": "Kept False: the trainer selects the tokenized columns it needs itself."},
+    # TRL's ORPOConfig defaults where they differ from Trainer's.
+    learning_rate: float = field(
+        default=defaults.LEARNING_RATE,
+        metadata={"help": "AdamW's initial learning rate (TRL's default, 1e-6)."},
+    )
+    logging_steps: float = field(
+        default=defaults.LOGGING_STEPS,
+        metadata={"help": "Log every X steps (an integer, or a float below 1: a ratio of the total steps)."},
     )
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs", "dataset_columns"]
@@ -206,10 +214,10 @@ class ORPOConfig(TrainingArguments):
                     f"ORPOConfig got orpo_alpha={self.orpo_alpha} and beta={self.beta}: `beta` is TRL's name "
                     "for orpo_alpha, so give one of them (or the same value)"
                 )
-            self.orpo_alpha = self.beta
-            self.beta = None
         if self.orpo_alpha is None:
-            self.orpo_alpha = defaults.ALPHA
+            self.orpo_alpha = defaults.ALPHA if self.beta is None else self.beta
+        self.beta = self.orpo_alpha  # TRL's code reads args.beta: the same value under both names
+        self.max_prompt_length = defaults.prompt_limit(self.max_length, self.max_prompt_length)
         if not self.use_cpu and launched_processes() > 1 and not accelerator_present():
             # Under torchrun / accelerate launch on a machine without accelerators, accelerate chooses its
             # multi-CPU (gloo) mode only when asked for the CPU; otherwise every process would train alone.

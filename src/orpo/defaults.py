@@ -5,6 +5,15 @@ from here."""
 ALPHA = 0.1  # orpo_alpha, the paper's λ
 BETA = 1.0  # orpo_beta, the temperature on the log odds ratio (1.0 = the paper)
 MAX_LENGTH = 1024  # prompt + response tokens
-MAX_PROMPT_LENGTH = 512  # prompt tokens (keeps the end)
 FORMATS = ("standard", "conversational", "implicit")  # data formats; "auto" detects one
 DEMO = "demo"  # the embedded tiny model and tokenizer (orpo.demo); data: demo:train / demo:test
+LEARNING_RATE = 1e-6  # TRL's ORPOConfig default (Trainer's own is 5e-5)
+LOGGING_STEPS = 10  # TRL's ORPOConfig default (Trainer's own is 500)
+
+
+def prompt_limit(max_length: int | None, max_prompt_length: int | None) -> int | None:
+    """``max_prompt_length`` as given; unset, half of ``max_length`` (512 at the default 1024), so a long
+    prompt keeps its end and always leaves room for the response; None when neither is set."""
+    if max_prompt_length is not None:
+        return max_prompt_length
+    return None if max_length is None else max_length // 2

@@ -162,14 +162,22 @@ def runs_in_low_precision(model: nn.Module, args) -> bool:
 
 def resolve_tokenizer(tokenizer, processing_class, model, args):
     """The trainer's tokenizer: ``tokenizer=`` or TRL's ``processing_class=`` (not two different ones), else
-    loaded from a model given by name. Without a pad token (and no ``padding_value``) EOS pads."""
+    loaded from the model's name or folder (given as a string, or the ``name_or_path`` of a loaded model).
+    Without a pad token (and no ``padding_value``) EOS pads."""
     if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
         raise OrpoError("pass the tokenizer as `tokenizer=` or `processing_class=`, not two different ones")
     tokenizer = tokenizer if tokenizer is not None else processing_class
     if tokenizer is None:
-        if not isinstance(model, str):
-            raise OrpoError("ORPOTrainer needs a tokenizer (`tokenizer=` or `processing_class=`)")
-        tokenizer = load_tokenizer(model, args.trust_remote_code)
+        # As TRL: loaded from where the model came from (its name or folder), if it came from anywhere.
+        source = (
+            model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        )
+        if not source:
+            raise OrpoError(
+                "ORPOTrainer needs a tokenizer (`tokenizer=` or `processing_class=`): the model was built in memory, "
+                "so there is no name or folder to load one from"
+            )
+        tokenizer = load_tokenizer(source, args.trust_remote_code)
     if tokenizer.pad_token_id is None and args.padding_value is None:
         logger.warning("the tokenizer has no pad token; using its eos token for padding")
         tokenizer.pad_token = tokenizer.eos_token

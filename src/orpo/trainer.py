@@ -25,6 +25,7 @@ from orpo.checkpoints import AtomicCheckpoints
 from orpo.config import ORPOConfig, as_orpo_config
 from orpo.data import load_run_pairs
 from orpo.data.batching import pair_lengths, token_budget_loader
+from orpo.data.collator import check_collator
 from orpo.data.tokenize import ROW_INDEX, TOKENIZED_COLUMNS
 from orpo.errors import OrpoError
 from orpo.generation import eval_samples, publish_generations
@@ -35,6 +36,17 @@ from orpo.loss import means_from_sums, orpo_loss
 from orpo.models import prepare_model, resolve_tokenizer, runs_in_low_precision
 
 logger = logging.getLogger("orpo")
+
+MODEL_TAGS = ["trl", "orpo"]  # TRL's tags for ORPO-trained models (orpo is a TRL drop-in)
+# The batch fields the loss reads (orpo.data.collator documents them).
+SCORED_FIELDS = {
+    "score_positions",
+    "score_targets",
+    "score_pair",
+    "score_chosen",
+    "score_response",
+    "num_pairs",
+}
 
 # Private Trainer methods this package overrides (o) or calls (c), with the parameters it uses: an upgrade of
 # transformers that renames or reshapes one fails tests/test_trainer_api.py instead of silently changing
@@ -90,15 +102,18 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         data_collator=None,
         train_dataset: Dataset | None = None,
         eval_dataset: Dataset | dict[str, Dataset] | None = None,
-        tokenizer=None,
         processing_class=None,
         model_init=None,
-        compute_metrics=None,
         callbacks=None,
         optimizers=(None, None),
         preprocess_logits_for_metrics=None,
         peft_config=None,
+        compute_metrics=None,
+        *,
+        tokenizer=None,
     ):
+        # TRL's parameters in TRL's order, so positional calls written for TRL assign the same things;
+        # `tokenizer` (the name users know from older TRL) is keyword-only.
         args = as_orpo_config(args)
         require_distributed_launch(args.world_size)  # before loading or tokenizing anything
         if model is None and model_init is None:
@@ -131,6 +146,10 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             raise
         except ValueError as err:  # Trainer's own checks of the settings (e.g. evaluation, no eval data)
             raise OrpoError(f"invalid training settings: {err}") from err
+        if data_collator is not None and (row := self._probe_row()) is not None:
+            check_collator(data_collator, row)
+        if hasattr(self.model, "add_model_tags"):  # on the hub's model card, as TRL tags its ORPO models
+            self.model.add_model_tags(MODEL_TAGS)
         self.head = HeadRunner(self.accelerator, self._head_settings(), self._forward_kwargs)
         if self.model is not None:  # hooked before anything can compile the model (torch_compile)
             self.head.register(self.accelerator.unwrap_model(self.model))
@@ -332,7 +351,11 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         if not skipped:
             self._record_metrics("train" if model.training else "eval", stats, mean_logits, inputs)
         if return_outputs:
-            return loss, {"chosen_logps": stats.chosen_logps, "rejected_logps": stats.rejected_logps}
+            return loss, {
+                "chosen_logps": stats.chosen_logps,
+                "rejected_logps": stats.rejected_logps,
+                "mean_logits": mean_logits,
+            }
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -376,15 +399,18 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             sums["layout_tokens"] += laid_out
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """As TRL's: ``(loss, logits, labels)`` with ``logits = [logits/chosen, logits/rejected]`` of the batch
+        (the mean logit over chosen and over rejected response tokens) and ``labels`` two zeros, so a
+        ``compute_metrics`` written for TRL's ORPOTrainer gets the same arrays."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if prediction_loss_only:
             return loss.detach(), None, None
-        # For compute_metrics: per pair (chosen, rejected) mean log-probs; label 0 = chosen preferred.
-        logits = torch.stack([outputs["chosen_logps"], outputs["rejected_logps"]], dim=1).detach()
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        return loss.detach(), logits, labels
+        response, chosen = inputs["score_response"], inputs["score_chosen"]
+        mean_logits = outputs["mean_logits"].detach()
+        logits = torch.stack([mean_logits[response & chosen].mean(), mean_logits[response & ~chosen].mean()])
+        return loss.detach(), logits, torch.zeros(2, device=logits.device)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         self._eval_prefix = metric_key_prefix

@@ -83,11 +83,6 @@ def translate(merged: dict[str, Any], notes: list[str]) -> Translated:
             values[key] = None  # orpo's bf16 default is the hardware's support; tf32 unset = torch's default
     _trackers(values, out, notes)
     _per_epoch(values, notes)
-    length = values.get("sequence_len")
-    if isinstance(length, int) and length <= 512 and "max_prompt_length" not in values:
-        # Axolotl has no prompt limit of its own; orpo's default (512) must stay below sequence_len
-        values["max_prompt_length"] = length // 2
-        notes.append(f"max_prompt_length: {length // 2} (half of sequence_len; set it to choose another)")
     if "group_by_length" in values:
         if values.pop("group_by_length"):
             values["train_sampling_strategy"] = "group_by_length"

@@ -21,8 +21,8 @@ def add_length_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-prompt-length",
         type=int,
-        default=defaults.MAX_PROMPT_LENGTH,
-        help="max prompt tokens (keeps the end)",
+        default=None,
+        help="max prompt tokens, keeping the end (default: half of --max-length)",
     )
 
 

@@ -10,6 +10,7 @@ normalise, the only row checker) → tokenize (:mod:`.tokenize`: truncation, cac
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 from datasets import Dataset, DatasetDict
@@ -39,6 +40,7 @@ class Pairs:
     format: str  # standard, conversational or implicit (as detected or given)
     name: str  # the sources, for messages
     skipped: list[str] = field(default_factory=list)  # problems of rows left out (skip_invalid)
+    splits: Counter = field(default_factory=Counter)  # implicit-prompt text rows by the rule that split them
 
 
 def _source_weight_split(spec) -> tuple[object, float, str | None]:
@@ -80,14 +82,14 @@ def read_pairs(
     from datasets import concatenate_datasets
 
     specs = spec if isinstance(spec, list) else [spec]
-    parts, formats, names, skipped = [], set(), [], []
+    parts, formats, names, skipped, splits = [], set(), [], [], Counter()
     for k, item in enumerate(specs):
         source, weight, own_split = _source_weight_split(item)
         if weight < 0:
             raise OrpoError(f"source {source}: weight must be >= 0, got {weight}")
         loaded = load_source(source, split=own_split or split, subset=subset)
         dataset, detected, problems = normalize_source(
-            loaded, fmt=fmt, columns=columns, skip_invalid=skip_invalid
+            loaded, fmt=fmt, columns=columns, skip_invalid=skip_invalid, splits=splits
         )
         parts.append(_take(dataset, weight, seed + k) if weight != 1.0 else dataset)
         formats.add("standard" if isinstance(dataset[0]["prompt"], str) else "conversational")
@@ -100,7 +102,8 @@ def read_pairs(
             "rows are rendered the same way"
         )
     dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-    return Pairs(dataset, last_format if len(parts) == 1 else formats.pop(), " + ".join(names), skipped)
+    fmt = last_format if len(parts) == 1 else formats.pop()
+    return Pairs(dataset, fmt, " + ".join(names), skipped, splits)
 
 
 def load_pairs(

@@ -35,6 +35,8 @@ def check_data(
     )
     dataset, skipped, name = pairs.dataset, pairs.skipped, pairs.name
     lines = [f"source:  {name}", f"format:  {pairs.format}", f"rows:    {len(dataset)} valid"]
+    for rule, count in sorted(pairs.splits.items()):
+        lines.append(f"prompt:  {count} rows split {rule}")
     if skipped:
         lines.append(f"skipped: {len(skipped)} invalid rows, e.g.")
         lines += [f"  {problem}" for problem in skipped[:10]]

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from orpo.errors import OrpoError
+
 
 def _pair_rows(features: list[dict]) -> list[tuple[list[int], list[int], int, bool]]:
     """``(prompt ids, response ids, pair, chosen)`` for the 2B sequences: chosen ones first."""
@@ -213,3 +215,30 @@ class SharedPrefixCollator:
         batch = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids}
         batch.update(_scored_tokens(rows, None, self.nll_include_prompt, flat_index))
         return _finish(batch, features, int((segment_ids >= 0).sum()))
+
+
+# The batch fields the loss reads (documented at the top of this module).
+SCORED_FIELDS = {
+    "score_positions",
+    "score_targets",
+    "score_pair",
+    "score_chosen",
+    "score_response",
+    "num_pairs",
+}
+
+
+def check_collator(collator, row: dict) -> None:
+    """A collator passed to the trainer must lay out the scored fields; one written for TRL's trainer (e.g.
+    DPODataCollatorWithPadding) does not, so it is refused before training, in one line, instead of a
+    KeyError at the first step. ``row`` is a tokenized pair."""
+    try:
+        missing = sorted(SCORED_FIELDS - set(collator([row])))
+    except Exception as err:  # noqa: BLE001 - any failure on a tokenized pair is the same mismatch
+        missing = [f"(it failed on a tokenized pair: {type(err).__name__}: {err})"]
+    if missing:
+        raise OrpoError(
+            f"data_collator {type(collator).__name__} does not lay out batches for orpo's loss (missing "
+            f"{', '.join(missing)}); leave data_collator unset: orpo lays out its batches itself (padded, packed "
+            "or prompt-shared rows, see 'Batch layouts'), or use a collator of orpo.data.collator"
+        )

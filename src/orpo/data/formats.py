@@ -19,6 +19,7 @@ collected per row with the row's origin (``file:line``) and reported together.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from datasets import Dataset
 
@@ -122,7 +123,16 @@ def _split_conversation(prompt_text: str | None, conversation: list[dict], field
     return conversation[k:]
 
 
-def _implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+# How an implicit-prompt text row was split into prompt and responses (orpo check-data counts them).
+SPLIT_AT_MARKER = "at the last assistant marker"
+SPLIT_AT_PREFIX = "at the longest common prefix (TRL's extract_prompt)"
+
+
+def _implicit_text(chosen: str, rejected: str) -> tuple[str, str, str, str]:
+    """``(prompt, chosen, rejected, rule)``. The prompt is what both share, cut at the last assistant marker
+    in it (Anthropic HH's "\n\nAssistant:", ChatML, [/INST], ...), so the response is the whole assistant
+    turn; without a marker, TRL's rule: the longest common prefix, a space before the first difference
+    going to the responses."""
     common = 0
     for a, b in zip(chosen, rejected, strict=False):
         if a != b:
@@ -130,13 +140,13 @@ def _implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
         common += 1
     shared = chosen[:common]
     ends = [shared.rfind(marker) + len(marker) for marker in ASSISTANT_MARKERS if marker in shared]
-    if not ends:
-        raise RowProblem(
-            "implicit prompt: no assistant marker (e.g. '\\n\\nAssistant:') in the text chosen and rejected "
-            "share, so the prompt cannot be found"
-        )
-    end = max(ends)
-    return chosen[:end], chosen[end:], rejected[end:]
+    if ends:
+        end, rule = max(ends), SPLIT_AT_MARKER
+    else:
+        end, rule = common, SPLIT_AT_PREFIX
+        if 0 < end < len(chosen) and chosen[end - 1] == " ":
+            end -= 1
+    return chosen[:end], chosen[end:], rejected[end:], rule
 
 
 def _implicit_messages(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
@@ -167,8 +177,9 @@ def detect_format(columns: list[str], first_row: dict) -> str:
     return "standard"
 
 
-def normalize_row(row: dict, fmt: str) -> dict:
-    """One row as ``{"prompt", "chosen", "rejected"}`` in ``fmt``; raises :class:`RowProblem`."""
+def normalize_row(row: dict, fmt: str, splits: Counter | None = None) -> dict:
+    """One row as ``{"prompt", "chosen", "rejected"}`` in ``fmt``; raises :class:`RowProblem`. An implicit
+    text row adds the rule that split it to ``splits``."""
     if fmt == "implicit":
         chosen, rejected = row.get("chosen"), row.get("rejected")
         if isinstance(chosen, list) or isinstance(rejected, list):
@@ -176,9 +187,13 @@ def normalize_row(row: dict, fmt: str) -> dict:
             prompt, chosen, rejected = _implicit_messages(chosen, rejected)
             _check_roles(prompt, {"chosen": chosen, "rejected": rejected})
         else:
-            prompt, chosen, rejected = _implicit_text(_text(chosen, "chosen"), _text(rejected, "rejected"))
+            prompt, chosen, rejected, rule = _implicit_text(
+                _text(chosen, "chosen"), _text(rejected, "rejected")
+            )
             _text(chosen, "chosen")
             _text(rejected, "rejected")
+            if splits is not None:
+                splits[rule] += 1
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     for field in ("prompt", "chosen", "rejected"):
         if field not in row or (row[field] is None and field != "prompt"):
@@ -215,6 +230,7 @@ def normalize_source(
     fmt: str = "auto",
     columns: dict[str, str] | None = None,
     skip_invalid: bool = False,
+    splits: Counter | None = None,
 ) -> tuple[Dataset, str, list[str]]:
     """Map columns, detect the format and normalise every row.
 
@@ -250,7 +266,7 @@ def normalize_source(
     rows, problems = [], []
     for origin, row in zip(loaded.origins, loaded.rows, strict=True):
         try:
-            normalized = normalize_row({renames.get(k, k): v for k, v in row.items()}, fmt)
+            normalized = normalize_row({renames.get(k, k): v for k, v in row.items()}, fmt, splits)
         except RowProblem as problem:
             problems.append(f"{origin}: {problem}")
             continue

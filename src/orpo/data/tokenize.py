@@ -32,11 +32,15 @@ CACHE_FORMAT = 3  # bump when the tokenized layout or the rules above change
 
 @dataclass
 class TruncationLimits:
-    """Token budgets; None means unlimited."""
+    """Token budgets; None means unlimited, except an unset prompt limit under a ``max_length``, which is
+    half of it (:func:`orpo.defaults.prompt_limit`)."""
 
     max_length: int | None = defaults.MAX_LENGTH
-    max_prompt_length: int | None = defaults.MAX_PROMPT_LENGTH
+    max_prompt_length: int | None = None
     max_completion_length: int | None = None
+
+    def __post_init__(self):
+        self.max_prompt_length = defaults.prompt_limit(self.max_length, self.max_prompt_length)
 
 
 @dataclass
