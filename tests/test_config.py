@@ -48,3 +48,16 @@ def test_tokenizer_and_processing_class_must_agree(tmp_path, model, tokenizer, t
             tokenizer=tokenizer,
             processing_class=other,
         )
+
+
+def test_an_unset_prompt_limit_follows_max_length(tmp_path):
+    """TRL has no max_prompt_length, and max_length 512 is common: unset, it is half of max_length; only an
+    explicit pair that leaves no response token is an error."""
+    assert ORPOConfig(output_dir=str(tmp_path), max_length=512).max_prompt_length == 256
+    assert ORPOConfig(output_dir=str(tmp_path)).max_prompt_length == 512
+    assert ORPOConfig(output_dir=str(tmp_path), max_length=None).max_prompt_length is None
+    assert (
+        ORPOConfig(output_dir=str(tmp_path), max_length=512, max_prompt_length=400).max_prompt_length == 400
+    )
+    with pytest.raises(OrpoError, match="must be smaller"):
+        ORPOConfig(output_dir=str(tmp_path), max_length=512, max_prompt_length=512)

@@ -1,5 +1,6 @@
 """Table-driven: one small file per format and per bad case (tests/data/)."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -269,3 +270,31 @@ def test_mixing_text_and_conversational_sources_is_an_error():
 
     with pytest.raises(OrpoError, match="mix plain-text and conversational rows"):
         read_pairs([str(DATA / "standard.jsonl"), str(DATA / "conversational.jsonl")])
+
+
+def test_implicit_text_without_an_assistant_marker_splits_as_trl_does(tmp_path):
+    """TRL's extract_prompt: the longest common prefix, the space before the first difference going to the
+    responses; a row whose shared text has an assistant marker still splits there (the whole assistant turn
+    is the response, as in Anthropic HH). check-data says which rule split how many rows."""
+    from orpo.data import read_pairs
+    from orpo.data.check import check_data
+
+    rows = [
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+        {"chosen": "Beautiful is better than ugly.", "rejected": "Beautiful is better than nothing."},
+        {
+            "chosen": "\n\nHuman: sky?\n\nAssistant: It is blue.",
+            "rejected": "\n\nHuman: sky?\n\nAssistant: It is red.",
+        },
+    ]
+    path = tmp_path / "implicit.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs = read_pairs(str(path))
+    assert pairs.format == "implicit"
+    assert pairs.dataset[0] == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+    assert pairs.dataset[1]["prompt"] == "Beautiful is better than"
+    assert pairs.dataset[2]["prompt"] == "\n\nHuman: sky?\n\nAssistant:"
+    assert pairs.dataset[2]["chosen"] == " It is blue."
+    report = check_data(str(path))
+    assert "2 rows split at the longest common prefix (TRL's extract_prompt)" in report
+    assert "1 rows split at the last assistant marker" in report

@@ -3,6 +3,7 @@ command), and the model adjustments made before training."""
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import make_model, padded_args
 from orpo import ORPOConfig, ORPOTrainer
@@ -115,3 +116,22 @@ def test_tokenizer_without_pad_token_pads_with_eos_and_says_so(tmp_path, tokeniz
     assert "no pad token; using its eos token" in caplog.text
     assert trainer.data_collator.pad_token_id == tokenizer.eos_token_id
     trainer.train()
+
+
+def test_the_tokenizer_comes_from_where_the_model_came_from(tmp_path, tokenizer):
+    """As TRL: no tokenizer given, it is loaded from the model's name or folder; a model built in memory has
+    neither, which is a clear error."""
+    from datasets import Dataset
+
+    from conftest import toy_rows
+    from orpo.errors import OrpoError
+
+    folder = tmp_path / "model"
+    make_model().save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder))
+    data = Dataset.from_list(toy_rows(4))
+    trainer = ORPOTrainer(model=loaded, args=config(tmp_path), train_dataset=data)
+    assert trainer.processing_class.get_vocab() == tokenizer.get_vocab()
+    with pytest.raises(OrpoError, match="built in memory, so there is no name or folder"):
+        ORPOTrainer(model=make_model(), args=config(tmp_path), train_dataset=data)

@@ -1,12 +1,14 @@
-"""TRL's ORPOConfig fields beyond ``beta``: a TRL script ports by changing the import.
-
-``trust_remote_code``, ``padding_value``, ``is_encoder_decoder`` and ``generate_during_eval``.
+"""TRL drop-in fidelity: a TRL script ports by changing the import, with TRL's defaults and no silent
+difference. TRL's own trainer tests run in test_trl_orpo_trainer.py; here: the fields, defaults, argument order,
+``beta``, ``trust_remote_code``, ``padding_value``, ``is_encoder_decoder``, ``generate_during_eval``, foreign
+collators and the README's "Coming from TRL" list of every remaining difference.
 """
 
 import dataclasses
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import transformers
@@ -28,6 +30,79 @@ def test_every_trl_orpo_config_field_is_accepted(tmp_path):
     ours = {f.name for f in dataclasses.fields(ORPOConfig)}
     theirs = {f.name for f in dataclasses.fields(trl_orpo.ORPOConfig)}
     assert theirs <= ours, sorted(theirs - ours)
+
+
+# Where orpo's ORPOConfig defaults differ from TRL's, and why; the README's "Coming from TRL" table lists the
+# same keys (test below). Field defaults (the dataclass) and resolved values (after construction) both count.
+FIELD_DEFAULT_DIFFERENCES = {
+    "beta": "unset until construction, then orpo_alpha's value (0.1 by default, as TRL's)",
+    "gradient_checkpointing": "unset in the field, resolved to on (as TRL's) without transformers' deprecation warning",
+}
+RESOLVED_DIFFERENCES = {
+    "bf16": "on only where the hardware supports it (TRL's is on, which fails on a CPU)",
+    "dataloader_pin_memory": "off without CUDA: nothing to pin to",
+}
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _field_defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.init:
+            out[f.name] = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    return out
+
+
+def test_defaults_are_trls_except_the_listed_differences(tmp_path):
+    trl_orpo = pytest.importorskip("trl.experimental.orpo")
+    theirs, ours = _field_defaults(trl_orpo.ORPOConfig), _field_defaults(ORPOConfig)
+    differ = {name for name in theirs if theirs[name] != ours[name]}
+    assert differ == set(FIELD_DEFAULT_DIFFERENCES)
+    trl_config = trl_orpo.ORPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False)
+    config = ORPOConfig(output_dir=str(tmp_path), report_to="none")
+    resolved = {name for name in theirs if getattr(trl_config, name) != getattr(config, name)}
+    assert resolved <= {"bf16", *RESOLVED_DIFFERENCES} and "dataloader_pin_memory" in resolved
+    assert config.learning_rate == 1e-6 and config.logging_steps == 10 and config.remove_unused_columns
+    assert config.activation_checkpointing and config.gradient_checkpointing
+
+
+def test_readme_lists_every_difference_from_trl():
+    section = README.read_text().split("## Coming from TRL", 1)[1].split("\n## ", 1)[0]
+    for name in [*FIELD_DEFAULT_DIFFERENCES, *RESOLVED_DIFFERENCES, "max_prompt_length", "logits/chosen"]:
+        assert f"`{name}`" in section, name
+    assert "encoder-decoder" in section and "T5" in section
+
+
+def test_trainer_takes_trls_arguments_in_trls_order():
+    """A call written for TRL's positional order assigns the same things; orpo's extras are keyword-only."""
+    import inspect
+
+    trl_orpo = pytest.importorskip("trl.experimental.orpo")
+    theirs = list(inspect.signature(trl_orpo.ORPOTrainer.__init__).parameters)
+    ours = inspect.signature(ORPOTrainer.__init__).parameters
+    assert list(ours)[: len(theirs)] == theirs
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for name, p in ours.items() if name not in theirs)
+
+
+def test_beta_reads_the_same_value_as_orpo_alpha(tmp_path):
+    assert ORPOConfig(output_dir=str(tmp_path)).beta == 0.1  # TRL code reads args.beta
+    assert ORPOConfig(output_dir=str(tmp_path), beta=0.3).orpo_alpha == 0.3
+    assert ORPOConfig(output_dir=str(tmp_path), orpo_alpha=0.7).beta == 0.7
+
+
+def test_a_trl_collator_is_refused_at_construction(tmp_path, tokenizer):
+    trl_utils = pytest.importorskip("trl.experimental.utils")
+    collator = trl_utils.DPODataCollatorWithPadding(pad_token_id=tokenizer.pad_token_id)
+    with pytest.raises(
+        OrpoError, match="data_collator DPODataCollatorWithPadding does not lay out batches .* leave"
+    ):
+        ORPOTrainer(
+            model=make_model(),
+            args=args(tmp_path),
+            train_dataset=Dataset.from_list(toy_rows(8)),
+            tokenizer=tokenizer,
+            data_collator=collator,
+        )
 
 
 # ---- trust_remote_code ------------------------------------------------------------------------------

@@ -218,6 +218,12 @@ class ORPOConfig(TrainingArguments):
             self.orpo_alpha = defaults.ALPHA if self.beta is None else self.beta
         self.beta = self.orpo_alpha  # TRL's code reads args.beta: the same value under both names
         self.max_prompt_length = defaults.prompt_limit(self.max_length, self.max_prompt_length)
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            # TRL's ORPOConfig default (gradient_checkpointing=True): a script ported from TRL keeps its memory
+            # footprint. Measured on CPU (8-layer Llama, 8 pairs of ~700 tokens): off is 1.11-1.30x faster and
+            # takes 2.1x the activation memory. Set here, not as the field default, so transformers does not
+            # warn that the deprecated alias gradient_checkpointing was used.
+            self.activation_checkpointing = True
         if not self.use_cpu and launched_processes() > 1 and not accelerator_present():
             # Under torchrun / accelerate launch on a machine without accelerators, accelerate chooses its
             # multi-CPU (gloo) mode only when asked for the CPU; otherwise every process would train alone.

@@ -101,6 +101,7 @@ def _train_one(
         seed=seed,
         max_length=64,
         max_prompt_length=32,
+        activation_checkpointing=False,  # a tiny model: its activations are small, recomputing them is not
     )
     model = tiny_model(seed=seed)
     trainer = ORPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, tokenizer=tokenizer)
