@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the benchmark scripts (TRL side by side, sharded heads)
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

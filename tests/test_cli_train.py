@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": "demo", "datasets": "demo:train"}
 
 
+@pytest.mark.slow
 def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys, monkeypatch):
     import gc
 
@@ -198,6 +199,7 @@ def test_column_mapping_from_a_config_file_reaches_the_data(tmp_path):
     assert pairs.format == "standard" and pairs.dataset[0]["chosen"] == "Use +."
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, capsys, monkeypatch):
     from orpo.trainer import ORPOTrainer
 

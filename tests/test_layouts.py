@@ -13,6 +13,9 @@ from orpo.errors import OrpoError
 
 FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 
+# Flex attention compiles its block mask on first use (~15 s on 2 cores): those cases are in the slow set.
+FLEX = pytest.param("flex_attention", marks=pytest.mark.slow)
+
 
 def tiny(family, attn, seed=0):
     return family_model(
@@ -108,6 +111,7 @@ def eager_flex(monkeypatch):
     monkeypatch.setattr(integration, "compile_friendly_flex_attention", uncompiled)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_flex_attention_layout_equals_padded(tmp_path, tokenizer, skewed_dataset, eager_flex, layout, family):
@@ -149,7 +153,7 @@ def test_packed_rows_are_fewer_and_no_longer_than_padded_rows(tmp_path, tokenize
 
 
 @pytest.mark.parametrize("layout", ["shared", "packed-shared"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", FLEX])
 def test_rejected_never_sees_chosen(tmp_path, tokenizer, skewed_dataset, eager_flex, attn, layout):
     model = tiny("llama", attn)
     trainer = trainer_for(tmp_path, model, tokenizer, skewed_dataset, **LAYOUTS[layout])
@@ -207,7 +211,7 @@ def _patch(monkeypatch, *patches):
         monkeypatch.setattr(importlib.import_module(module), name, replacement)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", FLEX])
 def test_default_is_the_fastest_exact_layout(tmp_path, tokenizer, skewed_dataset, eager_flex, attn):
     trainer = trainer_for(tmp_path, tiny("llama", attn), tokenizer, skewed_dataset)
     assert (trainer.layout.packed, trainer.layout.shared) == tuple(LAYOUTS["packed-shared"].values())

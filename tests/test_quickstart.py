@@ -13,6 +13,8 @@ from orpo.cli import main
 from orpo.demo import DEMO_DIR, TOKENIZER_DIR, load_demo_dataset
 from orpo.quickstart import DEMO_ALPHA, run_quickstart
 
+pytestmark = pytest.mark.slow  # trains the quickstart end to end
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import demo_train_argv
+
+pytestmark = pytest.mark.slow  # kills and resumes real runs in subprocesses
 
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

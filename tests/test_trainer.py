@@ -287,9 +287,7 @@ def test_gradient_checkpointing_training_run(tmp_path, tokenizer, toy_dataset):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
 
 
-# ---- non-finite losses -----------------------------------------------------------------------------
-
-
+@pytest.mark.slow
 def test_torch_compile_trains_like_eager_with_the_chunked_head(tmp_path, tokenizer):
     """``torch_compile: true`` (here with dynamo's aot_eager backend: the same tracing, no C++ build)
     gives the eager run's losses, with the head still computed from the captured hidden states

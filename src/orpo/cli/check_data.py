@@ -56,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
         tokenizer,
         fmt=args.format,
         columns=parse_columns(args.columns),
-        limits=TruncationLimits(args.max_length, args.max_prompt_length, args.max_completion_length),
+        limits=TruncationLimits(
+            args.max_length,
+            defaults.prompt_limit(args.max_length, args.max_prompt_length),
+            args.max_completion_length,
+        ),
         skip_invalid=args.skip_invalid,
         split=args.split,
         subset=args.subset,

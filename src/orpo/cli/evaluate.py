@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     datasets.disable_progress_bars()
     logging.getLogger("orpo").setLevel(logging.ERROR)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, remote_code(args))
-    limits = TruncationLimits(args.max_length, args.max_prompt_length)
+    limits = TruncationLimits(args.max_length, defaults.prompt_limit(args.max_length, args.max_prompt_length))
     pairs, _ = load_pairs(args.data, tokenizer, limits, split=args.split, subset=args.subset)
     with tempfile.TemporaryDirectory() as scratch:
         config = ORPOConfig(

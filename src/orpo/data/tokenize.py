@@ -32,15 +32,12 @@ CACHE_FORMAT = 3  # bump when the tokenized layout or the rules above change
 
 @dataclass
 class TruncationLimits:
-    """Token budgets; None means unlimited, except an unset prompt limit under a ``max_length``, which is
-    half of it (:func:`orpo.defaults.prompt_limit`)."""
+    """Token budgets; None means unlimited. The defaults are ORPOConfig's (an unset prompt limit there is
+    half of ``max_length``: :func:`orpo.defaults.prompt_limit`)."""
 
     max_length: int | None = defaults.MAX_LENGTH
-    max_prompt_length: int | None = None
+    max_prompt_length: int | None = defaults.prompt_limit(defaults.MAX_LENGTH, None)
     max_completion_length: int | None = None
-
-    def __post_init__(self):
-        self.max_prompt_length = defaults.prompt_limit(self.max_length, self.max_prompt_length)
 
 
 @dataclass
