@@ -1,4 +1,19 @@
-"""ORPO — Odds Ratio Preference Optimization (Hong, Lee, Thorne 2024) on the Hugging Face stack."""
+"""ORPO — Odds Ratio Preference Optimization (Hong, Lee, Thorne 2024) on the Hugging Face stack.
+
+Where things live (each module imports only from rows above it or its own room):
+
+- base: ``errors`` (OrpoError / UsageError), ``defaults`` (every default, importing nothing), ``config``
+  (ORPOConfig), ``guards`` (the launch guard, the non-finite loss policy, stop signals, the clean exit);
+- math: ``loss`` (the ORPO objective from per-token log-probs), ``logprobs`` (the chunked / fused LM head);
+- model: ``models`` (load, tokenizer, PEFT, dropout), ``head`` (the head run outside the model), ``layouts``
+  (batch layouts, their masks and the proof that a model keeps them exact);
+- data: ``data`` (``load_pairs``: sources -> formats -> tokenize), ``data.collator``, ``data.batching``;
+- training: ``trainer`` (ORPOTrainer: Trainer overrides only), ``checkpoints``, ``generation``;
+- command line: ``cli`` (one module per command, ``run_config``, ``axolotl``), ``quickstart``, ``plot``, ``demo``.
+
+``trainer.train()`` -> ``ORPOTrainer.compute_loss`` -> ``HeadRunner`` (body, then the head at the scored
+positions) -> ``orpo_loss``.
+"""
 
 from __future__ import annotations
 

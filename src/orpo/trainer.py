@@ -38,15 +38,6 @@ from orpo.models import prepare_model, resolve_tokenizer, runs_in_low_precision
 logger = logging.getLogger("orpo")
 
 MODEL_TAGS = ["trl", "orpo"]  # TRL's tags for ORPO-trained models (orpo is a TRL drop-in)
-# The batch fields the loss reads (orpo.data.collator documents them).
-SCORED_FIELDS = {
-    "score_positions",
-    "score_targets",
-    "score_pair",
-    "score_chosen",
-    "score_response",
-    "num_pairs",
-}
 
 # Private Trainer methods this package overrides (o) or calls (c), with the parameters it uses: an upgrade of
 # transformers that renames or reshapes one fails tests/test_trainer_api.py instead of silently changing
@@ -146,9 +137,21 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             raise
         except ValueError as err:  # Trainer's own checks of the settings (e.g. evaluation, no eval data)
             raise OrpoError(f"invalid training settings: {err}") from err
+        self._set_up_batches_and_head(data_collator)
+
+    def train(self, *args, **kwargs):
+        # Again here: any TrainingArguments built since __init__ reset accelerate's shared state.
+        require_distributed_launch(self.args.world_size)
+        return super().train(*args, **kwargs)
+
+    # ---- construction helpers -----------------------------------------------------------------
+
+    def _set_up_batches_and_head(self, data_collator) -> None:
+        """After Trainer's own set-up: the head runner, and the batch layout with its collator (a collator
+        passed in is checked instead); the model tagged as TRL tags its ORPO models."""
         if data_collator is not None and (row := self._probe_row()) is not None:
             check_collator(data_collator, row)
-        if hasattr(self.model, "add_model_tags"):  # on the hub's model card, as TRL tags its ORPO models
+        if hasattr(self.model, "add_model_tags"):  # on the hub's model card
             self.model.add_model_tags(MODEL_TAGS)
         self.head = HeadRunner(self.accelerator, self._head_settings(), self._forward_kwargs)
         if self.model is not None:  # hooked before anything can compile the model (torch_compile)
@@ -157,15 +160,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         self._layout_unverified = False
         if data_collator is None:
             self._choose_layout()
-            self.data_collator = self.layout.collator(self._pad_id, args.nll_include_prompt)
+            self.data_collator = self.layout.collator(self._pad_id, self.args.nll_include_prompt)
             logger.info(f"batch layout: {self.layout.description}")
-
-    def train(self, *args, **kwargs):
-        # Again here: any TrainingArguments built since __init__ reset accelerate's shared state.
-        require_distributed_launch(self.args.world_size)
-        return super().train(*args, **kwargs)
-
-    # ---- construction helpers -----------------------------------------------------------------
 
     def _head_settings(self) -> HeadSettings:
         zero3 = (

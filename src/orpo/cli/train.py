@@ -174,6 +174,13 @@ def _run_training(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return stop.exit_code
+    _finish(trainer, run, result)
+    return 0
+
+
+def _finish(trainer, run, result) -> None:
+    """Save the final model and state, evaluate if there is eval data, and say where things are."""
+    out = Path(run.args.output_dir)
     trainer.save_model(str(out))
     trainer.save_state()
     final = {k: round(result.metrics[k], 4) for k in ("train_loss", "train_runtime") if k in result.metrics}
@@ -189,7 +196,6 @@ def _run_training(args: argparse.Namespace) -> int:
         )
     print(f"model saved to {out}/ (safetensors + tokenizer); resolved config in {out}/orpo_config.yaml")
     print("final metrics: " + ", ".join(f"{k}={v}" for k, v in final.items()))
-    return 0
 
 
 def _train_command(args: argparse.Namespace) -> str:
