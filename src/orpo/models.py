@@ -71,6 +71,34 @@ def check_adapter_base(path: str | Path) -> None:
         )
 
 
+def gguf_location(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str] | None:
+    """``(folder, file name)`` when the model is a GGUF file: a path ending in ``.gguf``, or ``gguf_file``
+    inside the folder ``name_or_path`` (the config's ``model: {name: DIR, gguf_file: FILE}``); else None."""
+    if gguf_file is None and not str(name_or_path).endswith(".gguf"):
+        return None
+    path = Path(name_or_path) / gguf_file if gguf_file else Path(name_or_path)
+    if not path.is_file():
+        raise OrpoError(f"GGUF model {path}: no such file")
+    if importlib.util.find_spec("gguf") is None:
+        raise OrpoError(f"loading the GGUF model {path} needs the gguf package: pip install gguf")
+    return str(path.parent), path.name
+
+
+def _dequantized_gguf(model: PreTrainedModel, location: tuple[str, str]) -> PreTrainedModel:
+    """transformers dequantizes GGUF weights into ordinary tensors as it loads them, but leaves the model
+    flagged as GGUF-quantized, which ``save_pretrained`` refuses ("not serializable") and which would make
+    the trainer take it for a frozen 4-/8-bit base. It is a plain model: drop the flag, so checkpoints and
+    the final model save as safetensors and reload with a plain ``from_pretrained``; its name becomes the
+    file, so a tokenizer can be loaded from where it came from."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.config._name_or_path = str(Path(*location))
+    model.name_or_path = model.config._name_or_path
+    return model
+
+
 def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None, seed: int = 0) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with dtype names resolved and ``load_in_4bit`` /
     ``load_in_8bit`` turned into a bitsandbytes quantization config; ``trust_remote_code`` stays off
@@ -88,7 +116,12 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None, seed: int
         kwargs["quantization_config"] = quantization
     kwargs.setdefault("trust_remote_code", False)
     check_adapter_base(name_or_path)
+    gguf = gguf_location(name_or_path, kwargs.pop("gguf_file", None))
     try:
+        if gguf is not None:
+            return _dequantized_gguf(
+                AutoModelForCausalLM.from_pretrained(gguf[0], gguf_file=gguf[1], **kwargs), gguf
+            )
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         reason = str(err)
@@ -97,14 +130,19 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None, seed: int
         raise OrpoError(f"could not load a causal LM from '{name_or_path}': {reason}") from err
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, gguf_file: str | None = None):
     """``AutoTokenizer.from_pretrained`` with a user-facing error when it cannot be loaded; ``demo`` is the
-    embedded tokenizer."""
+    embedded tokenizer; a GGUF file (a ``.gguf`` path, or ``gguf_file`` in a folder) carries its own."""
     if name_or_path == defaults.DEMO:
         from orpo.demo import demo_tokenizer
 
         return demo_tokenizer()
+    gguf = gguf_location(name_or_path, gguf_file)
     try:
+        if gguf is not None:
+            return AutoTokenizer.from_pretrained(
+                gguf[0], gguf_file=gguf[1], trust_remote_code=trust_remote_code
+            )
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise OrpoError(f"could not load a tokenizer from '{name_or_path}': {err}") from err
@@ -136,10 +174,15 @@ def disable_dropout(model: nn.Module) -> None:
 def load_model_and_tokenizer(
     name_or_path: str, tokenizer: str | None = None, init_kwargs: dict | None = None, seed: int = 0
 ):
-    """A model by name or directory (or ``demo``) and its tokenizer (``tokenizer``, else the model's),
-    ``trust_remote_code`` from ``init_kwargs`` for both: the path of every command that loads a model."""
-    trust = bool((init_kwargs or {}).get("trust_remote_code", False))
-    return load_causal_lm(name_or_path, init_kwargs, seed), load_tokenizer(tokenizer or name_or_path, trust)
+    """A model by name, directory or GGUF file (or ``demo``) and its tokenizer (``tokenizer``, else the
+    model's own, from the same place), ``trust_remote_code`` from ``init_kwargs`` for both: the path of every
+    command that loads a model."""
+    init_kwargs = init_kwargs or {}
+    trust = bool(init_kwargs.get("trust_remote_code", False))
+    model = load_causal_lm(name_or_path, init_kwargs, seed)
+    if tokenizer is not None:
+        return model, load_tokenizer(tokenizer, trust)
+    return model, load_tokenizer(name_or_path, trust, init_kwargs.get("gguf_file"))
 
 
 def add_special_tokens(model, tokenizer, tokens: dict[str, str]) -> int:
@@ -177,7 +220,8 @@ def resolve_tokenizer(tokenizer, processing_class, model, args):
                 "ORPOTrainer needs a tokenizer (`tokenizer=` or `processing_class=`): the model was built in memory, "
                 "so there is no name or folder to load one from"
             )
-        tokenizer = load_tokenizer(source, args.trust_remote_code)
+        gguf_file = (args.model_init_kwargs or {}).get("gguf_file") if isinstance(model, str) else None
+        tokenizer = load_tokenizer(source, args.trust_remote_code, gguf_file)
     if tokenizer.pad_token_id is None and args.padding_value is None:
         logger.warning("the tokenizer has no pad token; using its eos token for padding")
         tokenizer.pad_token = tokenizer.eos_token

@@ -23,30 +23,31 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
     try:
-        from peft import AutoPeftModelForCausalLM
+        from peft import PeftModel
     except ImportError as err:
         raise OrpoError("orpo merge needs peft: pip install 'orpo[peft]'") from err
-    from orpo.models import check_adapter_base, load_tokenizer
+    from orpo.models import check_adapter_base, load_causal_lm, load_tokenizer
 
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise OrpoError(f"{adapter}: no adapter_config.json (is this a LoRA adapter directory?)")
     check_adapter_base(adapter)
+    base_name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    # The base through orpo's loader (a hub name, a folder or a GGUF file), then the adapter on it.
+    base = load_causal_lm(base_name, {"trust_remote_code": args.trust_remote_code})
     try:
-        model = AutoPeftModelForCausalLM.from_pretrained(
-            str(adapter), trust_remote_code=args.trust_remote_code
-        )
+        model = PeftModel.from_pretrained(base, str(adapter))
     except (OSError, ValueError) as err:
-        raise OrpoError(f"could not load the adapter in {adapter} with its base model: {err}") from err
+        raise OrpoError(
+            f"could not load the adapter in {adapter} onto its base model {base_name}: {err}"
+        ) from err
     merged = model.merge_and_unload()
     merged.save_pretrained(args.output)
     if (adapter / "tokenizer_config.json").is_file():
         load_tokenizer(str(adapter), args.trust_remote_code).save_pretrained(args.output)
-    print(
-        f"merged {adapter} into its base model ({model.peft_config['default'].base_model_name_or_path}); "
-        f"saved to {args.output}/"
-    )
+    print(f"merged {adapter} into its base model ({base_name}); saved to {args.output}/")
     return 0

@@ -48,6 +48,7 @@ ALIASES = {
 }
 # Keys of the config's `model:` block passed on to from_pretrained (load_in_4bit/8bit: bitsandbytes).
 MODEL_INIT_KEYS = (
+    "gguf_file",
     "dtype",
     "attn_implementation",
     "trust_remote_code",
