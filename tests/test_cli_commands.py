@@ -155,3 +155,14 @@ def test_eval_split_of_a_saved_dataset_dict(trained, tmp_path, capsys):
     assert "(3 pairs, alpha=0.1)" in capsys.readouterr().out
     assert main(["eval", "--model", str(trained), "--data", str(tmp_path / "dd")]) == 1
     assert "not 'test'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_json_output_is_the_only_thing_on_stdout(tmp_path):
+    """As a user pipes it (`orpo --quiet eval ... --json | python -m json.tool`), in a fresh process: DeepSpeed,
+    installed with the test extras, announces its accelerator on stdout when accelerate imports it."""
+    cmd = [sys.executable, "-m", "orpo", "--quiet", "eval", "--model", "demo", "--data", "demo:test", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads(done.stdout)  # nothing but the JSON
+    assert "eval_rewards/accuracies" in metrics

@@ -6,6 +6,7 @@ heavy: ``orpo --help`` and usage errors answer without loading torch or transfor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from orpo import __version__
@@ -61,8 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
+    # Machine-readable output (--json) is the only thing on stdout: anything else a library prints there while
+    # the command works (DeepSpeed announces its accelerator on stdout when accelerate imports it) goes to
+    # stderr; the command writes its JSON to args.stdout.
+    args.stdout = sys.stdout
+    quiet_stdout = (
+        contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext()
+    )
     try:
-        return args.handler(args)
+        with quiet_stdout:
+            return args.handler(args)
     except OrpoError as err:
         if args.debug:
             raise

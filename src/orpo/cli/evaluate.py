@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     hidden = ("runtime", "per_second", "preparation_time")
     metrics = {k: v for k, v in metrics.items() if k.startswith("eval_") and not any(h in k for h in hidden)}
     if args.json:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps(metrics, indent=2), file=args.stdout)
     else:
         width = max(len(k) for k in metrics)
         print(f"{args.model} on {args.data} ({len(pairs)} pairs, alpha={args.alpha:g}):")
