@@ -73,6 +73,7 @@ CASES = [
     ("config-no-datasets", lambda t: ["train", write(t, "x.yaml", "model: demo\n")], 2, "needs 'datasets'"),
     # command line
     ("cli-flag-wrong-type", flags("--learning_rate", "abc"), 2, "learning_rate"),
+    ("cli-output-dir-is-a-file", lambda t: ["train", "--model", "demo", "--dataset", "demo:test", "--output-dir", write(t, "taken", "x")], 2, "is a file, not a directory"),
     ("cli-unknown-flag", flags("--lerning_rate", "1"), 2, "did you mean 'learning_rate'"),
     ("cli-no-model", lambda t: ["train", "--dataset", "demo:test"], 2, "model"),
     ("cli-resume-without-checkpoint", flags("--resume"), 1, "no checkpoint to resume from"),

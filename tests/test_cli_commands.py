@@ -161,8 +161,35 @@ def test_eval_split_of_a_saved_dataset_dict(trained, tmp_path, capsys):
 def test_json_output_is_the_only_thing_on_stdout(tmp_path):
     """As a user pipes it (`orpo --quiet eval ... --json | python -m json.tool`), in a fresh process: DeepSpeed,
     installed with the test extras, announces its accelerator on stdout when accelerate imports it."""
-    cmd = [sys.executable, "-m", "orpo", "--quiet", "eval", "--model", "demo", "--data", "demo:test", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "orpo",
+        "--quiet",
+        "eval",
+        "--model",
+        "demo",
+        "--data",
+        "demo:test",
+        "--json",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads(done.stdout)  # nothing but the JSON
     assert "eval_rewards/accuracies" in metrics
+
+
+def test_plot_draws_evaluation_curves_where_they_were_logged():
+    """Evaluations logged beside training steps get their own dashed line in the run's colour."""
+    from orpo.plot import curves
+
+    history = [
+        {"step": 1, "loss": 2.0, "rewards/accuracies": 0.5},
+        {"step": 2, "loss": 1.5, "rewards/accuracies": 0.6},
+        {"step": 2, "eval_loss": 1.7, "eval_rewards/accuracies": 0.55},
+    ]
+    drawn = {(c.panel, c.evaluation): c for c in curves([("run", history)])}
+    assert drawn[("loss", False)].values == [2.0, 1.5]
+    assert drawn[("loss", True)].steps == [2] and drawn[("loss", True)].values == [1.7]
+    assert drawn[("rewards/accuracies", True)].label == "run (eval)"
+    assert ("rewards/margins", True) not in drawn  # not logged: not drawn

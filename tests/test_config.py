@@ -61,3 +61,12 @@ def test_an_unset_prompt_limit_follows_max_length(tmp_path):
     )
     with pytest.raises(OrpoError, match="must be smaller"):
         ORPOConfig(output_dir=str(tmp_path), max_length=512, max_prompt_length=512)
+
+
+def test_numbers_of_the_wrong_type_are_errors_from_python_too(tmp_path):
+    """As `orpo train` says of a config file: from Python, learning_rate="fast" was accepted silently."""
+    with pytest.raises(OrpoError, match=r"learning_rate must be float, got str 'fast'"):
+        ORPOConfig(output_dir=str(tmp_path), learning_rate="fast")
+    with pytest.raises(OrpoError, match=r"per_device_train_batch_size must be int, got float 1.5"):
+        ORPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=1.5)
+    assert ORPOConfig(output_dir=str(tmp_path), learning_rate=1).learning_rate == 1  # an int is a float

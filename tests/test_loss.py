@@ -184,13 +184,17 @@ def test_step_normalizers_make_micro_batches_add_up_to_the_full_batch():
     assert sum(parts).item() == pytest.approx(full.item(), rel=1e-6)
 
 
-def test_reward_accuracy_is_meaningful_for_sft_only_runs():
-    # alpha = 0 makes every alpha-scaled reward 0; accuracy still compares the sequences' log-probs.
-    logps = torch.tensor([-0.1, -0.2, -1.0, -2.0, -3.0, -0.5])
-    pair = torch.tensor([0, 1, 0, 1, 0, 1])
-    chosen = torch.tensor([True, True, False, False, True, False])
-    response = torch.ones(6, dtype=torch.bool)
-    _, stats = orpo_loss(logps[:4], pair[:4], chosen[:4], response[:4], 2, alpha=0.0)
+def test_sft_only_rewards_are_the_log_probs_so_margins_and_accuracies_agree():
+    """At orpo_alpha 0 (SFT only) rewards are reported at alpha 1 (the log-probs): margins and accuracies then
+    describe the same ranking (they were a flat 0 beside a rising accuracy)."""
+    logps = torch.tensor([-1.0, -1.0, -3.0, -3.0, -2.0, -2.0, -1.0, -1.0])
+    pair = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    chosen = torch.tensor([True, True, False, False, True, True, False, False])
+    response = torch.ones(8, dtype=torch.bool)
+    _, stats = orpo_loss(logps, pair, chosen, response, alpha=0.0)
     metrics = stats.metrics()
-    assert metrics["rewards/chosen"] == 0.0 and metrics["rewards/margins"] == 0.0
-    assert metrics["rewards/accuracies"] == 1.0
+    assert metrics["rewards/chosen"] == pytest.approx(metrics["logps/chosen"])
+    assert metrics["rewards/margins"] == pytest.approx(metrics["logps/chosen"] - metrics["logps/rejected"])
+    assert metrics["rewards/margins"] == pytest.approx(0.5) and metrics["rewards/accuracies"] == 0.5
+    _, scaled = orpo_loss(logps, pair, chosen, response, alpha=0.25)
+    assert scaled.metrics()["rewards/margins"] == pytest.approx(0.25 * 0.5)

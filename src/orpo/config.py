@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +30,43 @@ def bf16_supported() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return bool(getattr(torch, "xpu", None) and torch.xpu.is_available())
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """Each ``ORPOConfig`` field's type hint (TrainingArguments' fields included)."""
+    hints = typing.get_type_hints(ORPOConfig)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(ORPOConfig) if f.init}
+
+
+def accepts(hint, value) -> bool:
+    """Whether ``value`` is of the type ``hint`` (None always is; ints are floats; bools are not numbers)."""
+    if hint is Any or value is None:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(accepts(arg, value) for arg in typing.get_args(hint))
+    if origin is not None:
+        hint = origin
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        if issubclass(hint, str) and hasattr(hint, "__members__"):  # str enums (schedulers, strategies)
+            return isinstance(value, str)
+        return isinstance(value, hint)
+    return True
+
+
+def type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _scalar(hint) -> bool:
+    """A hint of numbers or booleans only (and None): the fields whose type ORPOConfig checks itself."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return all(arg in (int, float, bool, type(None)) for arg in args)
 
 
 def as_orpo_config(args) -> ORPOConfig:
@@ -232,6 +272,7 @@ class ORPOConfig(TrainingArguments):
             self.bf16 = bf16_supported() and not self.fp16 and not self.use_cpu
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
+        self._check_types()
         self._validate_orpo_fields()
         super().__post_init__()
         self._fold_trust_remote_code()
@@ -248,6 +289,14 @@ class ORPOConfig(TrainingArguments):
             init_kwargs["trust_remote_code"] = True
             self.model_init_kwargs = init_kwargs
         self.trust_remote_code = bool(init_kwargs.get("trust_remote_code", False))
+
+    def _check_types(self) -> None:
+        """Numbers and booleans of the wrong type (``learning_rate="fast"``) are errors here, as they are in a
+        config file, instead of failing later, somewhere else, or not at all."""
+        for name, hint in field_types().items():
+            value = getattr(self, name)
+            if _scalar(hint) and not accepts(hint, value):
+                raise OrpoError(f"{name} must be {type_name(hint)}, got {type(value).__name__} {value!r}")
 
     def _validate_orpo_fields(self) -> None:
         if self.orpo_alpha < 0:

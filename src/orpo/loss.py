@@ -77,8 +77,11 @@ class ORPOStats:
     def metric_sums(self) -> dict[str, torch.Tensor]:
         """Detached sums, so callers can add them over micro-batches and processes before
         dividing: every key but ``nll_loss`` is divided by ``pairs``, ``nll_loss`` by ``nll_tokens``."""
-        chosen_rewards = self.alpha * self.chosen_logps.detach()
-        rejected_rewards = self.alpha * self.rejected_logps.detach()
+        # Rewards are α·ℓ (TRL's); an SFT-only run (α = 0) reports them at α = 1, i.e. ℓ itself, so its margins
+        # and accuracies describe the same ranking instead of a flat 0 beside a rising accuracy.
+        scale = self.alpha if self.alpha > 0 else 1.0
+        chosen_rewards = scale * self.chosen_logps.detach()
+        rejected_rewards = scale * self.rejected_logps.detach()
         log_or = self.log_odds_ratio.detach()
         return {
             "rewards/chosen": chosen_rewards.sum(),

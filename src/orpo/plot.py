@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from orpo.errors import OrpoError
 
 PANELS = [
-    ("loss", "training loss"),
-    ("rewards/accuracies", "reward accuracy (train)"),
-    ("rewards/margins", "reward margin (train)"),
-    ("logps/chosen", "mean log-prob, chosen (solid) / rejected (dashed)"),
+    ("loss", "loss"),
+    ("rewards/accuracies", "reward accuracy"),
+    ("rewards/margins", "reward margin"),
+    ("logps/chosen", "mean log-prob, chosen"),
+    ("logps/rejected", "mean log-prob, rejected"),
 ]
 
 
@@ -31,28 +33,62 @@ def read_log_history(run_dir: str | Path) -> list[dict]:
     raise OrpoError(f"{run}: no trainer_state.json, log_history.json or checkpoint-*/trainer_state.json")
 
 
+@dataclass
+class Curve:
+    panel: str  # a key of PANELS
+    run: int  # index of the run: its colour
+    label: str
+    steps: list[int]
+    values: list[float]
+    evaluation: bool  # drawn dashed with markers, in the run's colour
+
+
+def curves(runs: list[tuple[str, list[dict]]]) -> list[Curve]:
+    """The lines to draw: per run and panel, the training curve and, where the run logged evaluations
+    (``eval_*``), the evaluation curve."""
+    out = []
+    for k, (label, history) in enumerate(runs):
+        logged = [h for h in history if "loss" in h and "step" in h]
+        if not logged:
+            raise OrpoError(f"run '{label}' has no logged training steps")
+        evaluated = [h for h in history if "eval_loss" in h and "step" in h]
+        for key, _ in PANELS:
+            for rows, name, evaluation in ((logged, key, False), (evaluated, f"eval_{key}", True)):
+                points = [(h["step"], h[name]) for h in rows if name in h]
+                if points:
+                    steps, values = zip(*points, strict=True)
+                    out.append(
+                        Curve(
+                            key,
+                            k,
+                            label + (" (eval)" if evaluation else ""),
+                            list(steps),
+                            list(values),
+                            evaluation,
+                        )
+                    )
+    return out
+
+
 def plot_runs(runs: list[tuple[str, list[dict]]], path: str | Path) -> None:
-    """One panel per curve in :data:`PANELS`, one line per run; writes a PNG to ``path``."""
+    """One panel per curve in :data:`PANELS`, one colour per run: training solid, evaluation dashed with
+    markers; writes a PNG to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.5 * len(PANELS), 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (label, history) in enumerate(runs):
-        logged = [h for h in history if "loss" in h and "step" in h]
-        if not logged:
-            raise OrpoError(f"run '{label}' has no logged training steps")
-        steps = [h["step"] for h in logged]
-        color = colors[k % len(colors)]
-        for ax, (key, title) in zip(axes, PANELS, strict=True):
-            if all(key in h for h in logged):
-                ax.plot(steps, [h[key] for h in logged], color=color, label=label)
-            if key == "logps/chosen" and all("logps/rejected" in h for h in logged):
-                ax.plot(steps, [h["logps/rejected"] for h in logged], color=color, linestyle="--")
-            ax.set_title(title)
-            ax.set_xlabel("step")
+    panel_axes = {key: ax for ax, (key, _) in zip(axes, PANELS, strict=True)}
+    for curve in curves(runs):
+        style = {"linestyle": "--", "marker": "o", "markersize": 3} if curve.evaluation else {}
+        panel_axes[curve.panel].plot(
+            curve.steps, curve.values, color=colors[curve.run % len(colors)], label=curve.label, **style
+        )
+    for ax, (_, title) in zip(axes, PANELS, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("step")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(str(path), dpi=100)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from typing import Any
 import yaml
 
 from orpo.cli.axolotl import translate
-from orpo.config import ORPOConfig
+from orpo.config import ORPOConfig, accepts, field_types, type_name
 from orpo.errors import OrpoError, UsageError
 
 # Foreign name -> (our name, where it comes from).
@@ -110,34 +108,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(ORPOConfig)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(ORPOConfig) if f.init}
-
-
-def _accepts(hint, value) -> bool:
-    if hint is Any or value is None:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(arg, value) for arg in typing.get_args(hint))
-    if origin is not None:
-        hint = origin
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        if issubclass(hint, str) and hasattr(hint, "__members__"):  # str enums (schedulers, strategies)
-            return isinstance(value, str)
-        return isinstance(value, hint)
-    return True
-
-
-def _type_name(hint) -> str:
-    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
 def _as_number(value):
     """``"1e-5"`` as 1e-05: PyYAML reads exponents without a dot as strings (YAML 1.1)."""
     if isinstance(value, str):
@@ -155,8 +125,8 @@ def coerce_cli_value(key: str, text: str):
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
-    hint = _field_types().get(key)
-    if hint is not None and not _accepts(hint, value) and _accepts(hint, text):
+    hint = field_types().get(key)
+    if hint is not None and not accepts(hint, value) and accepts(hint, text):
         return text  # e.g. a run_name that looks like a number
     return value
 
@@ -178,7 +148,7 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
         raise UsageError(
             "'stage: dpo' without 'pref_loss: orpo' is DPO in LLaMA-Factory; orpo trains ORPO only"
         )
-    fields = _field_types()
+    fields = field_types()
     for key, value in merged.items():
         if key in METHOD_SWITCHES:
             what, orpo_values = METHOD_SWITCHES[key]
@@ -195,11 +165,11 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
         if key not in fields and key not in RUN_KEYS:
             unknown.append(key)
             continue
-        if key in fields and not _accepts(fields[key], value) and _accepts(fields[key], _as_number(value)):
+        if key in fields and not accepts(fields[key], value) and accepts(fields[key], _as_number(value)):
             value = _as_number(value)
-        if key in fields and not _accepts(fields[key], value):
+        if key in fields and not accepts(fields[key], value):
             raise UsageError(
-                f"config key '{key}' must be {_type_name(fields[key])}, got {type(value).__name__} {value!r}"
+                f"config key '{key}' must be {type_name(fields[key])}, got {type(value).__name__} {value!r}"
             )
         values[key] = value
     if unknown:

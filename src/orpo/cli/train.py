@@ -99,6 +99,8 @@ def _resolve_run(args: argparse.Namespace):
     resolved = to_yaml(run)
     print("resolved config:\n" + "\n".join(f"  {line}" for line in resolved.splitlines()), flush=True)
     out = Path(run.args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output_dir {out} is a file, not a directory; choose another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     (out / "orpo_config.yaml").write_text(resolved)
     return run
