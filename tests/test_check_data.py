@@ -69,3 +69,13 @@ def test_check_data_hub_name_with_subset_and_split(monkeypatch, capsys):
     assert main(["check-data", "org/prefs", "--subset", "en", "--split", "train_prefs"]) == 0
     assert calls == [("org/prefs", "en", "train_prefs")]
     assert "source:  org/prefs[train_prefs]" in capsys.readouterr().out
+
+
+def test_a_max_length_no_response_fits_in_says_what_limit_would(capsys):
+    """`orpo check-data` with a --max-length the prompts use up: one line that says no response token fits and
+    what max_length would (it said '0 of N kept', 'N identical pairs' and 'N dropped' at once)."""
+    argv = ["check-data", "demo:test", "--tokenizer", "demo", "--max-length", "3", "--max-prompt-length", "3"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "test.jsonl: no response token fits in any of the 200 rows" in err
+    assert "a max_length of at least 4 keeps every row" in err and "identical" not in err

@@ -158,8 +158,20 @@ def test_rows_whose_prompt_fills_max_length_are_dropped_with_a_count(tokenizer, 
 
 def test_nothing_left_is_an_error(tokenizer):
     rows = [{"prompt": "x" * 50, "chosen": "a", "rejected": "b"}]
-    with pytest.raises(OrpoError, match="no row is left"):
+    with pytest.raises(OrpoError, match="no response token fits in any of the 1 rows") as err:
         tokenize_dataset(Dataset.from_list(rows), tokenizer, TruncationLimits(10, None), source="toy")
+    assert "a max_length of at least 51 keeps every row" in str(err.value)
+
+
+def test_rows_with_no_response_left_are_dropped_not_counted_as_identical(tokenizer):
+    """With a max_length the prompts use up, both responses come out empty: those rows are dropped, and the
+    report does not also call them identical pairs (check-data printed both, which contradicted itself)."""
+    rows = [
+        {"prompt": "x" * 50, "chosen": "a", "rejected": "b"},
+        {"prompt": "ok", "chosen": "a", "rejected": "b"},
+    ]
+    _, report = tokenize_dataset(Dataset.from_list(rows), tokenizer, TruncationLimits(10, None), source="toy")
+    assert report.identical_pairs == 0 and sum(report.dropped.values()) == 1
 
 
 def test_identical_chosen_and_rejected_is_a_counted_warning(tokenizer, caplog):

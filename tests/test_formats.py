@@ -298,3 +298,19 @@ def test_implicit_text_without_an_assistant_marker_splits_as_trl_does(tmp_path):
     report = check_data(str(path))
     assert "2 rows split at the longest common prefix (TRL's extract_prompt)" in report
     assert "1 rows split at the last assistant marker" in report
+
+
+def test_wrong_column_names_are_named_as_the_file_has_them(tmp_path):
+    """A file with question/good/bad: the message lists the file's own columns (not 'prompt', the name
+    'question' is read as) and how to map them from the command line, a config file and Python."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "q", "good": "a", "bad": "b"}) + "\n")
+    with pytest.raises(OrpoError) as err:
+        normalize_source(load_source(path))
+    message = str(err.value)
+    assert "['question', 'good', 'bad']" in message and "'prompt'" not in message.split("columns are")[1]
+    assert (
+        "--columns prompt=COL" in message
+        and "dataset_columns:" in message
+        and "ORPOConfig(dataset_columns" in message
+    )

@@ -33,8 +33,8 @@ def check_data(
     pairs = read_pairs(
         source, fmt=fmt, columns=columns, skip_invalid=skip_invalid, split=split, subset=subset
     )
-    dataset, skipped, name = pairs.dataset, pairs.skipped, pairs.name
-    lines = [f"source:  {name}", f"format:  {pairs.format}", f"rows:    {len(dataset)} valid"]
+    dataset, skipped, source_name = pairs.dataset, pairs.skipped, pairs.name
+    lines = [f"source:  {source_name}", f"format:  {pairs.format}", f"rows:    {len(dataset)} valid"]
     for rule, count in sorted(pairs.splits.items()):
         lines.append(f"prompt:  {count} rows split {rule}")
     if skipped:
@@ -44,13 +44,15 @@ def check_data(
         lines.append("(give --tokenizer to see token lengths, truncation and the rendered first row)")
         return "\n".join(lines)
 
-    untruncated, _ = tokenize_dataset(dataset, tokenizer, TruncationLimits(None, None, None), source=name)
+    untruncated, _ = tokenize_dataset(
+        dataset, tokenizer, TruncationLimits(None, None, None), source=source_name
+    )
     lines.append("token lengths:")
     for name in ("prompt", "chosen", "rejected"):
         lengths = [len(ids) for ids in untruncated[f"{name}_input_ids"]]
         lines.append(f"  {name:<9}{_percentiles(lengths)}")
     limits = limits or TruncationLimits()
-    truncated, report = tokenize_dataset(dataset, tokenizer, limits, source=name)
+    truncated, report = tokenize_dataset(dataset, tokenizer, limits, source=source_name)
     lines.append(
         f"at max_length={limits.max_length}, max_prompt_length={limits.max_prompt_length}, "
         f"max_completion_length={limits.max_completion_length}:"

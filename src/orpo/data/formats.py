@@ -162,11 +162,22 @@ def _implicit_messages(chosen: list[dict], rejected: list[dict]) -> tuple[list, 
     return chosen[:common], chosen[common:], rejected[common:]
 
 
-def detect_format(columns: list[str], first_row: dict) -> str:
-    """``standard``, ``conversational`` or ``implicit`` from the (mapped) columns and one row."""
+# How to map columns, spelled for every place a user can be.
+COLUMNS_HELP = (
+    "map yours with --columns prompt=COL,chosen=COL,rejected=COL (orpo train / check-data), "
+    "'dataset_columns: {prompt: COL, chosen: COL, rejected: COL}' in a config file, or "
+    "ORPOConfig(dataset_columns={...}) in Python"
+)
+
+
+def detect_format(
+    columns: list[str], first_row: dict, source: str = "the data", found: list | None = None
+) -> str:
+    """``standard``, ``conversational`` or ``implicit`` from the (mapped) columns and one row; ``found`` are the
+    source's own column names, for the message."""
     if "chosen" not in columns or "rejected" not in columns:
         raise OrpoError(
-            f"the data needs 'chosen' and 'rejected' columns, found {columns}; map yours with columns="
+            f"{source} needs 'chosen' and 'rejected' columns; its columns are {found or columns}; {COLUMNS_HELP}"
         )
     if "prompt" not in columns:
         return "implicit"
@@ -260,7 +271,7 @@ def normalize_source(
         raise OrpoError(f"{loaded.name}: no rows")
     first = {renames.get(k, k): v for k, v in loaded.rows[0].items()}
     if fmt == "auto":
-        fmt = detect_format(mapped_columns, first)
+        fmt = detect_format(mapped_columns, first, loaded.name, present)
     elif fmt not in FORMATS:
         raise OrpoError(f"unknown data format '{fmt}' (use auto, {', '.join(FORMATS)})")
     rows, problems = [], []

@@ -237,26 +237,27 @@ def tokenize_dataset(
         load_from_cache_file=cache_file is not None,
     )
     report.prompts_truncated = sum(encoded["_prompt_truncated"])
-    report.identical_pairs = sum(
-        c == r for c, r in zip(encoded["chosen_input_ids"], encoded["rejected_input_ids"], strict=True)
-    )
     report.responses_truncated = sum(encoded["_response_truncated"])
-    empty = [
-        i
-        for i, (c, r) in enumerate(
-            zip(encoded["chosen_input_ids"], encoded["rejected_input_ids"], strict=True)
-        )
-        if not c or not r
-    ]
+    chosen, rejected = encoded["chosen_input_ids"], encoded["rejected_input_ids"]
+    empty = {i for i, (c, r) in enumerate(zip(chosen, rejected, strict=True)) if not c or not r}
+    # Among the rows kept: a row with no response token left is dropped, not an identical pair.
+    report.identical_pairs = sum(
+        c == r for i, (c, r) in enumerate(zip(chosen, rejected, strict=True)) if i not in empty
+    )
     if empty:
         report.dropped["the prompt fills max_length, no response token fits"] = len(empty)
-        drop = set(empty)
-        encoded = encoded.select([i for i in range(len(encoded)) if i not in drop])
+        if len(empty) == len(encoded):
+            longest = max(len(ids) for ids in encoded["prompt_input_ids"])
+            raise OrpoError(
+                f"{source}: no response token fits in any of the {len(encoded)} rows: max_length "
+                f"{limits.max_length} is used up by the prompts (up to {longest} tokens after max_prompt_length "
+                f"{limits.max_prompt_length}); a max_length of at least {longest + 1} keeps every row, or lower "
+                "max_prompt_length"
+            )
+        encoded = encoded.select([i for i in range(len(encoded)) if i not in empty])
     encoded = encoded.remove_columns(["_prompt_truncated", "_response_truncated"])
     if report.prompts_truncated or report.responses_truncated or report.dropped or report.identical_pairs:
         logger.warning(report.summary())
-    if report.rows_out == 0:
-        raise OrpoError(f"{source}: no row is left after tokenization ({report.summary()})")
     return encoded, report
 
 
