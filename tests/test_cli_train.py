@@ -241,3 +241,23 @@ def test_config_flag_as_in_trls_cli(tmp_path, capsys):
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert main(["train", str(config), "--config", str(tmp_path / "other.yaml")]) == 2
     assert "two config files" in capsys.readouterr().err
+
+
+def test_every_path_in_a_config_file_is_relative_to_it(tmp_path, monkeypatch):
+    """The model folder, like the datasets, is found next to the config file, whatever the current directory."""
+    from conftest import make_model
+    from orpo.demo import demo_tokenizer
+
+    project = tmp_path / "project"
+    make_model().save_pretrained(str(project / "base"))
+    demo_tokenizer().save_pretrained(str(project / "base"))
+    (project / "run.yaml").write_text(
+        "model: base\ndatasets: [demo:train]\nmax_steps: 1\nsave_strategy: 'no'\ndisable_tqdm: true\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", str(project / "run.yaml")]) == 0
+    saved = yaml.safe_load((tmp_path / "out" / "orpo_config.yaml").read_text())
+    assert saved["model"]["name"] == str(project / "base")

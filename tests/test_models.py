@@ -63,7 +63,7 @@ def test_model_given_as_a_path_loads_model_and_tokenizer(tmp_path, model, tokeni
 def test_missing_model_path_is_a_clear_error(tmp_path, tokenizer, toy_dataset):
     from orpo.errors import OrpoError
 
-    with pytest.raises(OrpoError, match="could not load a causal LM from"):
+    with pytest.raises(OrpoError, match="nope.: no such file or directory"):
         ORPOTrainer(
             model=str(tmp_path / "nope"),
             args=config(tmp_path),
@@ -135,3 +135,38 @@ def test_the_tokenizer_comes_from_where_the_model_came_from(tmp_path, tokenizer)
     assert trainer.processing_class.get_vocab() == tokenizer.get_vocab()
     with pytest.raises(OrpoError, match="built in memory, so there is no name or folder"):
         ORPOTrainer(model=make_model(), args=config(tmp_path), train_dataset=data)
+
+
+def test_local_paths_are_paths_and_adapters_record_where_their_base_is(tmp_path, monkeypatch, tokenizer):
+    """A relative folder loads as a path and is recorded absolute (a LoRA adapter's base_model_name_or_path
+    then works from any directory); something written as a path that does not exist is a clear error at
+    once, not a minute of hub retries."""
+    import json
+
+    import peft
+
+    from conftest import toy_rows
+    from orpo.errors import OrpoError
+    from orpo.models import load_causal_lm
+
+    monkeypatch.chdir(tmp_path)
+    make_model().save_pretrained("demo-base")
+    tokenizer.save_pretrained("demo-base")
+    assert load_causal_lm("demo-base").name_or_path == str(tmp_path / "demo-base")
+    for missing in ("./nope", "../nope", "~/nope-orpo", "some/deep/path"):
+        with pytest.raises(OrpoError, match="no such file or directory"):
+            load_causal_lm(missing)
+    from datasets import Dataset
+
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])
+    trainer = ORPOTrainer(
+        model="demo-base",
+        args=config(tmp_path, max_steps=1),
+        train_dataset=Dataset.from_list(toy_rows(4)),
+        peft_config=lora,
+    )
+    trainer.save_model(str(tmp_path / "adapter"))
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
+    assert recorded == str(tmp_path / "demo-base")

@@ -71,6 +71,19 @@ def check_adapter_base(path: str | Path) -> None:
         )
 
 
+def local_or_hub(name: str) -> str:
+    """A model or tokenizer name as the loaders should get it: an existing local path, absolute (so a LoRA
+    adapter records where its base is, usable from any directory); one written as a path (starting with
+    '/', '.' or '~', or with more than one '/') that does not exist is an error here, not a minute of hub
+    retries ending in a network error; anything else is a hub name."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise OrpoError(f"'{name}': no such file or directory (a local model path; hub names are ORG/NAME)")
+    return name
+
+
 def gguf_location(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str] | None:
     """``(folder, file name)`` when the model is a GGUF file: a path ending in ``.gguf``, or ``gguf_file``
     inside the folder ``name_or_path`` (the config's ``model: {name: DIR, gguf_file: FILE}``); else None."""
@@ -115,6 +128,7 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None, seed: int
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     kwargs.setdefault("trust_remote_code", False)
+    name_or_path = local_or_hub(name_or_path)
     check_adapter_base(name_or_path)
     gguf = gguf_location(name_or_path, kwargs.pop("gguf_file", None))
     try:
@@ -137,6 +151,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, gguf_file
         from orpo.demo import demo_tokenizer
 
         return demo_tokenizer()
+    name_or_path = local_or_hub(name_or_path)
     gguf = gguf_location(name_or_path, gguf_file)
     try:
         if gguf is not None:

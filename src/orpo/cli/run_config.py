@@ -132,9 +132,14 @@ def coerce_cli_value(key: str, text: str):
 
 
 def relative_to(base: Path, spec):
-    """A dataset path written relative to the config file, if it exists there."""
+    """A path written in a config file (a dataset, the model, ...), relative to the file's folder if it
+    exists there; anything else (a hub name, a path from elsewhere, Jinja) as it is."""
     path = spec["path"] if isinstance(spec, dict) else spec
-    if isinstance(path, str) and not Path(path).is_absolute() and (base / path).exists():
+    try:
+        here = isinstance(path, str) and not Path(path).is_absolute() and (base / path).exists()
+    except OSError:  # not a path at all (e.g. a long Jinja template)
+        here = False
+    if here:
         path = str(base / path)
     return {**spec, "path": path} if isinstance(spec, dict) else path
 

@@ -88,10 +88,14 @@ def _resolve_run(args: argparse.Namespace):
         if flag is not None:
             overrides[key] = flag
     run = resolve(raw, overrides)
-    if args.config:  # dataset paths in a config file are relative to it
+    if args.config:  # paths in a config file (data, model, tokenizer, template) are relative to it
         base = Path(args.config).resolve().parent
         run.datasets = [relative_to(base, spec) for spec in run.datasets]
         run.eval_datasets = [relative_to(base, spec) for spec in run.eval_datasets]
+        if "model" not in overrides:  # --model on the command line is relative to where it is typed
+            run.model["name"] = relative_to(base, run.model["name"])
+        run.tokenizer = relative_to(base, run.tokenizer) if run.tokenizer else run.tokenizer
+        run.chat_template = relative_to(base, run.chat_template) if run.chat_template else run.chat_template
     for note in run.notes:
         print(f"note: {note}")
     for variable, value in run.env.items():  # W&B's settings from an Axolotl config
