@@ -152,10 +152,38 @@ def test_cli_errors_exit_non_zero_without_traceback(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
-def test_resume_without_checkpoint_says_so(tmp_path, capsys):
+def test_resume_without_checkpoint_says_so(tmp_path, capsys, monkeypatch):
+    """Before the output directory is made, the resolved config written or the model loaded."""
+    import orpo.models
+
+    monkeypatch.setattr(orpo.models, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
     code = main(demo_train_argv(tmp_path / "r", "--resume", max_steps=1))
     assert code == 1
     assert "--resume: no checkpoint to resume from" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path, capsys):
+    """Re-running a finished run's command used to overwrite its model silently and leave its later
+    checkpoints beside the new ones, for a later --resume to pick up."""
+    out = tmp_path / "run"
+    argv = demo_train_argv(out, max_steps=4, save_steps=2, per_device_train_batch_size=4)
+    assert main(argv) == 0
+    model = (out / "model.safetensors").read_bytes()
+    assert main(demo_train_argv(out, max_steps=2, save_steps=1, per_device_train_batch_size=4)) == 2
+    err = capsys.readouterr().err
+    assert (
+        "already holds a finished run" in err and "--overwrite_output_dir true" in err and "--resume" in err
+    )
+    assert (out / "model.safetensors").read_bytes() == model  # untouched
+    again = demo_train_argv(
+        out, max_steps=2, save_steps=1, per_device_train_batch_size=4, overwrite_output_dir="true"
+    )
+    assert main(again) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-1",
+        "checkpoint-2",
+    ]  # old 4 removed
 
 
 def test_config_files_parse(tmp_path):

@@ -201,6 +201,14 @@ class ORPOConfig(TrainingArguments):
             "chunk instead of 4), when every pair's scored tokens fit in one chunk; exact either way."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "orpo train: start over in an output_dir that holds a finished run or checkpoints (its "
+            "checkpoints are removed first); without it such a directory is refused unless resuming "
+            "(transformers < 5 had this option)."
+        },
+    )
     val_set_size: float = field(
         default=0.0,
         metadata={

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -103,11 +104,38 @@ def _resolve_run(args: argparse.Namespace):
     resolved = to_yaml(run)
     print("resolved config:\n" + "\n".join(f"  {line}" for line in resolved.splitlines()), flush=True)
     out = Path(run.args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output_dir {out} is a file, not a directory; choose another --output-dir")
+    _check_output_dir(out, args.resume, run.args.overwrite_output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "orpo_config.yaml").write_text(resolved)
     return run
+
+
+def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Before anything is written or loaded: a file is no output directory; a directory holding a finished run
+    or checkpoints is only resumed (--resume) or started over (--overwrite_output_dir true, its checkpoints
+    removed first, so a later resume cannot pick up the old run's); --resume needs a checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output_dir {out} is a file, not a directory; choose another --output-dir")
+    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+    if resume:
+        if not checkpoints:
+            raise OrpoError(f"--resume: no checkpoint to resume from in {out}")
+        return
+    finished = any((out / name).exists() for name in ("model.safetensors", "adapter_model.safetensors"))
+    if not (finished or checkpoints):
+        return
+    if not overwrite:
+        what = (
+            "a finished run (its model)"
+            if finished
+            else f"{len(checkpoints)} checkpoint(s) of an earlier run"
+        )
+        raise UsageError(
+            f"output_dir {out} already holds {what}: pass --resume to continue it, --overwrite_output_dir true to "
+            "start over there, or choose another --output-dir"
+        )
+    for checkpoint in checkpoints:
+        shutil.rmtree(checkpoint)
 
 
 def _trainer_for(run):
