@@ -71,6 +71,16 @@ CASES = [
     ("config-max-length-negative", lambda t: yaml_config(t, ["max_length: -5"]), 2, "max_length"),
     ("config-beta-and-alpha", lambda t: yaml_config(t, ["beta: 0.1", "orpo_alpha: 0.2"]), 2, "both 'beta' and 'orpo_alpha'"),
     ("config-no-datasets", lambda t: ["train", write(t, "x.yaml", "model: demo\n")], 2, "needs 'datasets'"),
+    ("config-duplicate-key", lambda t: yaml_config(t, ["max_steps: 1", "max_steps: 2"]), 2, "key 'max_steps' is given twice (lines 3 and 4)"),
+    ("config-lr-negative", lambda t: yaml_config(t, ["learning_rate: -1.0e-5"]), 2, "learning_rate must be >= 0"),
+    ("config-batch-zero", lambda t: yaml_config(t, ["per_device_train_batch_size: 0"]), 2, "per_device_train_batch_size must be >= 1"),
+    ("config-accumulation-zero", lambda t: yaml_config(t, ["gradient_accumulation_steps: 0"]), 2, "gradient_accumulation_steps must be >= 1"),
+    ("config-beta-inf", lambda t: yaml_config(t, ["orpo_beta: .inf"]), 2, "orpo_beta must be a finite number"),
+    ("config-alpha-nan", lambda t: yaml_config(t, ["orpo_alpha: .nan"]), 2, "orpo_alpha must be a finite number"),
+    *[
+        (f"config-weight-{name}", lambda t, w=w: ["train", write(t, "w.yaml", f"model: demo\ndatasets:\n  - {{path: demo:test, weight: {w}}}\n")], 2, "weight must be a number above 0")
+        for name, w in (("abc", "abc"), ("nan", ".nan"), ("inf", ".inf"), ("zero", "0"))
+    ],
     # command line
     ("cli-flag-wrong-type", flags("--learning_rate", "abc"), 2, "learning_rate"),
     ("cli-output-dir-is-a-file", lambda t: ["train", "--model", "demo", "--dataset", "demo:test", "--output-dir", write(t, "taken", "x")], 2, "is a file, not a directory"),
@@ -121,3 +131,45 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, monkeypatch, builder, code
 
 def test_the_table_is_long_enough():
     assert len(CASES) >= 25
+
+
+def test_plot_problems_are_one_line_errors(tmp_path, capsys):
+    """An empty run folder, a damaged trainer_state.json, an --output folder that does not exist."""
+    (tmp_path / "empty").mkdir()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "trainer_state.json").write_text("{not json")
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    (nothing / "trainer_state.json").write_text('{"log_history": []}')
+    for argv, message in (
+        (["plot", str(tmp_path / "empty")], "no trainer_state.json"),
+        (["plot", str(damaged)], "not a readable training log"),
+        (["plot", str(nothing)], "has no logged training steps"),
+        (["plot", str(nothing), "--output", str(tmp_path / "missing" / "c.png")], "does not exist"),
+    ):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "--model", "demo", "--max-new-tokens", "-1", "--prompt", "x"], "must be at least 1"),
+        (["generate", "--model", "demo", "--top-p", "5", "--prompt", "x"], "must be above 0 and at most 1"),
+        (["generate", "--model", "demo", "--temperature", "-1", "--prompt", "x"], "a finite number from 0"),
+        (["eval", "--model", "demo", "--data", "demo:test", "--batch-size", "0"], "must be at least 1"),
+        (["check-data", "demo:test", "--max-length", "0"], "must be at least 1"),
+    ],
+)
+def test_out_of_range_flags_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_prompts_file_that_does_not_exist(tmp_path, capsys):
+    assert main(["generate", "--model", "demo", "--prompts", str(tmp_path / "missing.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err

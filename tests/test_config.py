@@ -70,3 +70,12 @@ def test_numbers_of_the_wrong_type_are_errors_from_python_too(tmp_path):
     with pytest.raises(OrpoError, match=r"per_device_train_batch_size must be int, got float 1.5"):
         ORPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=1.5)
     assert ORPOConfig(output_dir=str(tmp_path), learning_rate=1).learning_rate == 1  # an int is a float
+
+
+def test_negative_step_counts_are_errors(tmp_path):
+    """max_steps -5 used to train by epochs silently; -1 (the default) still means 'by epochs'."""
+    with pytest.raises(
+        OrpoError, match="max_steps must be a number of steps, or -1 to train by epochs; got -5"
+    ):
+        ORPOConfig(output_dir=str(tmp_path), max_steps=-5)
+    assert ORPOConfig(output_dir=str(tmp_path)).max_steps == -1

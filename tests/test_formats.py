@@ -314,3 +314,19 @@ def test_wrong_column_names_are_named_as_the_file_has_them(tmp_path):
         and "dataset_columns:" in message
         and "ORPOConfig(dataset_columns" in message
     )
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, suffix):
+    """Windows editors and Excel start files with a UTF-8 byte-order mark; it was read into the first row
+    or the first CSV header ('\\ufeffprompt'), so every row failed."""
+    row = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    text = {
+        ".jsonl": json.dumps(row) + "\n",
+        ".json": json.dumps([row]),
+        ".csv": "prompt,chosen,rejected\np,c,r\n",
+    }[suffix]
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    dataset, fmt, _ = normalize_source(load_source(path))
+    assert fmt == "standard" and dataset[0] == row

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -307,10 +308,26 @@ class ORPOConfig(TrainingArguments):
                 raise OrpoError(f"{name} must be {type_name(hint)}, got {type(value).__name__} {value!r}")
 
     def _validate_orpo_fields(self) -> None:
+        for name in ("orpo_alpha", "orpo_beta", "learning_rate"):
+            if not math.isfinite(getattr(self, name)):
+                raise OrpoError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.orpo_alpha < 0:
             raise OrpoError(f"orpo_alpha must be >= 0, got {self.orpo_alpha}")
         if self.orpo_beta <= 0:
             raise OrpoError(f"orpo_beta must be > 0, got {self.orpo_beta}")
+        if self.learning_rate < 0:
+            raise OrpoError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise OrpoError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < -1:  # -1 (the default) means: train by epochs
+            raise OrpoError(
+                f"max_steps must be a number of steps, or -1 to train by epochs; got {self.max_steps}"
+            )
         for name in ("max_length", "max_prompt_length", "max_completion_length"):
             value = getattr(self, name)
             if value is not None and value < 1:

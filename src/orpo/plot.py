@@ -28,8 +28,14 @@ def read_log_history(run_dir: str | Path) -> list[dict]:
     candidates += checkpoints[::-1]
     for path in candidates:
         if path.is_file():
-            data = json.loads(path.read_text())
-            return data["log_history"] if isinstance(data, dict) else data
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise OrpoError(f"{path}: not a readable training log ({err})") from err
+            history = data.get("log_history") if isinstance(data, dict) else data
+            if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+                raise OrpoError(f"{path}: no log_history list of logged steps in it")
+            return history
     raise OrpoError(f"{run}: no trainer_state.json, log_history.json or checkpoint-*/trainer_state.json")
 
 
@@ -73,6 +79,8 @@ def curves(runs: list[tuple[str, list[dict]]]) -> list[Curve]:
 def plot_runs(runs: list[tuple[str, list[dict]]], path: str | Path) -> None:
     """One panel per curve in :data:`PANELS`, one colour per run: training solid, evaluation dashed with
     markers; writes a PNG to ``path``."""
+    if not Path(path).resolve().parent.is_dir():
+        raise OrpoError(f"--output {path}: the folder {Path(path).parent} does not exist")
     import matplotlib
 
     matplotlib.use("Agg")

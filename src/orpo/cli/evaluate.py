@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from orpo import defaults
-from orpo.cli.options import add_length_limits, add_trust_remote_code, remote_code
+from orpo.cli.options import add_length_limits, add_trust_remote_code, positive_int, remote_code
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
         "--nll-include-prompt", action="store_true", help="score the prompt tokens in the NLL too"
     )
     add_length_limits(evaluate)
-    evaluate.add_argument("--batch-size", type=int, default=8, help="pairs per evaluation batch")
+    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="pairs per evaluation batch")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_trust_remote_code(evaluate)
     return evaluate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from orpo.cli.options import add_trust_remote_code, remote_code
+from orpo.cli.options import add_trust_remote_code, non_negative, positive_int, probability, remote_code
 from orpo.errors import UsageError
 
 
@@ -20,10 +20,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
     generate.add_argument("--tokenizer", help="default: the model's")
     generate.add_argument("--prompt", help="one prompt")
     generate.add_argument("--prompts", help="file with one prompt per line")
-    generate.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling (with a temperature above 0)"
+        "--max-new-tokens", type=positive_int, default=128, help="at most this many new tokens"
+    )
+    generate.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy")
+    generate.add_argument(
+        "--top-p", type=probability, default=1.0, help="nucleus sampling (with a temperature above 0)"
     )
     generate.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
     add_trust_remote_code(generate)
@@ -43,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt:
         prompts = [args.prompt]
     else:
+        if not Path(args.prompts).is_file():
+            raise UsageError(f"--prompts {args.prompts}: no such file")
         lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
         prompts = [line.rstrip("\n") for line in lines if line.strip()]
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, remote_code(args))

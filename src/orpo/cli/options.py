@@ -16,11 +16,11 @@ def add_trust_remote_code(parser: argparse.ArgumentParser, what: str = "the mode
 
 def add_length_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--max-length", type=int, default=defaults.MAX_LENGTH, help="max prompt + response tokens"
+        "--max-length", type=positive_int, default=defaults.MAX_LENGTH, help="max prompt + response tokens"
     )
     parser.add_argument(
         "--max-prompt-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="max prompt tokens, keeping the end (default: half of --max-length)",
     )
@@ -42,3 +42,36 @@ def parse_columns(text: str | None) -> dict[str, str] | None:
             raise UsageError(f"--columns takes prompt=COL,chosen=COL,rejected=COL; got '{item}'")
         mapping[target.strip()] = source.strip()
     return mapping
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number from 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {value}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number from 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number from 0, got {value}")
+    return value

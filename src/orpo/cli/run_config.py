@@ -20,6 +20,7 @@ import yaml
 
 from orpo.cli.axolotl import translate
 from orpo.config import ORPOConfig, accepts, field_types, type_name
+from orpo.data import check_weight
 from orpo.errors import OrpoError, UsageError
 
 # Foreign name -> (our name, where it comes from).
@@ -90,13 +91,31 @@ class RunConfig:
     env: dict[str, str] = field(default_factory=dict)  # for trackers: WANDB_PROJECT, ...
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key '{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_StrictLoader)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise UsageError(f"config file {path}: cannot parse it: {err}") from err
     if data is None:
@@ -261,7 +280,10 @@ def _dataset_specs(value, notes: list[str]) -> list:
                 notes.append(f"dataset {item['path']}: ignoring Axolotl '{key}: {item[key]}' ({why})")
         files = item.get("data_files") or [item["path"]]
         for path in [files] if isinstance(files, str) else files:
-            spec = {"path": path, "weight": float(item.get("weight", 1.0))}
+            try:
+                spec = {"path": path, "weight": check_weight(path, _as_number(item.get("weight", 1.0)))}
+            except OrpoError as err:
+                raise UsageError(str(err)) from err
             if item.get("split"):
                 spec["split"] = item["split"]
             specs.append(spec)

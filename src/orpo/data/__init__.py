@@ -10,6 +10,7 @@ normalise, the only row checker) → tokenize (:mod:`.tokenize`: truncation, cac
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -43,10 +44,24 @@ class Pairs:
     splits: Counter = field(default_factory=Counter)  # implicit-prompt text rows by the rule that split them
 
 
+def check_weight(source, value) -> float:
+    """A source's weight: a finite number above 0 (0 would keep none of its rows)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise OrpoError(
+            f"dataset {source}: weight must be a number above 0 (a fraction or a repeat count), got {value!r}"
+        )
+    return float(value)
+
+
 def _source_weight_split(spec) -> tuple[object, float, str | None]:
     """A source, its weight and its own split (None: the caller's), from any way of writing one."""
     if isinstance(spec, dict) and "path" in spec:
-        return spec["path"], float(spec.get("weight", 1.0)), spec.get("split")
+        return spec["path"], check_weight(spec["path"], spec.get("weight", 1.0)), spec.get("split")
     if isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], int | float):
         return spec[0], float(spec[1]), None
     return spec, 1.0, None
@@ -85,8 +100,7 @@ def read_pairs(
     parts, formats, names, skipped, splits = [], set(), [], [], Counter()
     for k, item in enumerate(specs):
         source, weight, own_split = _source_weight_split(item)
-        if weight < 0:
-            raise OrpoError(f"source {source}: weight must be >= 0, got {weight}")
+        check_weight(source, weight)
         loaded = load_source(source, split=own_split or split, subset=subset)
         dataset, detected, problems = normalize_source(
             loaded, fmt=fmt, columns=columns, skip_invalid=skip_invalid, splits=splits

@@ -52,7 +52,8 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
             start = offset
             offset += len(raw)
             try:
-                text = raw.decode("utf-8")
+                # utf-8-sig: a byte-order mark at the start (Windows editors write one) is not part of the JSON
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 problems.append(f"{path}:{number}: not UTF-8 (byte offset {start + err.start} in the file)")
                 continue
@@ -74,7 +75,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
 
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         raise OrpoError(f"{path}: not UTF-8 (byte offset {err.start})") from err
     except json.JSONDecodeError as err:
@@ -94,7 +95,7 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
     rows, origins = [], []
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel starts its CSV with a byte-order mark
             reader = csv.DictReader(f)
             start = None
             for row in reader:
