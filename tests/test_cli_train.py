@@ -289,3 +289,48 @@ def test_every_path_in_a_config_file_is_relative_to_it(tmp_path, monkeypatch):
     assert main(["train", str(project / "run.yaml")]) == 0
     saved = yaml.safe_load((tmp_path / "out" / "orpo_config.yaml").read_text())
     assert saved["model"]["name"] == str(project / "base")
+
+
+def test_resume_passes_over_incomplete_or_damaged_checkpoints(tmp_path, capsys):
+    """A checkpoint without its optimizer state, with a garbage trainer_state.json or a truncated
+    model.safetensors is named and passed over for the newest complete one (resuming without the optimizer
+    state used to exit 0 having trained elsewhere); with none complete, one line says why."""
+    out = tmp_path / "run"
+    assert main(demo_train_argv(out, max_steps=6, save_steps=2, per_device_train_batch_size=4)) == 0
+    (out / "checkpoint-6" / "optimizer.pt").unlink()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{garbage")
+    capsys.readouterr()
+    assert (
+        main(demo_train_argv(out, "--resume", max_steps=8, save_steps=2, per_device_train_batch_size=4)) == 0
+    )
+    err = capsys.readouterr().err
+    assert "skips checkpoint-6: optimizer.pt is missing" in err
+    assert "skips checkpoint-4: trainer_state.json is damaged" in err
+    assert "resuming from checkpoint-2" in err
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    for checkpoint in out.glob("checkpoint-*"):
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    assert main(demo_train_argv(out, "--resume", max_steps=10, per_device_train_batch_size=4)) == 1
+    err = capsys.readouterr().err
+    assert "--resume: no complete checkpoint" in err and "model.safetensors is damaged" in err
+    assert "Traceback" not in err
+
+
+def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two `orpo train` into one output directory at once used to both exit 0 with their checkpoints and
+    models mixed. The first holds a lock the operating system drops when it ends, however it ends."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".orpo-train.lock", "a+") as other:  # another run, holding the directory
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("pid 4242")
+        other.flush()
+        assert main(demo_train_argv(out, max_steps=1)) == 2
+        err = capsys.readouterr().err
+        assert "is in use by another orpo train (pid 4242)" in err
+        assert not (out / "orpo_config.yaml").exists()
+    assert main(demo_train_argv(out, max_steps=1)) == 0  # released: the directory is free again

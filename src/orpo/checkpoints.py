@@ -11,8 +11,11 @@ does it rotate old checkpoints, so ``save_total_limit`` never deletes the last g
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import zipfile
+from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -90,3 +93,59 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """What keeps ``checkpoint`` from restoring a run exactly, or None: a state file missing (a resume without
+    the optimizer or scheduler state would silently train elsewhere), or one that is damaged (an unreadable
+    trainer_state.json or safetensors header, a .pt that is no torch archive). Engines that save their own
+    state (DeepSpeed's global_step*/, FSDP's optimizer_*) count as having the optimizer's."""
+    path = Path(checkpoint)
+    names = {p.name for p in path.iterdir()}
+    if "trainer_state.json" not in names:
+        return "trainer_state.json is missing"
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"trainer_state.json is damaged ({err})"
+    engine_optimizer = any(n.startswith(("global_step", "optimizer_")) for n in names)
+    for required in ("scheduler.pt", *(() if engine_optimizer else ("optimizer.pt",))):
+        if required not in names:
+            return f"{required} is missing"
+        if not zipfile.is_zipfile(path / required):
+            return f"{required} is damaged (not a torch archive)"
+    weights = [n for n in ("model.safetensors", "adapter_model.safetensors") if n in names]
+    if not weights and not any(
+        n.endswith(".index.json") or n.startswith("pytorch_model_fsdp") for n in names
+    ):
+        return "no model weights (model.safetensors) in it"
+    for name in weights:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path / name), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # noqa: BLE001 - any failure to read the header is damage
+            return f"{name} is damaged ({err})"
+    return None
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint in ``output_dir`` that :func:`checkpoint_problem` finds nothing wrong with, and
+    what was wrong with the newer ones (``checkpoint-N: problem``)."""
+    found = sorted(
+        (
+            p
+            for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+            if p.is_dir() and p.name.split("-")[-1].isdigit()
+        ),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    skipped = []
+    for checkpoint in found:
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, skipped
+        skipped.append(f"{checkpoint.name}: {problem}")
+    return None, skipped

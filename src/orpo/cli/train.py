@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import shlex
 import shutil
 import signal
@@ -104,10 +105,44 @@ def _resolve_run(args: argparse.Namespace):
     resolved = to_yaml(run)
     print("resolved config:\n" + "\n".join(f"  {line}" for line in resolved.splitlines()), flush=True)
     out = Path(run.args.output_dir)
+    if out.is_dir():  # first: a run in progress there is the reason to refuse, whatever else it holds
+        args.lock = _lock_output_dir(out)
     _check_output_dir(out, args.resume, run.args.overwrite_output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "lock", None) is None:
+        args.lock = _lock_output_dir(out)
     (out / "orpo_config.yaml").write_text(resolved)
     return run
+
+
+LOCK_FILE = ".orpo-train.lock"
+
+
+def _lock_output_dir(out: Path):
+    """An exclusive lock on the output directory for this run (the first process of a multi-process run
+    takes it for all): a second `orpo train` into the same directory is refused instead of mixing its
+    checkpoints and model with this one's. The operating system releases it when the process ends, however
+    it ends, so a crashed run leaves no stale lock. Returns the open lock file (kept for the run)."""
+    import fcntl
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(
+            f"output_dir {out} is in use by another orpo train ({holder}); wait for it, or choose another "
+            "--output-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
 
 
 def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -136,6 +171,20 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
         )
     for checkpoint in checkpoints:
         shutil.rmtree(checkpoint)
+
+
+def _checkpoint_to_resume(out: Path) -> str:
+    """The newest complete checkpoint; newer incomplete or damaged ones are named and passed over."""
+    from orpo.checkpoints import newest_complete_checkpoint
+
+    checkpoint, skipped = newest_complete_checkpoint(out)
+    for problem in skipped:
+        print(f"warning: --resume skips {problem}", file=sys.stderr)
+    if checkpoint is None:
+        raise OrpoError(f"--resume: no complete checkpoint in {out} ({'; '.join(skipped)})")
+    if skipped:
+        print(f"resuming from {checkpoint.name}, the newest complete checkpoint", file=sys.stderr)
+    return str(checkpoint)
 
 
 def _trainer_for(run):
@@ -186,7 +235,7 @@ def _run_training(args: argparse.Namespace) -> int:
     trainer.add_callback(stop)
     try:
         with stop:
-            result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+            result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(out) if args.resume else None)
     except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: stopped mid-step, no new checkpoint
         print(
             f"\nstopped at once during step {trainer.state.global_step + 1}; no checkpoint was written for it\n"
@@ -194,10 +243,11 @@ def _run_training(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return stop.exit_code
-    except ValueError as err:
-        if args.resume and "checkpoint" in str(err):
-            raise OrpoError(f"--resume: no checkpoint to resume from in {out} ({err})") from err
-        raise
+    except pickle.UnpicklingError as err:  # a state file weights_only loading refuses: never run it
+        raise OrpoError(
+            f"--resume: a state file in the checkpoint holds objects that safe loading (weights_only) refuses; "
+            f"nothing was loaded from it. Remove that checkpoint from {out} to resume from the one before ({err})"
+        ) from err
     if stop.received is not None:
         # Stopped at a step boundary with a checkpoint; no final model, so the output directory
         # does not look like a finished run.
