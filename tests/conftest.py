@@ -44,6 +44,7 @@ BAD_OPTION_VALUES = [
     ({"max_length": 256, "max_prompt_length": 256}, "max_prompt_length (256) must be smaller"),
     ({"logprob_chunk_size": 0}, "logprob_chunk_size must be >= 1"),
     ({"nan_policy": "ignore"}, "nan_policy must be 'error' or 'skip'"),
+    ({"divergence_factor": 0.5}, "divergence_factor must be a number above 1"),
 ]
 
 

@@ -93,3 +93,26 @@ def test_nan_policy_is_validated():
 
     with pytest.raises(OrpoError, match="nan_policy must be 'error' or 'skip'"):
         ORPOConfig(output_dir="x", nan_policy="ignore")
+
+
+def test_a_diverging_run_stops_or_warns_as_nan_policy_says(tmp_path, capsys, caplog):
+    """learning_rate 10 on the demo: the loss climbs from ~5.6 to thousands but stays finite, so the
+    non-finite guard never fired and the run ended with 'model saved' and exit 0."""
+    from conftest import demo_train_argv
+    from orpo.cli import main
+
+    base = dict(
+        max_steps=12, learning_rate=10, activation_checkpointing="false", per_device_train_batch_size=4
+    )
+    assert main(demo_train_argv(tmp_path / "error", **base)) == 1
+    err = capsys.readouterr().err
+    assert "the loss diverged" in err and "x the first step's" in err and "checkpoint-1" in err
+    assert (tmp_path / "error" / "checkpoint-1" / "model.safetensors").is_file()
+    assert not (tmp_path / "error" / "model.safetensors").exists()  # no finished-looking run
+    with caplog.at_level("WARNING", logger="orpo"):
+        assert main(demo_train_argv(tmp_path / "skip", **base, nan_policy="skip")) == 0
+    assert "the loss diverged" in caplog.text and "training on (nan_policy: skip)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="orpo"):
+        assert main(demo_train_argv(tmp_path / "off", **base, divergence_factor="null")) == 0
+    assert "diverged" not in caplog.text

@@ -195,6 +195,14 @@ class ORPOConfig(TrainingArguments):
             "('nan_skipped_batches' in the log)."
         },
     )
+    divergence_factor: float | None = field(
+        default=10.0,
+        metadata={
+            "help": "A step loss above this many times the first step's is a diverged run: with "
+            "nan_policy 'error' training stops (the weights before that step saved), with 'skip' a warning. "
+            "null: no check."
+        },
+    )
     fused_head_loss: bool = field(
         default=True,
         metadata={
@@ -344,6 +352,12 @@ class ORPOConfig(TrainingArguments):
         for name in ("padding_free", "prefix_sharing"):
             if getattr(self, name) not in (None, True, False):
                 raise OrpoError(f"{name} must be true, false or unset (auto), got {getattr(self, name)!r}")
+        if self.divergence_factor is not None and not (
+            math.isfinite(self.divergence_factor) and self.divergence_factor > 1
+        ):
+            raise OrpoError(
+                f"divergence_factor must be a number above 1, or null for no check; got {self.divergence_factor}"
+            )
         if self.nan_policy not in ("error", "skip"):
             raise OrpoError(f"nan_policy must be 'error' or 'skip', got {self.nan_policy!r}")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:

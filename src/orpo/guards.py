@@ -10,7 +10,8 @@
   the current optimizer step :class:`StopOnSignal` asks the Trainer to save a checkpoint and stop. A second
   signal stops at once (``KeyboardInterrupt``), without a new checkpoint.
 - **Non-finite losses** (:class:`NonFiniteLosses`): ``nan_policy: error`` stops with the step and the dataset
-  rows, after a checkpoint of the weights before that step; ``skip`` leaves such micro-batches out.
+  rows, after a checkpoint of the weights before that step; ``skip`` leaves such micro-batches out. A loss that
+  stays finite but explodes (:class:`Divergence`) is stopped (``error``) or warned about (``skip``) likewise.
 - **The exit.** Measured with torch 2.13 and gloo (2 CPU processes): leaving the process group's teardown to
   interpreter exit aborts about 8% of runs ("terminate called without an active exception"), and destroying
   the group while a trainer still holds references hangs about 25%; releasing the trainer and model,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import signal
 import sys
@@ -127,30 +129,63 @@ class NonFiniteLosses:
 
     def check(self, loss: torch.Tensor, rows: torch.Tensor | None, step: int) -> tuple[torch.Tensor, bool]:
         """A training micro-batch's loss: ``(loss to back-propagate, skipped)``."""
-        if self.policy != "skip":
+        if self.policy == "skip" and not bool(
+            torch.isfinite(loss.detach())
+        ):  # known before the backward: a sync
+            self.skipped += 1
+            where = rows.tolist() if rows is not None else "unknown"
+            logger.warning(
+                f"non-finite loss ({loss.item()}) at step {step}, dataset rows {where}: batch skipped"
+            )
+            loss = torch.zeros((), device=loss.device, requires_grad=True)
             self._losses.append((loss.detach(), rows))
-            return loss, False
-        if bool(torch.isfinite(loss.detach())):  # must be known before the backward: a host sync
-            return loss, False
-        self.skipped += 1
-        where = rows.tolist() if rows is not None else "unknown"
-        logger.warning(f"non-finite loss ({loss.item()}) at step {step}, dataset rows {where}: batch skipped")
-        return torch.zeros((), device=loss.device, requires_grad=True), True
+            return loss, True
+        self._losses.append((loss.detach(), rows))
+        return loss, False
 
-    def step_problem(self, accelerator, step: int) -> str | None:
-        """At the end of an optimizer step's backward passes (``error``): what was non-finite, on any
-        process, or None. Every process takes the same branch."""
+    def step_problem(self, accelerator, step: int) -> tuple[str | None, float]:
+        """At the end of an optimizer step's backward passes: what was non-finite, on any process, or None,
+        and the step's loss (the finite micro-batch losses summed over processes: the step's objective).
+        One host sync; every process takes the same branch."""
         checks, self._losses = self._losses, []
         if not checks:
-            return None
-        finite = torch.isfinite(torch.stack([loss for loss, _ in checks]))
-        bad = (~finite).sum().float()
+            return None, float("nan")
+        losses = torch.stack([loss for loss, _ in checks]).float()
+        finite = torch.isfinite(losses)
+        totals = torch.stack([(~finite).sum().float(), torch.where(finite, losses, 0.0).sum()])
         if accelerator.num_processes > 1:
-            bad = accelerator.reduce(bad, reduction="sum")
-        if not bool(bad):
-            return None
+            totals = accelerator.reduce(totals, reduction="sum")
+        bad, total = totals.tolist()
+        if not bad:
+            return None, total
         local = [(loss, rows) for (loss, rows), ok in zip(checks, finite.tolist(), strict=True) if not ok]
         rows = [r for _, r in local for r in (r.tolist() if r is not None else ["unknown"])]
         value = local[0][0].item() if local else float("nan")
         where = f"dataset rows {rows}" if local else "another process's batch"
-        return f"non-finite loss ({value}) at step {step}, {where}"
+        return f"non-finite loss ({value}) at step {step}, {where}", total
+
+
+class Divergence:
+    """A run whose loss stays finite but explodes (``learning_rate: 10`` on the demo climbs from ~5.6 to
+    thousands, and the non-finite guard never fires): a step loss above ``factor`` times the first step's (the
+    loss where training started) is reported once. The trainer applies ``nan_policy``: ``error`` stops with
+    the weights from before that step saved, ``skip`` warns and trains on. ``factor`` None: no check."""
+
+    def __init__(self, factor: float | None):
+        self.factor = factor
+        self.start: float | None = None
+        self.reported = False
+
+    def observe(self, loss: float, step: int) -> str | None:
+        if self.factor is None or self.reported or not math.isfinite(loss):
+            return None
+        if self.start is None:
+            self.start = loss
+            return None
+        if self.start <= 0 or loss <= self.factor * self.start:
+            return None
+        self.reported = True
+        return (
+            f"the loss diverged: {loss:.4g} at step {step}, {loss / self.start:.0f}x the first step's "
+            f"({self.start:.4g})"
+        )

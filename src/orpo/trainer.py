@@ -29,7 +29,7 @@ from orpo.data.collator import check_collator
 from orpo.data.tokenize import ROW_INDEX, TOKENIZED_COLUMNS
 from orpo.errors import OrpoError
 from orpo.generation import eval_samples, publish_generations
-from orpo.guards import NonFiniteLosses, require_distributed_launch
+from orpo.guards import Divergence, NonFiniteLosses, require_distributed_launch
 from orpo.head import HeadRunner, HeadSettings
 from orpo.layouts import PADDED, Layout, agreed_layout, check_mode, choose_layout, model_inputs, verify_layout
 from orpo.loss import means_from_sums, orpo_loss
@@ -117,6 +117,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         )
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._non_finite = NonFiniteLosses(args.nan_policy, args.world_size)
+        self._divergence = Divergence(args.divergence_factor)
         self._eval_prefix = "eval"
         self._config_of: tuple[nn.Module, object] | None = None  # (model, its config), see _model_config
         try:
@@ -356,10 +357,16 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         step = self.state.global_step + 1
-        problem = self._non_finite.step_problem(self.accelerator, step)
+        problem, step_loss = self._non_finite.step_problem(self.accelerator, step)
         if problem is not None:
             advice = ". Check those rows and the learning rate, or pass --nan-policy skip to leave such batches out"
             self._stop_before_step(model, problem, advice)
+        if (diverged := self._divergence.observe(step_loss, step)) is not None:
+            if self.args.nan_policy == "error":
+                self._stop_before_step(
+                    model, diverged, ". Lower the learning rate, or set divergence_factor: null"
+                )
+            logger.warning(f"{diverged}; training on (nan_policy: skip)")
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if grad_norm is not None and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
             # A finite loss with a non-finite gradient cannot be left out of an update already
