@@ -44,6 +44,29 @@ def tokenizer_without_template(tmp_path):
     return str(folder)
 
 
+def alias_bomb() -> str:
+    """Nine levels of nine aliases under a known key: 9**9 values once expanded."""
+    lines = [
+        "model: demo",
+        "datasets: demo:test",
+        "model_init_kwargs:",
+        "  a0: &a0 [x, x, x, x, x, x, x, x, x]",
+    ]
+    for level in range(1, 10):
+        lines.append(f"  a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def damaged_save_to_disk(tmp_path):
+    from datasets import Dataset
+
+    folder = tmp_path / "saved"
+    Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"}]).save_to_disk(str(folder))
+    for arrow in folder.glob("*.arrow"):
+        arrow.unlink()
+    return str(folder)
+
+
 # (id, argv builder, exit code, message fragment). Exit 2: the command line or config is wrong;
 # exit 1: a failure while working (data, model, tokenizer, state on disk).
 def data(name):
@@ -81,6 +104,13 @@ CASES = [
         (f"config-weight-{name}", lambda t, w=w: ["train", write(t, "w.yaml", f"model: demo\ndatasets:\n  - {{path: demo:test, weight: {w}}}\n")], 2, "weight must be a number above 0")
         for name, w in (("abc", "abc"), ("nan", ".nan"), ("inf", ".inf"), ("zero", "0"))
     ],
+    ("config-alias-bomb", lambda t: ["train", write(t, "bomb.yaml", alias_bomb())], 2, "expand to more than 100,000 values"),
+    # data files (issue 23 item 14)
+    ("data-json-too-deep", lambda t: ["train", "--model", "demo", "--dataset", write(t, "deep.json", "[" * 100_000 + "]" * 100_000)], 1, "nested too deeply"),
+    ("data-lone-surrogate", lambda t: ["train", "--model", "demo", "--dataset", write(t, "s.jsonl", '{"prompt": "p", "chosen": "a\\ud800b", "rejected": "c"}\n')], 1, "s.jsonl:1: field 'chosen' holds a lone surrogate"),
+    ("data-not-parquet", lambda t: ["train", "--model", "demo", "--dataset", write(t, "x.parquet", "not parquet")], 1, "not a readable Parquet file"),
+    ("data-save-to-disk-damaged", lambda t: ["train", "--model", "demo", "--dataset", damaged_save_to_disk(t)], 1, "a save_to_disk folder that cannot be read"),
+    ("data-demo-unknown-split", lambda t: ["train", "--model", "demo", "--dataset", "demo:foo"], 1, "the demo data has splits 'train' and 'test'"),
     # command line
     ("cli-flag-wrong-type", flags("--learning_rate", "abc"), 2, "learning_rate"),
     ("cli-output-dir-is-a-file", lambda t: ["train", "--model", "demo", "--dataset", "demo:test", "--output-dir", write(t, "taken", "x")], 2, "is a file, not a directory"),
@@ -173,3 +203,67 @@ def test_out_of_range_flags_are_usage_errors(argv, message, capsys):
 def test_a_prompts_file_that_does_not_exist(tmp_path, capsys):
     assert main(["generate", "--model", "demo", "--prompts", str(tmp_path / "missing.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_csv_field_over_the_csv_modules_default_limit_loads(tmp_path):
+    """Long answers are normal: a 200,000-character field stopped the csv module at its 128 KiB default."""
+    from orpo.data.sources import load_source
+
+    path = tmp_path / "long.csv"
+    path.write_text("prompt,chosen,rejected\np," + "a" * 200_000 + ",b\n")
+    assert len(load_source(path).rows[0]["chosen"]) == 200_000
+
+
+def test_a_run_that_skipped_most_batches_fails(tmp_path, capsys, monkeypatch):
+    """With nan_policy skip and every loss non-finite, the run used to exit 0 with train_loss 0.0 and the
+    untrained weights saved as the model. (orpo_alpha NaN, the reported case, is now refused up front, so the
+    non-finite losses come from a model whose logits are NaN.)"""
+    import math
+
+    import orpo.models
+
+    real = orpo.models.load_causal_lm
+
+    def nan_model(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.lm_head.register_forward_hook(lambda module, inputs, output: output * math.nan)
+        return model
+
+    monkeypatch.setattr(orpo.models, "load_causal_lm", nan_model)
+    out = tmp_path / "out"
+    argv = ["train", "--model", "demo", "--dataset", "demo:test", "--output-dir", str(out), *RUN]
+    argv[argv.index("--max_steps") + 1] = "4"
+    assert main([*argv, "--nan_policy", "skip", "--fused_head_loss", "false"]) == 1
+    err = capsys.readouterr().err
+    assert "nan_policy skip left out 4 of 4 micro-batches" in err
+    assert not (out / "model.safetensors").exists()
+
+
+def test_merge_refuses_its_own_adapter_directory_and_non_empty_ones(tmp_path, capsys):
+    """`orpo merge --output ADAPTER_DIR` left adapter and full-model files mixed, and evaluating it applied the
+    adapter twice."""
+    pytest.importorskip("peft")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "demo"}))
+    assert main(["merge", "--adapter", str(adapter), "--output", str(adapter)]) == 2
+    assert "is the adapter's own directory" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "something").write_text("x")
+    assert main(["merge", "--adapter", str(adapter), "--output", str(busy)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_a_read_only_output_directory_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import os
+
+    import orpo.models
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only file system answers
+    monkeypatch.setattr(orpo.models, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["train", "--model", "demo", "--dataset", "demo:test", "--output-dir", str(out), *RUN]
+    assert main(argv) == 1
+    assert "is not writable" in capsys.readouterr().err

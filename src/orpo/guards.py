@@ -125,10 +125,12 @@ class NonFiniteLosses:
             )
         self.policy = policy
         self.skipped = 0  # micro-batches skipped since the start of training
+        self.seen = 0  # training micro-batches since the start
         self._losses: list = []  # (loss, dataset rows) of this optimizer step's micro-batches
 
     def check(self, loss: torch.Tensor, rows: torch.Tensor | None, step: int) -> tuple[torch.Tensor, bool]:
         """A training micro-batch's loss: ``(loss to back-propagate, skipped)``."""
+        self.seen += 1
         if self.policy == "skip" and not bool(
             torch.isfinite(loss.detach())
         ):  # known before the backward: a sync
@@ -142,6 +144,16 @@ class NonFiniteLosses:
             return loss, True
         self._losses.append((loss.detach(), rows))
         return loss, False
+
+    def too_many_skipped(self) -> str | None:
+        """``skip`` is for a few bad batches: a run that left out more than half of its micro-batches (e.g. every
+        one, with orpo_alpha NaN) trained on nothing worth saving."""
+        if self.seen and self.skipped > self.seen / 2:
+            return (
+                f"nan_policy skip left out {self.skipped} of {self.seen} micro-batches (non-finite losses): the run "
+                "learned from too little to be saved; check the data and settings (orpo_alpha, learning_rate)"
+            )
+        return None
 
     def step_problem(self, accelerator, step: int) -> tuple[str | None, float]:
         """At the end of an optimizer step's backward passes: what was non-finite, on any process, or None,

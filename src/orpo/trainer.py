@@ -143,7 +143,10 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
     def train(self, *args, **kwargs):
         # Again here: any TrainingArguments built since __init__ reset accelerate's shared state.
         require_distributed_launch(self.args.world_size)
-        return super().train(*args, **kwargs)
+        result = super().train(*args, **kwargs)
+        if (problem := self._non_finite.too_many_skipped()) is not None:
+            raise OrpoError(problem)
+        return result
 
     # ---- construction helpers -----------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from orpo.cli.options import add_trust_remote_code
-from orpo.errors import OrpoError
+from orpo.errors import OrpoError, UsageError
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -17,7 +17,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
         epilog="example: orpo merge --adapter out/ --output out-merged/",
     )
     merge.add_argument("--adapter", required=True, help="directory with adapter_config.json")
-    merge.add_argument("--output", required=True, help="where the merged model goes")
+    merge.add_argument(
+        "--output", required=True, help="where the merged model goes (a new or empty directory)"
+    )
+    merge.add_argument("--overwrite", action="store_true", help="write into a non-empty --output directory")
     add_trust_remote_code(merge)
     return merge
 
@@ -36,6 +39,13 @@ def run(args: argparse.Namespace) -> int:
     if not (adapter / "adapter_config.json").is_file():
         raise OrpoError(f"{adapter}: no adapter_config.json (is this a LoRA adapter directory?)")
     check_adapter_base(adapter)
+    output = Path(args.output)
+    if output.resolve() == adapter.resolve():
+        raise UsageError(
+            f"--output {output} is the adapter's own directory; the merged model needs another one"
+        )
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise UsageError(f"--output {output} is not empty; choose a new directory, or pass --overwrite")
     base_name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     # The base through orpo's loader (a hub name, a folder or a GGUF file), then the adapter on it.
     base = load_causal_lm(base_name, {"trust_remote_code": args.trust_remote_code})

@@ -109,6 +109,26 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Values a config may expand to: nested YAML aliases grow exponentially ("billion laughs"), and the resolved
+# config is written out in full.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _expands_within(data, budget: int) -> bool:
+    """Whether ``data``, with every alias expanded, holds at most ``budget`` values; stops counting there."""
+    stack, count = [data], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > budget:
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -120,6 +140,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"config file {path}: cannot parse it: {err}") from err
     if data is None:
         return {}
+    if not _expands_within(data, MAX_CONFIG_VALUES):
+        raise UsageError(
+            f"config file {path}: its aliases (*name) expand to more than {MAX_CONFIG_VALUES:,} values; refused"
+        )
     if not isinstance(data, dict):
         raise UsageError(
             f"config file {path}: expected a mapping of keys to values, got {type(data).__name__}"

@@ -105,10 +105,18 @@ def _resolve_run(args: argparse.Namespace):
     resolved = to_yaml(run)
     print("resolved config:\n" + "\n".join(f"  {line}" for line in resolved.splitlines()), flush=True)
     out = Path(run.args.output_dir)
-    if out.is_dir():  # first: a run in progress there is the reason to refuse, whatever else it holds
+    args.lock = None
+    if out.is_dir() and os.access(out, os.W_OK):  # first: a run in progress there is the reason to refuse
         args.lock = _lock_output_dir(out)
     _check_output_dir(out, args.resume, run.args.overwrite_output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OrpoError(
+            f"output_dir {out} cannot be created ({err.strerror}); choose another --output-dir"
+        ) from err
+    if not os.access(out, os.W_OK):
+        raise OrpoError(f"output_dir {out} is not writable; choose another --output-dir")
     if getattr(args, "lock", None) is None:
         args.lock = _lock_output_dir(out)
     (out / "orpo_config.yaml").write_text(resolved)

@@ -75,6 +75,7 @@ def _message(message, field: str, k: int) -> dict:
         )
     if not isinstance(content, str):
         raise RowProblem(f"field '{field}' message {k} content must be a string")
+    _encodable(content, f"field '{field}' message {k}")
     return {"role": role, "content": content}
 
 
@@ -91,7 +92,20 @@ def _text(value, field: str, allow_empty: bool = False) -> str:
         raise RowProblem(f"field '{field}' must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise RowProblem(f"field '{field}' is empty")
+    _encodable(value, f"field '{field}'")
     return value
+
+
+def _encodable(text: str, where: str) -> None:
+    """Text a tokenizer can take: JSON's "\\ud800"-style escapes can leave lone surrogates, which no UTF-8
+    tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RowProblem(
+            f"{where} holds a lone surrogate character ({text[err.start]!r} at character {err.start + 1}), "
+            "which is not valid Unicode text"
+        ) from None
 
 
 def _check_roles(prompt: list[dict], responses: dict[str, list[dict]]) -> None:

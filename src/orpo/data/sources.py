@@ -64,6 +64,9 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
             except json.JSONDecodeError as err:
                 problems.append(f"{path}:{number}: bad JSON at column {err.colno}: {err.msg}")
                 continue
+            except RecursionError:
+                problems.append(f"{path}:{number}: JSON nested too deeply to read")
+                continue
             if not isinstance(row, dict):
                 problems.append(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
                 continue
@@ -80,6 +83,8 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
         raise OrpoError(f"{path}: not UTF-8 (byte offset {err.start})") from err
     except json.JSONDecodeError as err:
         raise OrpoError(f"{path}:{err.lineno}: bad JSON at column {err.colno}: {err.msg}") from err
+    except RecursionError:
+        raise OrpoError(f"{path}: JSON nested too deeply to read") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -94,6 +99,7 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
 
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
     rows, origins = [], []
+    csv.field_size_limit(2**31 - 1)  # long answers are normal; the csv module's default stops at 128 KiB
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # Excel starts its CSV with a byte-order mark
             reader = csv.DictReader(f)
@@ -112,7 +118,10 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
 def _read_file(path: Path) -> LoadedSource:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        dataset = Dataset.from_parquet(str(path))
+        try:
+            dataset = Dataset.from_parquet(str(path))
+        except Exception as err:  # noqa: BLE001 - pyarrow's errors for files that are not Parquet
+            raise OrpoError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from err
         return LoadedSource(str(path), dataset, [f"{path}: row {i + 1}" for i in range(len(dataset))])
     reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}.get(suffix)
     if reader is None:
@@ -153,7 +162,13 @@ def load_source(source, split: str = "train", subset: str | None = None) -> Load
         return _read_file(path)
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return load_source(load_from_disk(str(path)), split=split)
+            try:
+                saved = load_from_disk(str(path))
+            except Exception as err:  # noqa: BLE001 - missing or damaged .arrow files, bad metadata
+                raise OrpoError(
+                    f"{path}: a save_to_disk folder that cannot be read ({type(err).__name__}: {err}); save it again"
+                ) from err
+            return load_source(saved, split=split)
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
         if not files:
             raise OrpoError(f"{path}: no {', '.join(FILE_SUFFIXES)} files and not a save_to_disk directory")

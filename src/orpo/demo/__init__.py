@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from orpo.errors import OrpoError
+
 DEMO_DIR = Path(str(resources.files("orpo.demo")))
 TOKENIZER_DIR = DEMO_DIR / "tokenizer"
 MODEL_CONFIG = DEMO_DIR / "model_config.json"
@@ -33,7 +35,7 @@ def tiny_model(seed: int = 0, **overrides):
 def demo_data_path(split: str) -> Path:
     """Path of the shipped JSONL preference data: ``split`` is ``"train"`` or ``"test"``."""
     if split not in ("train", "test"):
-        raise ValueError(f"the demo data has splits 'train' and 'test', not '{split}'")
+        raise OrpoError(f"demo:{split}: the demo data has splits 'train' and 'test' (demo:train, demo:test)")
     return DEMO_DIR / f"{split}.jsonl"
 
 
