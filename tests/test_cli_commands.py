@@ -38,7 +38,11 @@ def test_eval_table(trained, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(trained), "--data", "demo:test"]) == 0
     out = capsys.readouterr().out
-    assert "(200 pairs, alpha=0.1)" in out and "eval_rewards/accuracies" in out
+    # the run saved orpo_config.yaml beside its model: eval scores with its alpha (0.1, the default it trained with)
+    assert (
+        f"(200 pairs, alpha=0.1 from {trained / 'orpo_config.yaml'})" in out
+        and "eval_rewards/accuracies" in out
+    )
 
 
 def test_generate_streams_a_completion_for_each_prompt(trained, tmp_path, capsys):
@@ -152,7 +156,7 @@ def test_eval_split_of_a_saved_dataset_dict(trained, tmp_path, capsys):
     assert (
         main(["eval", "--model", str(trained), "--data", str(tmp_path / "dd"), "--split", "validation"]) == 0
     )
-    assert "(3 pairs, alpha=0.1)" in capsys.readouterr().out
+    assert "(3 pairs, alpha=0.1 from" in capsys.readouterr().out
     assert main(["eval", "--model", str(trained), "--data", str(tmp_path / "dd")]) == 1
     assert "not 'test'" in capsys.readouterr().err
 
@@ -193,3 +197,38 @@ def test_plot_draws_evaluation_curves_where_they_were_logged():
     assert drawn[("loss", True)].steps == [2] and drawn[("loss", True)].values == [1.7]
     assert drawn[("rewards/accuracies", True)].label == "run (eval)"
     assert ("rewards/margins", True) not in drawn  # not logged: not drawn
+
+
+def test_eval_scores_with_the_models_training_settings_unless_told_otherwise(tmp_path, capsys):
+    """`orpo eval` used alpha 0.1 whatever the model was trained with, so the help's own example printed other
+    margins than the quickstart's comparison.json for the same model. It now reads the orpo_config.yaml saved
+    beside the model, and says where alpha came from."""
+    from orpo.demo import demo_tokenizer, tiny_model
+
+    model_dir = tmp_path / "m"
+    tiny_model().save_pretrained(str(model_dir))
+    demo_tokenizer().save_pretrained(str(model_dir))
+    (model_dir / "orpo_config.yaml").write_text("model: demo\norpo_alpha: 0.5\nmax_length: 64\n")
+    argv = ["eval", "--model", str(model_dir), "--data", "demo:test"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert f"alpha=0.5 from {model_dir / 'orpo_config.yaml'}" in table
+    assert main([*argv, "--alpha", "0.25", "--json"]) == 0
+    scored = capsys.readouterr()
+    assert "alpha=0.25 from --alpha" in scored.err
+    ours = json.loads(scored.out)
+    assert main([*argv, "--json"]) == 0
+    theirs = json.loads(capsys.readouterr().out)
+    assert ours["eval_rewards/margins"] == pytest.approx(
+        theirs["eval_rewards/margins"] / 2
+    )  # rewards are alpha * l
+
+
+def test_generate_says_whether_the_chat_template_was_used(trained, capsys):
+    """A model trained on plain text answers differently through a chat template (the quickstart's 'rev abcd='
+    gave 'vasss' with it, 'dcba' without): generate says which way the prompt went in."""
+    argv = ["generate", "--model", str(trained), "--prompt", "rev abcd=", "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    assert "go through the tokenizer's chat template" in capsys.readouterr().err
+    assert main([*argv, "--no-chat-template"]) == 0
+    assert "fed as they are, without a chat template" in capsys.readouterr().err

@@ -334,3 +334,17 @@ def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tm
         assert "is in use by another orpo train (pid 4242)" in err
         assert not (out / "orpo_config.yaml").exists()
     assert main(demo_train_argv(out, max_steps=1)) == 0  # released: the directory is free again
+
+
+def test_resume_refuses_changed_settings_and_says_what_it_takes(tmp_path, capsys):
+    """A new learning rate on --resume was silently ignored (the scheduler's state wins); a different model or
+    data was resumed onto without a word. Settings that can change (max_steps, logging) are taken and named."""
+    out = tmp_path / "run"
+    base = dict(max_steps=4, save_steps=2, per_device_train_batch_size=4, learning_rate="1e-3")
+    assert main(demo_train_argv(out, **base)) == 0
+    changed = {**base, "max_steps": 6, "learning_rate": "5e-4"}
+    assert main(demo_train_argv(out, "--resume", **changed)) == 2
+    err = capsys.readouterr().err
+    assert "these settings differ from its orpo_config.yaml: learning_rate: 0.001 -> 0.0005" in err
+    assert main(demo_train_argv(out, "--resume", **{**base, "max_steps": 6})) == 0
+    assert "note: resuming with max_steps from this command" in capsys.readouterr().out

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
@@ -114,6 +115,10 @@ def _train_one(
     trainer.args.orpo_alpha = eval_alpha  # score both models the same way
     metrics = trainer.evaluate()
     trainer.save_model(str(output_dir / name))
+    # What the model was trained with, as orpo train saves it: orpo eval scores with these by default.
+    trained = {"model": "demo", "datasets": ["demo:train"], "orpo_alpha": alpha, "orpo_beta": args.orpo_beta}
+    trained.update(max_length=args.max_length, max_prompt_length=args.max_prompt_length, seed=seed)
+    (output_dir / name / "orpo_config.yaml").write_text(yaml.safe_dump(trained, sort_keys=False))
     answers = greedy_answers(model, tokenizer, list(test["prompt"]))
     exact = sum(a == c for a, c in zip(answers, test["chosen"], strict=True)) / len(answers)
     metrics["train_seconds"] = seconds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from orpo import defaults
 from orpo.cli.options import add_length_limits, add_trust_remote_code, positive_int, remote_code
@@ -25,13 +26,21 @@ def add_parser(commands) -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="split of a hub dataset or DatasetDict directory")
     evaluate.add_argument("--subset", help="subset (configuration) of a hub dataset")
     evaluate.add_argument(
-        "--alpha", type=float, default=defaults.ALPHA, help="orpo_alpha that scales the rewards"
+        "--alpha",
+        type=float,
+        help="orpo_alpha that scales the rewards (default: the training run's, from the orpo_config.yaml beside "
+        f"the model; else {defaults.ALPHA})",
     )
-    evaluate.add_argument("--beta", type=float, default=defaults.BETA, help="orpo_beta of the loss")
     evaluate.add_argument(
-        "--nll-include-prompt", action="store_true", help="score the prompt tokens in the NLL too"
+        "--beta", type=float, help=f"orpo_beta of the loss (default: the run's, else {defaults.BETA})"
     )
-    add_length_limits(evaluate)
+    evaluate.add_argument(
+        "--nll-include-prompt",
+        action="store_true",
+        default=None,
+        help="score the prompt tokens in the NLL too (default: as the run did)",
+    )
+    add_length_limits(evaluate, default_max_length=None)
     evaluate.add_argument("--batch-size", type=positive_int, default=8, help="pairs per evaluation batch")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_trust_remote_code(evaluate)
@@ -53,31 +62,68 @@ def run(args: argparse.Namespace) -> int:
 
     datasets.disable_progress_bars()
     logging.getLogger("orpo").setLevel(logging.ERROR)
+    settings, source = _settings(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, remote_code(args))
-    limits = TruncationLimits(args.max_length, defaults.prompt_limit(args.max_length, args.max_prompt_length))
+    limits = TruncationLimits(settings["max_length"], settings["max_prompt_length"])
     pairs, _ = load_pairs(args.data, tokenizer, limits, split=args.split, subset=args.subset)
     with tempfile.TemporaryDirectory() as scratch:
         config = ORPOConfig(
             output_dir=scratch,
-            orpo_alpha=args.alpha,
-            orpo_beta=args.beta,
             report_to="none",
             per_device_eval_batch_size=args.batch_size,
-            max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length,
-            nll_include_prompt=args.nll_include_prompt,
             disable_tqdm=True,
+            **settings,
         )
         trainer = ORPOTrainer(model=model, args=config, eval_dataset=pairs, tokenizer=tokenizer)
         trainer.remove_callback(PrinterCallback)
         metrics = trainer.evaluate()
     hidden = ("runtime", "per_second", "preparation_time")
     metrics = {k: v for k, v in metrics.items() if k.startswith("eval_") and not any(h in k for h in hidden)}
+    alpha = f"alpha={settings['orpo_alpha']:g} from {source}"
     if args.json:
         print(json.dumps(metrics, indent=2), file=args.stdout)
+        print(alpha, file=sys.stderr)
     else:
         width = max(len(k) for k in metrics)
-        print(f"{args.model} on {args.data} ({len(pairs)} pairs, alpha={args.alpha:g}):")
+        print(f"{args.model} on {args.data} ({len(pairs)} pairs, {alpha}):")
         for key, value in metrics.items():
             print(f"  {key:<{width}}  {value:.4f}")
     return 0
+
+
+# ORPOConfig fields eval scores with, and its flags for them.
+SCORING = {
+    "orpo_alpha": "alpha",
+    "orpo_beta": "beta",
+    "nll_include_prompt": "nll_include_prompt",
+    "max_length": "max_length",
+    "max_prompt_length": "max_prompt_length",
+}
+
+
+def _settings(args: argparse.Namespace) -> tuple[dict, str]:
+    """How to score: each flag given, else the model's training run's value (the orpo_config.yaml that
+    orpo train and the quickstart save beside the model), else the default; and where alpha came from."""
+    from pathlib import Path
+
+    import yaml
+
+    saved_file = Path(args.model) / "orpo_config.yaml"
+    saved = yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else {}
+    settings = {
+        "orpo_alpha": defaults.ALPHA,
+        "orpo_beta": defaults.BETA,
+        "nll_include_prompt": False,
+        "max_length": defaults.MAX_LENGTH,
+    }
+    settings.update({key: saved[key] for key in SCORING if key in saved})
+    settings.update(
+        {key: getattr(args, flag) for key, flag in SCORING.items() if getattr(args, flag) is not None}
+    )
+    settings["max_prompt_length"] = defaults.prompt_limit(
+        settings["max_length"], settings.get("max_prompt_length")
+    )
+    source = (
+        "--alpha" if args.alpha is not None else (str(saved_file) if "orpo_alpha" in saved else "the default")
+    )
+    return settings, source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from orpo.cli.options import add_trust_remote_code, non_negative, positive_int, probability, remote_code
 from orpo.errors import UsageError
@@ -52,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, remote_code(args))
     model.eval()
     use_template = getattr(tokenizer, "chat_template", None) is not None and not args.no_chat_template
+    print(
+        "(prompts go through the tokenizer's chat template; --no-chat-template feeds them as they are)"
+        if use_template
+        else "(prompts are fed as they are, without a chat template)",
+        file=sys.stderr,
+    )
     sampling = args.temperature > 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for prompt in prompts:

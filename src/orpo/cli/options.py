@@ -14,9 +14,14 @@ def add_trust_remote_code(parser: argparse.ArgumentParser, what: str = "the mode
     )
 
 
-def add_length_limits(parser: argparse.ArgumentParser) -> None:
+def add_length_limits(
+    parser: argparse.ArgumentParser, default_max_length: int | None = defaults.MAX_LENGTH
+) -> None:
     parser.add_argument(
-        "--max-length", type=positive_int, default=defaults.MAX_LENGTH, help="max prompt + response tokens"
+        "--max-length",
+        type=positive_int,
+        default=default_max_length,
+        help=f"max prompt + response tokens (default {defaults.MAX_LENGTH})",
     )
     parser.add_argument(
         "--max-prompt-length",

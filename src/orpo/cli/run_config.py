@@ -332,6 +332,15 @@ def chat_template_text(value: str | None) -> str | None:
     return value
 
 
+def field_defaults() -> dict[str, Any]:
+    """Each ORPOConfig field's dataclass default (before ``__post_init__``)."""
+    out = {}
+    for f in dataclasses.fields(ORPOConfig):
+        if f.init and f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+    return out
+
+
 # Shown in every resolved config, set or not: what a reader looks for first.
 ALWAYS_SHOWN = ("output_dir", "orpo_alpha", "orpo_beta", "learning_rate")
 

@@ -109,6 +109,8 @@ def _resolve_run(args: argparse.Namespace):
     if out.is_dir() and os.access(out, os.W_OK):  # first: a run in progress there is the reason to refuse
         args.lock = _lock_output_dir(out)
     _check_output_dir(out, args.resume, run.args.overwrite_output_dir)
+    if args.resume:
+        _check_resumed_settings(out / "orpo_config.yaml", resolved)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -179,6 +181,66 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
         )
     for checkpoint in checkpoints:
         shutil.rmtree(checkpoint)
+
+
+# Settings a resumed run must share with the run it continues: the model and data it trains on, how batches
+# are made (the data order replays from the checkpoint), the objective, and the optimizer and schedule (their
+# state comes from the checkpoint, so a new value would be silently ignored).
+FIXED_ON_RESUME = (
+    "model",
+    "tokenizer",
+    "chat_template",
+    "datasets",
+    "peft",
+    "seed",
+    "data_seed",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_tokens_per_batch",
+    "max_length",
+    "max_prompt_length",
+    "max_completion_length",
+    "dataset_format",
+    "dataset_columns",
+    "padding_free",
+    "prefix_sharing",
+    "nll_include_prompt",
+    "orpo_alpha",
+    "orpo_beta",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+)
+
+
+def _check_resumed_settings(saved_file: Path, resolved: str) -> None:
+    """``--resume`` against the run's saved ``orpo_config.yaml``: a change to a setting in
+    :data:`FIXED_ON_RESUME` is refused, naming the keys; other changes (max_steps, logging, saving, ...) are
+    taken from this command, and said so."""
+    import yaml
+
+    if not saved_file.is_file():
+        return
+    from orpo.cli.run_config import field_defaults
+
+    saved, new = yaml.safe_load(saved_file.read_text()) or {}, yaml.safe_load(resolved) or {}
+    default = field_defaults()  # a key one file leaves out is at its default there
+    changed = sorted(
+        k
+        for k in {*saved, *new} - {"output_dir"}
+        if saved.get(k, default.get(k)) != new.get(k, default.get(k))
+    )
+    fixed = [k for k in changed if k in FIXED_ON_RESUME]
+    if fixed:
+        differences = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in fixed)
+        raise UsageError(
+            f"--resume continues the run in {saved_file.parent} as it was set up, but these settings differ from "
+            f"its {saved_file.name}: {differences}. Resume with the same settings, or start a new run"
+        )
+    if changed:
+        print(f"note: resuming with {', '.join(changed)} from this command (the rest from {saved_file})")
 
 
 def _checkpoint_to_resume(out: Path) -> str:
