@@ -232,3 +232,22 @@ def test_generate_says_whether_the_chat_template_was_used(trained, capsys):
     assert "go through the tokenizer's chat template" in capsys.readouterr().err
     assert main([*argv, "--no-chat-template"]) == 0
     assert "fed as they are, without a chat template" in capsys.readouterr().err
+
+
+def test_a_mistyped_config_key_is_reported_without_loading_torch(tmp_path):
+    """A typo in a config file (or a --key) took 11-13 s to report, importing torch and transformers to learn
+    the valid names; they are read from the source now (the message is the same)."""
+    config = tmp_path / "typo.yaml"
+    config.write_text("model: demo\ndatasets: demo:train\nlearning_rat: 1\n")
+    code = (
+        "import sys\n"
+        "from orpo.cli import main\n"
+        f"assert main(['train', {str(config)!r}]) == 2\n"
+        "assert main(['train', '--model', 'demo', '--dataset', 'demo:train', '--lerning_rate', '1']) == 2\n"
+        "assert main([]) == 0\n"
+        "print(sorted(m for m in ('torch', 'peft', 'accelerate') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "unknown config key 'learning_rat' (did you mean 'learning_rate'?)" in done.stderr
+    assert "unknown config key 'lerning_rate'" in done.stderr

@@ -348,3 +348,16 @@ def test_resume_refuses_changed_settings_and_says_what_it_takes(tmp_path, capsys
     assert "these settings differ from its orpo_config.yaml: learning_rate: 0.001 -> 0.0005" in err
     assert main(demo_train_argv(out, "--resume", **{**base, "max_steps": 6})) == 0
     assert "note: resuming with max_steps from this command" in capsys.readouterr().out
+
+
+def test_the_names_read_from_source_are_the_configs_fields():
+    """The fast key check reads the field names from the source of ORPOConfig and TrainingArguments; they must
+    be exactly the dataclass's, for the installed transformers."""
+    import dataclasses
+
+    from orpo.cli.run_config import known_field_names
+    from orpo.config import ORPOConfig
+
+    assert known_field_names() == {
+        f.name for f in dataclasses.fields(ORPOConfig) if f.init and not f.name.startswith("_")
+    }

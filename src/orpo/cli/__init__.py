@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    _set_loudness(quiet=args.quiet, verbose=args.verbose)
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 0
+    _set_loudness(quiet=args.quiet, verbose=args.verbose)
     # Machine-readable output (--json) is the only thing on stdout: anything else a library prints there while
     # the command works (DeepSpeed announces its accelerator on stdout when accelerate imports it) goes to
     # stderr; the command writes its JSON to args.stdout.

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import TrainingArguments
-
 from orpo.errors import UsageError
 
 # Axolotl's LoRA keys -> peft.LoraConfig's.
@@ -164,6 +162,10 @@ def _per_epoch(values: dict, notes: list[str]) -> None:
     """``evals_per_epoch`` / ``saves_per_epoch``: once per epoch is the ``epoch`` strategy; k per epoch
     over E epochs is a step interval of 1 / (k * E), which Trainer takes as a fraction of all training
     steps (of max_steps, when that is set). Evaluations need held-out data; without it, none."""
+    if not any(key in values for key in ("evals_per_epoch", "saves_per_epoch")):
+        return
+    from transformers import TrainingArguments  # only here: checking a config's key names must not need it
+
     default = TrainingArguments.num_train_epochs
     epochs = float(values.get("num_train_epochs", values.get("num_epochs", default)) or 1)
     has_eval_data = any(

@@ -9,19 +9,23 @@ from Axolotl, LLaMA-Factory and TRL, each mapped with a one-line note. Unknown k
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from orpo.cli.axolotl import translate
-from orpo.config import ORPOConfig, accepts, field_types, type_name
-from orpo.data import check_weight
 from orpo.errors import OrpoError, UsageError
+
+if TYPE_CHECKING:
+    from orpo.config import ORPOConfig
 
 # Foreign name -> (our name, where it comes from).
 ALIASES = {
@@ -168,6 +172,10 @@ def coerce_cli_value(key: str, text: str):
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    if key not in known_field_names():
+        return value  # an unknown key: resolve() reports it, without loading the config's types
+    from orpo.config import accepts, field_types
+
     hint = field_types().get(key)
     if hint is not None and not accepts(hint, value) and accepts(hint, text):
         return text  # e.g. a run_name that looks like a number
@@ -196,6 +204,13 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
         raise UsageError(
             "'stage: dpo' without 'pref_loss: orpo' is DPO in LLaMA-Factory; orpo trains ORPO only"
         )
+    # Names first, from the source (fast): a mistyped key needs no torch or transformers loaded.
+    named = [ALIASES[key][0] if key in ALIASES else key for key in merged if key not in METHOD_SWITCHES]
+    unknown_first = [key for key in named if key not in known_field_names() and key not in RUN_KEYS]
+    if unknown_first:
+        raise UsageError(_unknown_keys_message(unknown_first, known_field_names()))
+    from orpo.config import ORPOConfig, accepts, field_types, type_name
+
     fields = field_types()
     for key, value in merged.items():
         if key in METHOD_SWITCHES:
@@ -274,6 +289,31 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
     )
 
 
+@functools.cache
+def known_field_names() -> frozenset[str]:
+    """ORPOConfig's field names (TrainingArguments' included), read from the two modules' source without
+    importing them: a mistyped key is then reported in a fraction of a second instead of after loading
+    torch and transformers (seconds)."""
+    transformers_dir = Path(importlib.util.find_spec("transformers").origin).parent
+    config_file = Path(importlib.util.find_spec("orpo.config").origin)
+    names = set()
+    for path, cls in (
+        (transformers_dir / "training_args.py", "TrainingArguments"),
+        (config_file, "ORPOConfig"),
+    ):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == cls:
+                names.update(
+                    item.target.id
+                    for item in node.body
+                    if isinstance(item, ast.AnnAssign)
+                    and isinstance(item.target, ast.Name)
+                    and not item.target.id.startswith("_")
+                )
+    return frozenset(names)
+
+
 def _unknown_keys_message(unknown: list[str], fields) -> str:
     """All unknown keys at once, each with its likeliest meaning, so one edit fixes the file."""
     known = sorted([*fields, *RUN_KEYS, *ALIASES])
@@ -304,6 +344,8 @@ def _dataset_specs(value, notes: list[str]) -> list:
                 notes.append(f"dataset {item['path']}: ignoring Axolotl '{key}: {item[key]}' ({why})")
         files = item.get("data_files") or [item["path"]]
         for path in [files] if isinstance(files, str) else files:
+            from orpo.data import check_weight
+
             try:
                 spec = {"path": path, "weight": check_weight(path, _as_number(item.get("weight", 1.0)))}
             except OrpoError as err:
@@ -334,6 +376,8 @@ def chat_template_text(value: str | None) -> str | None:
 
 def field_defaults() -> dict[str, Any]:
     """Each ORPOConfig field's dataclass default (before ``__post_init__``)."""
+    from orpo.config import ORPOConfig
+
     out = {}
     for f in dataclasses.fields(ORPOConfig):
         if f.init and f.default is not dataclasses.MISSING:
@@ -354,6 +398,8 @@ def to_yaml(run: RunConfig) -> str:
         set(run.given) | set(ALWAYS_SHOWN) | ({"model_init_kwargs"} if run.args.model_init_kwargs else set())
     )
     changed = {}
+    from orpo.config import ORPOConfig
+
     for f in dataclasses.fields(ORPOConfig):
         if f.init and f.name in shown:
             value = getattr(run.args, f.name)

@@ -42,9 +42,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orpo.guards import finish_processes
-
     code = _run_training(args)  # its frame, which held the trainer and the model, is gone now
+    from orpo.guards import finish_processes  # here: a config error is reported before torch is loaded
+
     finish_processes()
     return code
 
@@ -294,9 +294,9 @@ def _trainer_for(run):
 
 
 def _run_training(args: argparse.Namespace) -> int:
+    run = _resolve_run(args)  # first: a config error is reported before torch is loaded
     from orpo.guards import StopOnSignal
 
-    run = _resolve_run(args)
     out = Path(run.args.output_dir)
     trainer = _trainer_for(run)
     print(f"batch layout: {trainer.layout.description}", flush=True)
