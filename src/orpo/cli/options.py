@@ -49,34 +49,23 @@ def parse_columns(text: str | None) -> dict[str, str] | None:
     return mapping
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number from 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _number(kind: type, accepts, requirement: str):
+    """An argparse type: ``kind`` (int or float) for which ``accepts(value)`` holds, else ``requirement``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got '{text}'"
+            ) from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {value}")
+        return value
+
+    return parse
 
 
-def probability(text: str) -> float:
-    """An argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {value}")
-    return value
-
-
-def non_negative(text: str) -> float:
-    """An argparse type: a finite number from 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not (value >= 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number from 0, got {value}")
-    return value
+positive_int = _number(int, lambda value: value >= 1, "must be at least 1")
+probability = _number(float, lambda value: 0 < value <= 1, "must be above 0 and at most 1")
+non_negative = _number(float, lambda value: 0 <= value < float("inf"), "must be a finite number from 0")
