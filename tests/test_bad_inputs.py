@@ -44,6 +44,21 @@ def tokenizer_without_template(tmp_path):
     return str(folder)
 
 
+def pickled_model(tmp_path) -> str:
+    """A model folder as older tools wrote it: pickled weights only."""
+    from conftest import make_model
+
+    folder = tmp_path / "pickled"
+    make_model().save_pretrained(str(folder), safe_serialization=False)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    if not any(folder.glob("pytorch_model*.bin")):  # a transformers that always writes safetensors
+        import torch
+
+        torch.save(make_model().state_dict(), folder / "pytorch_model.bin")
+    return str(folder)
+
+
 def alias_bomb() -> str:
     """Nine levels of nine aliases under a known key: 9**9 values once expanded."""
     lines = [
@@ -104,7 +119,9 @@ CASES = [
         (f"config-weight-{name}", lambda t, w=w: ["train", write(t, "w.yaml", f"model: demo\ndatasets:\n  - {{path: demo:test, weight: {w}}}\n")], 2, "weight must be a number above 0")
         for name, w in (("abc", "abc"), ("nan", ".nan"), ("inf", ".inf"), ("zero", "0"))
     ],
+    ("config-unset-variable", lambda t: ["train", write(t, "v.yaml", "model: demo\ndatasets: $ORPO_UNSET_FOR_TEST/x.jsonl\n")], 2, "$ORPO_UNSET_FOR_TEST in '$ORPO_UNSET_FOR_TEST/x.jsonl' is not set"),
     ("config-alias-bomb", lambda t: ["train", write(t, "bomb.yaml", alias_bomb())], 2, "expand to more than 100,000 values"),
+    ("model-pickled-weights-only", lambda t: ["train", "--model", pickled_model(t), "--dataset", "demo:test"], 1, "holds only pickled weights (pytorch_model*.bin); orpo loads safetensors only"),
     # data files (issue 23 item 14)
     ("data-json-too-deep", lambda t: ["train", "--model", "demo", "--dataset", write(t, "deep.json", "[" * 100_000 + "]" * 100_000)], 1, "nested too deeply"),
     ("data-lone-surrogate", lambda t: ["train", "--model", "demo", "--dataset", write(t, "s.jsonl", '{"prompt": "p", "chosen": "a\\ud800b", "rejected": "c"}\n')], 1, "s.jsonl:1: field 'chosen' holds a lone surrogate"),

@@ -361,3 +361,13 @@ def test_the_names_read_from_source_are_the_configs_fields():
     assert known_field_names() == {
         f.name for f in dataclasses.fields(ORPOConfig) if f.init and not f.name.startswith("_")
     }
+
+
+def test_environment_variables_in_config_paths_are_expanded(tmp_path, monkeypatch):
+    """`output_dir: $ORPO_T/run` created a directory literally named '$ORPO_T'."""
+    from orpo.cli.run_config import resolve
+
+    monkeypatch.setenv("ORPO_T", str(tmp_path))
+    run = resolve({"model": "demo", "datasets": [{"path": "${ORPO_T}/a.jsonl"}], "output_dir": "$ORPO_T/run"})
+    assert run.args.output_dir == f"{tmp_path}/run"
+    assert run.datasets[0]["path"] == f"{tmp_path}/a.jsonl"

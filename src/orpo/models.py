@@ -112,6 +112,20 @@ def _dequantized_gguf(model: PreTrainedModel, location: tuple[str, str]) -> PreT
     return model
 
 
+def _refuse_pickled_weights(folder: str) -> None:
+    """Weights load from safetensors (or GGUF) only: a local model folder holding only pickled weights
+    (``pytorch_model*.bin``) is refused, with the one-off conversion, rather than unpickled (transformers would
+    use ``torch.load(weights_only=True)``, which runs no code but still parses the pickle)."""
+    path = Path(folder)
+    if not path.is_dir() or any(path.glob("*.safetensors")) or not any(path.glob("pytorch_model*.bin")):
+        return
+    raise OrpoError(
+        f"{path} holds only pickled weights (pytorch_model*.bin); orpo loads safetensors only. If you trust the "
+        'file, convert it once: python -c "from transformers import AutoModelForCausalLM as M; '
+        f"M.from_pretrained('{path}').save_pretrained('{path}')\" (this writes model.safetensors beside it)"
+    )
+
+
 def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None, seed: int = 0) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with dtype names resolved and ``load_in_4bit`` /
     ``load_in_8bit`` turned into a bitsandbytes quantization config; ``trust_remote_code`` stays off
@@ -136,6 +150,7 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None, seed: int
             return _dequantized_gguf(
                 AutoModelForCausalLM.from_pretrained(gguf[0], gguf_file=gguf[1], **kwargs), gguf
             )
+        _refuse_pickled_weights(name_or_path)
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         reason = str(err)

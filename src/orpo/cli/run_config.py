@@ -15,6 +15,8 @@ import difflib
 import functools
 import importlib.util
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,11 +197,44 @@ def relative_to(base: Path, spec):
     return {**spec, "path": path} if isinstance(spec, dict) else path
 
 
+# Keys whose values are paths (or hold them): $VARS and ${VARS} in them are expanded from the environment.
+PATH_KEYS = (
+    "output_dir",
+    "model",
+    "base_model",
+    "tokenizer",
+    "chat_template",
+    "datasets",
+    "eval_datasets",
+    "test_datasets",
+)
+_VARIABLE = re.compile(r"\$(\w+|\{\w+\})")
+
+
+def _expand_variables(key: str, value):
+    """``value`` with environment variables expanded in its strings (also inside lists and mappings); one that
+    is not set is an error naming it, rather than a directory literally named ``$ORPO_T``."""
+    if isinstance(value, list):
+        return [_expand_variables(key, item) for item in value]
+    if isinstance(value, dict):
+        return {k: _expand_variables(key, v) for k, v in value.items()}
+    if not isinstance(value, str) or "$" not in value:
+        return value
+    expanded = os.path.expandvars(value)
+    missing = _VARIABLE.search(expanded)
+    if missing:
+        raise UsageError(f"config key '{key}': {missing.group(0)} in {value!r} is not set in the environment")
+    return expanded
+
+
 def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
     """Merge file keys and overrides (overrides win), map foreign names, validate, build the config."""
     notes, values, unknown = [], {}, []
     axolotl = translate({**raw, **(overrides or {})}, notes)
-    merged = axolotl.values
+    merged = {
+        key: _expand_variables(key, value) if key in PATH_KEYS else value
+        for key, value in axolotl.values.items()
+    }
     if merged.get("stage") == "dpo" and merged.get("pref_loss") != "orpo":
         raise UsageError(
             "'stage: dpo' without 'pref_loss: orpo' is DPO in LLaMA-Factory; orpo trains ORPO only"
