@@ -11,6 +11,7 @@ does it rotate old checkpoints, so ``save_total_limit`` never deletes the last g
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ import zipfile
 from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from orpo.errors import OrpoError
 
 STAGING_DIR = ".incomplete"
 
@@ -42,6 +45,18 @@ class AtomicCheckpoints:
         self._staging_root = staging_root
         try:
             super()._save_checkpoint(model, trial)  # writes staged/, rotates nothing that matters
+        except (OSError, RuntimeError) as err:
+            if not _out_of_space(err):
+                raise
+            shutil.rmtree(staged, ignore_errors=True)  # the partial one: nothing may pick it up
+            with contextlib.suppress(OSError):
+                os.rmdir(staging_root)
+            kept = sorted(
+                (n for n in os.listdir(run_dir) if n.startswith(f"{PREFIX_CHECKPOINT_DIR}-")),
+                key=lambda n: int(n.rsplit("-", 1)[-1]) if n.rsplit("-", 1)[-1].isdigit() else -1,
+            )
+            intact = f"{kept[-1]} is intact" if kept else "no earlier checkpoint exists"
+            raise OrpoError(f"no space left on device while writing {name} in {run_dir}; {intact}") from err
         finally:
             self._staging_root = None
         self.accelerator.wait_for_everyone()  # every process's files are in staged/
@@ -93,6 +108,18 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """A full disk, as the OS says it (ENOSPC) or as torch's zip writer does ("unexpected pos")."""
+    text = str(err)
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text
+
+
+def remove_incomplete_checkpoints(output_dir: str | Path) -> None:
+    """Leftovers of a save that was killed or ran out of space (``OUTPUT_DIR/.incomplete/``): never resumed
+    from, removed when the next run starts."""
+    shutil.rmtree(Path(output_dir) / STAGING_DIR, ignore_errors=True)
 
 
 def checkpoint_problem(checkpoint: str | Path) -> str | None:

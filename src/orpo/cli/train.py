@@ -121,6 +121,10 @@ def _resolve_run(args: argparse.Namespace):
         raise OrpoError(f"output_dir {out} is not writable; choose another --output-dir")
     if getattr(args, "lock", None) is None:
         args.lock = _lock_output_dir(out)
+    if args.lock is not None:  # the only run here: what a killed or failed save left is garbage
+        from orpo.checkpoints import remove_incomplete_checkpoints
+
+        remove_incomplete_checkpoints(out)
     (out / "orpo_config.yaml").write_text(resolved)
     return run
 
