@@ -252,3 +252,15 @@ def test_a_mistyped_config_key_is_reported_without_loading_torch(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert "unknown config key 'learning_rat' (did you mean 'learning_rate'?)" in done.stderr
     assert "unknown config key 'lerning_rate'" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "merge", "plot", "quickstart"])
+def test_help_never_breaks_a_flag_across_lines(command, capsys, monkeypatch):
+    """argparse's default wrapping breaks at hyphens: '--no-chat-' at a line's end, 'template' on the next."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "50")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert not re.search(r"\S-\n", text), text

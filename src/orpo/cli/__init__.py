@@ -29,8 +29,33 @@ def build_parser() -> argparse.ArgumentParser:
     loudness.add_argument("--verbose", action="store_true", help="also informational log messages")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
-        command.add_parser(commands).set_defaults(handler=command.run)
+        sub = command.add_parser(commands)
+        if sub.formatter_class is argparse.HelpFormatter:
+            sub.formatter_class = WholeWordsHelpFormatter
+        sub.set_defaults(handler=command.run)
     return parser
+
+
+class WholeWordsHelpFormatter(argparse.HelpFormatter):
+    """argparse's help, wrapped between words only: its default breaks at hyphens, which split flags such as
+    --no-chat-template across lines in a narrow terminal."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return textwrap.fill(
+            " ".join(text.split()),
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
 
 
 def _set_loudness(quiet: bool, verbose: bool) -> None:
