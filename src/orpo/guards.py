@@ -131,19 +131,17 @@ class NonFiniteLosses:
     def check(self, loss: torch.Tensor, rows: torch.Tensor | None, step: int) -> tuple[torch.Tensor, bool]:
         """A training micro-batch's loss: ``(loss to back-propagate, skipped)``."""
         self.seen += 1
-        if self.policy == "skip" and not bool(
-            torch.isfinite(loss.detach())
-        ):  # known before the backward: a sync
+        # skip must know before the backward: a host sync, which error defers to step_problem
+        skipped = self.policy == "skip" and not bool(torch.isfinite(loss.detach()))
+        if skipped:
             self.skipped += 1
             where = rows.tolist() if rows is not None else "unknown"
             logger.warning(
                 f"non-finite loss ({loss.item()}) at step {step}, dataset rows {where}: batch skipped"
             )
             loss = torch.zeros((), device=loss.device, requires_grad=True)
-            self._losses.append((loss.detach(), rows))
-            return loss, True
         self._losses.append((loss.detach(), rows))
-        return loss, False
+        return loss, skipped
 
     def too_many_skipped(self) -> str | None:
         """``skip`` is for a few bad batches: a run that left out more than half of its micro-batches (e.g. every

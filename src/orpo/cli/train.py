@@ -96,8 +96,8 @@ def _resolve_run(args: argparse.Namespace):
         run.eval_datasets = [relative_to(base, spec) for spec in run.eval_datasets]
         if "model" not in overrides:  # --model on the command line is relative to where it is typed
             run.model["name"] = relative_to(base, run.model["name"])
-        run.tokenizer = relative_to(base, run.tokenizer) if run.tokenizer else run.tokenizer
-        run.chat_template = relative_to(base, run.chat_template) if run.chat_template else run.chat_template
+        run.tokenizer = relative_to(base, run.tokenizer)
+        run.chat_template = relative_to(base, run.chat_template)
     for note in run.notes:
         print(f"note: {note}")
     for variable, value in run.env.items():  # W&B's settings from an Axolotl config
@@ -105,9 +105,9 @@ def _resolve_run(args: argparse.Namespace):
     resolved = to_yaml(run)
     print("resolved config:\n" + "\n".join(f"  {line}" for line in resolved.splitlines()), flush=True)
     out = Path(run.args.output_dir)
-    args.lock = None
-    if out.is_dir() and os.access(out, os.W_OK):  # first: a run in progress there is the reason to refuse
-        args.lock = _lock_output_dir(out)
+    # An existing directory is locked first: a run in progress there is the reason to refuse, whatever it holds.
+    lock_first = out.is_dir() and os.access(out, os.W_OK)
+    args.lock = _lock_output_dir(out) if lock_first else None
     _check_output_dir(out, args.resume, run.args.overwrite_output_dir)
     if args.resume:
         _check_resumed_settings(out / "orpo_config.yaml", resolved)
@@ -119,7 +119,7 @@ def _resolve_run(args: argparse.Namespace):
         ) from err
     if not os.access(out, os.W_OK):
         raise OrpoError(f"output_dir {out} is not writable; choose another --output-dir")
-    if getattr(args, "lock", None) is None:
+    if not lock_first:
         args.lock = _lock_output_dir(out)
     if args.lock is not None:  # the only run here: what a killed or failed save left is garbage
         from orpo.checkpoints import remove_incomplete_checkpoints

@@ -24,7 +24,6 @@ from orpo.errors import OrpoError
 
 logger = logging.getLogger("orpo")
 
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 ROW_INDEX = "row_index"  # the row's index in the dataset before tokenization, for error messages
 CACHE_FORMAT = 3  # bump when the tokenized layout or the rules above change

