@@ -170,3 +170,33 @@ def test_local_paths_are_paths_and_adapters_record_where_their_base_is(tmp_path,
         "base_model_name_or_path"
     ]
     assert recorded == str(tmp_path / "demo-base")
+
+
+@pytest.mark.parametrize(
+    ("argv", "kind", "env"),
+    [
+        (["--model", "someorg/no-model", "--dataset", "demo:train"], "the model", {}),
+        (["--model", "demo", "--dataset", "someorg/no-data"], "the dataset", {}),
+        (["--model", "someorg/no-model", "--dataset", "demo:train"], "the model", {"HF_HUB_OFFLINE": "1"}),
+    ],
+    ids=["model", "dataset", "hf-hub-offline"],
+)
+def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path, argv, kind, env):
+    """A hub name on a machine without a route to the hub: one connection attempt, then one line naming the
+    name and why (huggingface_hub alone retries five times with back-off, ~25 s and a logged line per try,
+    then a multi-line error). HF_HUB_OFFLINE is honoured the same way."""
+    import os
+    import subprocess
+    import sys
+
+    environment = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9", **env)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        if proxy not in env:
+            environment.pop(proxy, None)
+    command = [sys.executable, "-m", "orpo", "train", *argv, "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "Retrying" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("orpo: error")]
+    reason = "HF_HUB_OFFLINE is set" if env else "http://127.0.0.1:9 is unreachable"
+    assert len(errors) == 1 and f"could not load {kind} 'someorg/no-" in errors[0] and reason in errors[0], errors

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, s
 from orpo import defaults
 from orpo.config import bf16_supported
 from orpo.errors import OrpoError, UsageError
+from orpo.hub import explain_failure, offline_reason
 
 logger = logging.getLogger("orpo")
 
@@ -81,7 +82,13 @@ def local_or_hub(name: str) -> str:
         return str(path.resolve())
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
         raise OrpoError(f"'{name}': no such file or directory (a local model path; hub names are ORG/NAME)")
+    offline_reason()  # one quick probe before the first hub request, not a minute of retries
     return name
+
+
+def _hub_failure(name_or_path: str, kind: str) -> str | None:
+    """Why a hub name could not load when the hub was not asked (offline); None for local paths."""
+    return None if Path(name_or_path).is_absolute() else explain_failure(name_or_path, kind, "a local folder or .gguf file")
 
 
 def gguf_location(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str] | None:
@@ -156,7 +163,11 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None, seed: int
         reason = str(err)
         if "Unrecognized configuration class" in reason:  # transformers then lists every causal LM config
             reason = reason.split("\n")[0].split(" for this kind")[0] + " is not a causal language model"
-        raise OrpoError(f"could not load a causal LM from '{name_or_path}': {reason}") from err
+        message = (
+            _hub_failure(name_or_path, "the model")
+            or f"could not load a causal LM from '{name_or_path}': {reason}"
+        )
+        raise OrpoError(message) from err
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, gguf_file: str | None = None):
@@ -175,7 +186,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, gguf_file
             )
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise OrpoError(f"could not load a tokenizer from '{name_or_path}': {err}") from err
+        message = (
+            _hub_failure(name_or_path, "the tokenizer")
+            or f"could not load a tokenizer from '{name_or_path}': {err}"
+        )
+        raise OrpoError(message) from err
 
 
 def check_decoder_only(model) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from orpo.errors import OrpoError
+from orpo.hub import explain_failure, offline_reason
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_PROBLEMS_SHOWN = 10
@@ -181,11 +182,13 @@ def load_source(source, split: str = "train", subset: str | None = None) -> Load
 
 
 def _load_hub(name: str, split: str, subset: str | None) -> LoadedSource:
+    offline_reason()  # one quick probe before the first hub request, not a minute of retries
     try:
         dataset = load_dataset(name, subset, split=split)
     except Exception as err:  # network, missing dataset or split: all user-facing
+        message = explain_failure(name, "the dataset", "a local file or folder")
         raise OrpoError(
-            f"could not load hub dataset '{name}' (subset={subset}, split={split}): {err}"
+            message or f"could not load hub dataset '{name}' (subset={subset}, split={split}): {err}"
         ) from err
     return LoadedSource(
         f"{name}[{split}]", dataset, [f"{name}[{split}] row {i + 1}" for i in range(len(dataset))]
