@@ -199,4 +199,6 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path, argv, kind, env)
     assert "Retrying" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("orpo: error")]
     reason = "HF_HUB_OFFLINE is set" if env else "http://127.0.0.1:9 is unreachable"
-    assert len(errors) == 1 and f"could not load {kind} 'someorg/no-" in errors[0] and reason in errors[0], errors
+    assert len(errors) == 1 and f"could not load {kind} 'someorg/no-" in errors[0] and reason in errors[0], (
+        errors
+    )

@@ -88,7 +88,11 @@ def local_or_hub(name: str) -> str:
 
 def _hub_failure(name_or_path: str, kind: str) -> str | None:
     """Why a hub name could not load when the hub was not asked (offline); None for local paths."""
-    return None if Path(name_or_path).is_absolute() else explain_failure(name_or_path, kind, "a local folder or .gguf file")
+    return (
+        None
+        if Path(name_or_path).is_absolute()
+        else explain_failure(name_or_path, kind, "a local folder or .gguf file")
+    )
 
 
 def gguf_location(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str] | None:
