@@ -225,14 +225,56 @@ def test_eval_scores_with_the_models_training_settings_unless_told_otherwise(tmp
     )  # rewards are alpha * l
 
 
-def test_generate_says_whether_the_chat_template_was_used(trained, capsys):
+def test_generate_prompts_a_model_as_it_was_trained(trained, tmp_path, capsys):
     """A model trained on plain text answers differently through a chat template (the quickstart's 'rev abcd='
-    gave 'vasss' with it, 'dcba' without): generate says which way the prompt went in."""
+    gave 'vasss' with it, 'dcba' without): the trainer records how its prompts were rendered beside the model,
+    generate follows the record unless a flag says otherwise, and says which way the prompt went in."""
+    from datasets import Dataset
+
+    from conftest import toy_rows
+    from orpo import ORPOConfig, ORPOTrainer
+    from orpo.demo import demo_tokenizer, tiny_model
+    from orpo.generation import PROMPT_FORMAT_FILE
+
+    assert json.loads((trained / PROMPT_FORMAT_FILE).read_text()) == {"chat_template": False}
     argv = ["generate", "--model", str(trained), "--prompt", "rev abcd=", "--max-new-tokens", "3"]
     assert main(argv) == 0
-    assert "go through the tokenizer's chat template" in capsys.readouterr().err
-    assert main([*argv, "--no-chat-template"]) == 0
-    assert "fed as they are, without a chat template" in capsys.readouterr().err
+    assert "without a chat template: the model was trained on plain text" in capsys.readouterr().err
+    assert main([*argv, "--chat-template"]) == 0
+    assert "through the tokenizer's chat template: --chat-template" in capsys.readouterr().err
+
+    def chat(text: str, role: str) -> list[dict]:
+        return [{"role": role, "content": text}]
+
+    rows = [
+        {"prompt": chat(r["prompt"], "user"), "chosen": chat(r["chosen"], "assistant"),
+         "rejected": chat(r["rejected"], "assistant")}
+        for r in toy_rows(4)
+    ]  # fmt: skip
+    args = ORPOConfig(output_dir=str(tmp_path / "chat"), max_steps=1, report_to="none", use_cpu=True)
+    trainer = ORPOTrainer(
+        tiny_model(), args, train_dataset=Dataset.from_list(rows), tokenizer=demo_tokenizer()
+    )
+    trainer.train()
+    trainer.save_model()
+    chat_argv = [
+        "generate",
+        "--model",
+        str(tmp_path / "chat"),
+        "--prompt",
+        "rev abcd=",
+        "--max-new-tokens",
+        "3",
+    ]
+    assert main(chat_argv) == 0
+    assert "through the tokenizer's chat template: the model was trained on chat-templated prompts" in (
+        capsys.readouterr().err
+    )
+    assert main([*chat_argv, "--no-chat-template"]) == 0
+    assert "without a chat template: --no-chat-template" in capsys.readouterr().err
+    (tmp_path / "chat" / PROMPT_FORMAT_FILE).unlink()  # a model orpo did not train: the tokenizer decides
+    assert main(chat_argv) == 0
+    assert "through the tokenizer's chat template: the tokenizer has one" in capsys.readouterr().err
 
 
 def test_a_mistyped_config_key_is_reported_without_loading_torch(tmp_path):

@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_model, toy_rows
 from orpo import ORPOConfig, ORPOTrainer
 from orpo.cli import main
+from orpo.generation import trained_with_chat_template
 
 peft = pytest.importorskip("peft")
 
@@ -54,6 +55,8 @@ def test_lora_trains_only_the_adapter_and_merge_equals_base_plus_adapter(tmp_pat
     assert (adapter_dir / "adapter_model.safetensors").is_file()
 
     assert main(["merge", "--adapter", str(adapter_dir), "--output", str(tmp_path / "merged")]) == 0
+    # the merged model keeps the record of how its prompts were rendered (generate reads it)
+    assert trained_with_chat_template(tmp_path / "merged") is False
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     trainer.model.eval()

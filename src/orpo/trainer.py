@@ -28,7 +28,7 @@ from orpo.data.batching import pair_lengths, token_budget_loader
 from orpo.data.collator import check_collator
 from orpo.data.tokenize import ROW_INDEX, TOKENIZED_COLUMNS
 from orpo.errors import OrpoError
-from orpo.generation import eval_samples, publish_generations
+from orpo.generation import eval_samples, publish_generations, record_prompt_format
 from orpo.guards import Divergence, NonFiniteLosses, require_distributed_launch
 from orpo.head import HeadRunner, HeadSettings
 from orpo.layouts import PADDED, Layout, agreed_layout, check_mode, choose_layout, model_inputs, verify_layout
@@ -304,6 +304,9 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
                 )
             }
         super()._save(output_dir, state_dict)
+        trained = self.tokenize_reports.get("train_dataset")
+        if trained is not None and trained.chat_template is not None:
+            record_prompt_format(output_dir or self.args.output_dir, trained.chat_template)
 
     # ---- loss and its normalisation over the optimizer step ----------------------------------------
 

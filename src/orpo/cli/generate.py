@@ -12,10 +12,11 @@ from orpo.errors import UsageError
 def add_parser(commands) -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
-        help="generate from a model with its chat template, streaming",
+        help="generate from a model, prompted as it was trained, streaming",
         description="Generate a response for a prompt (or each line of a file), streamed as it is produced. "
-        "The tokenizer's chat template is applied when it has one.",
-        epilog="example: orpo generate --model orpo-quickstart/orpo --prompt 'rev abcd=' --no-chat-template",
+        "Prompts go through the tokenizer's chat template when the model was trained on chat-templated rows "
+        "(orpo records this beside the models it saves) or, for other models, when the tokenizer has one.",
+        epilog="example: orpo generate --model orpo-quickstart/orpo --prompt 'rev abcd='",
     )
     generate.add_argument("--model", required=True, help="model directory or hub name")
     generate.add_argument("--tokenizer", help="default: the model's")
@@ -28,7 +29,18 @@ def add_parser(commands) -> argparse.ArgumentParser:
     generate.add_argument(
         "--top-p", type=probability, default=1.0, help="nucleus sampling (with a temperature above 0)"
     )
-    generate.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
+    template = generate.add_mutually_exclusive_group()
+    template.add_argument(
+        "--chat-template",
+        dest="chat_template",
+        action="store_true",
+        default=None,
+        help="put prompts through the tokenizer's chat template (default: as the model was trained, recorded "
+        "beside it by orpo; else when the tokenizer has a template)",
+    )
+    template.add_argument(
+        "--no-chat-template", dest="chat_template", action="store_false", help="feed the prompt text as it is"
+    )
     add_trust_remote_code(generate)
     return generate
 
@@ -52,11 +64,11 @@ def run(args: argparse.Namespace) -> int:
         prompts = [line.rstrip("\n") for line in lines if line.strip()]
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, remote_code(args))
     model.eval()
-    use_template = getattr(tokenizer, "chat_template", None) is not None and not args.no_chat_template
+    use_template, why = _use_chat_template(args, tokenizer)
     print(
-        "(prompts go through the tokenizer's chat template; --no-chat-template feeds them as they are)"
+        f"(prompts go through the tokenizer's chat template: {why})"
         if use_template
-        else "(prompts are fed as they are, without a chat template)",
+        else f"(prompts are fed as they are, without a chat template: {why})",
         file=sys.stderr,
     )
     sampling = args.temperature > 0
@@ -81,3 +93,30 @@ def run(args: argparse.Namespace) -> int:
                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
             )
     return 0
+
+
+def _use_chat_template(args, tokenizer) -> tuple[bool, str]:
+    """Whether prompts go through the chat template, and why: a flag decides; else the way the model was
+    trained (the record orpo saves beside it); else whether the tokenizer has a template."""
+    from orpo.generation import trained_with_chat_template
+
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if args.chat_template is False:
+        return False, "--no-chat-template"
+    if args.chat_template:
+        if not has_template:
+            raise UsageError(f"--chat-template: the tokenizer of {args.model} has no chat template")
+        return True, "--chat-template"
+    trained = trained_with_chat_template(args.model)
+    if trained is not None:
+        how = (
+            "the model was trained on chat-templated prompts"
+            if trained
+            else "the model was trained on plain text"
+        )
+        if trained and not has_template:
+            return False, how + ", but its tokenizer has no template now"
+        return trained, f"{how}; --{'no-' if trained else ''}chat-template to change"
+    if has_template:
+        return True, "the tokenizer has one; --no-chat-template feeds prompts as they are"
+    return False, "the tokenizer has none"

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--output {output} is not empty; choose a new directory, or pass --overwrite")
     base_name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     # The base through orpo's loader (a hub name, a folder or a GGUF file), then the adapter on it.
+    from orpo.generation import record_prompt_format, trained_with_chat_template
+
     base = load_causal_lm(base_name, {"trust_remote_code": args.trust_remote_code})
     try:
         model = PeftModel.from_pretrained(base, str(adapter))
@@ -59,5 +61,8 @@ def run(args: argparse.Namespace) -> int:
     merged.save_pretrained(args.output)
     if (adapter / "tokenizer_config.json").is_file():
         load_tokenizer(str(adapter), args.trust_remote_code).save_pretrained(args.output)
+    trained = trained_with_chat_template(adapter)
+    if trained is not None:  # generate prompts the merged model as the adapter was trained
+        record_prompt_format(args.output, trained)
     print(f"merged {adapter} into its base model ({base_name}); saved to {args.output}/")
     return 0

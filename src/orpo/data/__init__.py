@@ -144,9 +144,11 @@ def load_pairs(
         )
     pairs = read_pairs(spec, fmt, columns, skip_invalid, split, seed, subset)
     source = name if name and pairs.name == "dataset" else pairs.name
-    return tokenize_dataset(
+    tokenized, report = tokenize_dataset(
         pairs.dataset, tokenizer, limits, source=source, num_proc=num_proc, cache_dir=default_cache_dir()
     )
+    report.chat_template = len(pairs.dataset) > 0 and isinstance(pairs.dataset[0]["prompt"], list)
+    return tokenized, report
 
 
 def load_run_pairs(

@@ -45,6 +45,7 @@ class TokenizeReport:
 
     source: str
     rows_in: int = 0
+    chat_template: bool | None = None  # whether the chat template rendered the rows; None if pre-tokenized
     prompts_truncated: int = 0
     identical_pairs: int = 0
     responses_truncated: int = 0
