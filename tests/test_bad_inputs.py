@@ -120,6 +120,14 @@ CASES = [
         for name, w in (("abc", "abc"), ("nan", ".nan"), ("inf", ".inf"), ("zero", "0"))
     ],
     ("config-unset-variable", lambda t: ["train", write(t, "v.yaml", "model: demo\ndatasets: $ORPO_UNSET_FOR_TEST/x.jsonl\n")], 2, "$ORPO_UNSET_FOR_TEST in '$ORPO_UNSET_FOR_TEST/x.jsonl' is not set"),
+    ("config-chat-template-int", lambda t: yaml_config(t, ["chat_template: 5"]), 2, "'chat_template' must be a built-in name, a file or Jinja text, got int 5"),
+    ("config-tokenizer-int", lambda t: yaml_config(t, ["tokenizer: 5"]), 2, "'tokenizer' must be a name or path, got int 5"),
+    ("config-peft-int", lambda t: yaml_config(t, ["peft: 5"]), 2, "'peft' must be a mapping of LoRA settings"),
+    ("config-peft-rank-text", lambda t: yaml_config(t, ["peft: {r: abc}"]), 2, "'peft': r must be int, got str 'abc'"),
+    ("config-peft-unknown-key", lambda t: yaml_config(t, ["peft: {rank: 4}"]), 2, "'peft': LoraConfig.__init__() got an unexpected keyword argument 'rank'"),
+    ("config-special-tokens-int", lambda t: yaml_config(t, ["special_tokens: {pad_token: 5}"]), 2, "'special_tokens' must map token names to tokens"),
+    ("config-columns-string", lambda t: yaml_config(t, ["dataset_columns: question"]), 2, "dataset_columns must map prompt, chosen, rejected, system to your column names"),
+    ("config-columns-unknown-role", lambda t: yaml_config(t, ["dataset_columns: {question: prompt}"]), 2, "got {'question': 'prompt'}"),
     ("config-alias-bomb", lambda t: ["train", write(t, "bomb.yaml", alias_bomb())], 2, "expand to more than 100,000 values"),
     ("model-pickled-weights-only", lambda t: ["train", "--model", pickled_model(t), "--dataset", "demo:test"], 1, "holds only pickled weights (pytorch_model*.bin); orpo loads safetensors only"),
     # data files (issue 23 item 14)
@@ -127,7 +135,7 @@ CASES = [
     ("data-lone-surrogate", lambda t: ["train", "--model", "demo", "--dataset", write(t, "s.jsonl", '{"prompt": "p", "chosen": "a\\ud800b", "rejected": "c"}\n')], 1, "s.jsonl:1: field 'chosen' holds a lone surrogate"),
     ("data-not-parquet", lambda t: ["train", "--model", "demo", "--dataset", write(t, "x.parquet", "not parquet")], 1, "not a readable Parquet file"),
     ("data-save-to-disk-damaged", lambda t: ["train", "--model", "demo", "--dataset", damaged_save_to_disk(t)], 1, "a save_to_disk folder that cannot be read"),
-    ("data-demo-unknown-split", lambda t: ["train", "--model", "demo", "--dataset", "demo:foo"], 1, "the demo data has splits 'train' and 'test'"),
+    ("data-demo-unknown-split", lambda t: ["train", "--model", "demo", "--dataset", "demo:foo"], 1, "demo:foo: the shipped data is demo:train, demo:test, demo:smollm2-train"),
     # command line
     ("cli-flag-wrong-type", flags("--learning_rate", "abc"), 2, "learning_rate"),
     ("cli-output-dir-is-a-file", lambda t: ["train", "--model", "demo", "--dataset", "demo:test", "--output-dir", write(t, "taken", "x")], 2, "is a file, not a directory"),

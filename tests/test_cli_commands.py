@@ -306,3 +306,20 @@ def test_help_never_breaks_a_flag_across_lines(command, capsys, monkeypatch):
         main([command, "--help"])
     text = capsys.readouterr().out
     assert not re.search(r"\S-\n", text), text
+
+
+def test_global_options_work_after_the_command_too(tmp_path, capsys):
+    """`orpo train CONFIG --verbose` (issue 23 item 16: a re-run with --verbose added after the command said
+    "unknown config key 'verbose'", since train reads unknown --flags as config keys). --quiet, --verbose and
+    --debug are accepted before or after the command; given only before, the command's parser keeps them."""
+    from orpo.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["--verbose", "plot", "run"], ["plot", "run", "--verbose"]):
+        args = parser.parse_args(argv)
+        assert (args.verbose, args.quiet, args.debug) == (True, False, False), argv
+    assert parser.parse_args(["--debug", "plot", "run", "--quiet"]).debug is True
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: demo\ndatasets: demo:test\nmax_steps: 1\noutput_dir: {tmp_path / 'out'}\n")
+    assert main(["train", str(config), "--verbose", "--save_strategy", "no"]) == 0
+    assert "unknown config key" not in capsys.readouterr().err

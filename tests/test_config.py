@@ -72,6 +72,16 @@ def test_numbers_of_the_wrong_type_are_errors_from_python_too(tmp_path):
     assert ORPOConfig(output_dir=str(tmp_path), learning_rate=1).learning_rate == 1  # an int is a float
 
 
+def test_dataset_columns_must_map_roles_to_column_names(tmp_path):
+    """dataset_columns as a bare string (or with other keys) failed at load time with AttributeError; a JSON
+    string, as TrainingArguments takes dict fields from the command line, is still fine."""
+    for bad in ("question", {"question": "prompt"}, {"prompt": 5}):
+        with pytest.raises(OrpoError, match="dataset_columns must map prompt, chosen, rejected, system"):
+            ORPOConfig(output_dir=str(tmp_path), dataset_columns=bad)
+    good = ORPOConfig(output_dir=str(tmp_path), dataset_columns='{"prompt": "question"}')
+    assert good.dataset_columns == {"prompt": "question"}
+
+
 def test_negative_step_counts_are_errors(tmp_path):
     """max_steps -5 used to train by epochs silently; -1 (the default) still means 'by epochs'."""
     with pytest.raises(

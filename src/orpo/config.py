@@ -34,10 +34,20 @@ def bf16_supported() -> bool:
 
 
 @functools.cache
-def field_types() -> dict[str, Any]:
-    """Each ``ORPOConfig`` field's type hint (TrainingArguments' fields included)."""
-    hints = typing.get_type_hints(ORPOConfig)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(ORPOConfig) if f.init}
+def field_types(cls=None) -> dict[str, Any]:
+    """Each field's type hint of the dataclass ``cls`` (default ``ORPOConfig``, TrainingArguments' fields
+    included)."""
+    cls = ORPOConfig if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def scalar_type_problem(hint, name: str, value) -> str | None:
+    """What is wrong with ``value`` for a field of numbers or booleans (None when nothing is, or when the
+    field holds something else: those are checked where they are used)."""
+    if not _scalar(hint) or accepts(hint, value):
+        return None
+    return f"{name} must be {type_name(hint)}, got {type(value).__name__} {value!r}"
 
 
 def accepts(hint, value) -> bool:
@@ -292,7 +302,20 @@ class ORPOConfig(TrainingArguments):
         self._check_types()
         self._validate_orpo_fields()
         super().__post_init__()
+        self._check_dataset_columns()  # after TrainingArguments parsed a JSON string into a dict
         self._fold_trust_remote_code()
+
+    def _check_dataset_columns(self) -> None:
+        columns = self.dataset_columns
+        if columns is None:
+            return
+        if not isinstance(columns, dict) or not all(
+            key in defaults.COLUMN_ROLES and isinstance(value, str) for key, value in columns.items()
+        ):
+            raise OrpoError(
+                f"dataset_columns must map {', '.join(defaults.COLUMN_ROLES)} to your column names, e.g. "
+                f"{{'prompt': 'question', 'chosen': 'good', 'rejected': 'bad'}}; got {columns!r}"
+            )
 
     def _fold_trust_remote_code(self) -> None:
         """``trust_remote_code=True`` (TRL's field) is ``model_init_kwargs['trust_remote_code']``, which the
@@ -311,9 +334,8 @@ class ORPOConfig(TrainingArguments):
         """Numbers and booleans of the wrong type (``learning_rate="fast"``) are errors here, as they are in a
         config file, instead of failing later, somewhere else, or not at all."""
         for name, hint in field_types().items():
-            value = getattr(self, name)
-            if _scalar(hint) and not accepts(hint, value):
-                raise OrpoError(f"{name} must be {type_name(hint)}, got {type(value).__name__} {value!r}")
+            if (problem := scalar_type_problem(hint, name, getattr(self, name))) is not None:
+                raise OrpoError(problem)
 
     def _validate_orpo_fields(self) -> None:
         for name in ("orpo_alpha", "orpo_beta", "learning_rate"):

@@ -6,6 +6,7 @@ ALPHA = 0.1  # orpo_alpha, the paper's λ
 BETA = 1.0  # orpo_beta, the temperature on the log odds ratio (1.0 = the paper)
 MAX_LENGTH = 1024  # prompt + response tokens
 FORMATS = ("standard", "conversational", "implicit")  # data formats; "auto" detects one
+COLUMN_ROLES = ("prompt", "chosen", "rejected", "system")  # what dataset_columns maps a file's columns onto
 DEMO = "demo"  # the embedded tiny model and tokenizer (orpo.demo); data: demo:train / demo:test
 LEARNING_RATE = 1e-6  # TRL's ORPOConfig default (Trainer's own is 5e-5)
 LOGGING_STEPS = 10  # TRL's ORPOConfig default (Trainer's own is 500)

@@ -23,17 +23,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="ORPO (Odds Ratio Preference Optimization) on the Hugging Face stack.",
     )
     parser.add_argument("--version", action="version", version=f"orpo {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    loudness = parser.add_mutually_exclusive_group()
-    loudness.add_argument("--quiet", action="store_true", help="only errors (no warnings, no progress bars)")
-    loudness.add_argument("--verbose", action="store_true", help="also informational log messages")
+    _add_global_options(parser, False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         sub = command.add_parser(commands)
         if sub.formatter_class is argparse.HelpFormatter:
             sub.formatter_class = WholeWordsHelpFormatter
+        # Also after the command (`orpo train c.yaml --verbose`): train would otherwise take an unknown
+        # --verbose for a config key. Unset there, so they do not undo the same option given before it.
+        _add_global_options(sub, argparse.SUPPRESS)
         sub.set_defaults(handler=command.run)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show full tracebacks for errors"
+    )
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "--quiet", action="store_true", default=default, help="only errors (no warnings, no progress bars)"
+    )
+    loudness.add_argument(
+        "--verbose", action="store_true", default=default, help="also informational log messages"
+    )
 
 
 class WholeWordsHelpFormatter(argparse.HelpFormatter):

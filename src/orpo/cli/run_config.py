@@ -295,8 +295,19 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
     datasets = _dataset_specs(datasets, notes)
     eval_datasets = _dataset_specs(values.pop("eval_datasets", None) or [], notes)
     run = {key: values.pop(key, None) for key in ("tokenizer", "chat_template", "special_tokens", "peft")}
-    if run["special_tokens"] is not None and not isinstance(run["special_tokens"], dict):
+    for key, what in (
+        ("tokenizer", "a name or path"),
+        ("chat_template", "a built-in name, a file or Jinja text"),
+    ):
+        if run[key] is not None and not isinstance(run[key], str):
+            raise UsageError(f"'{key}' must be {what}, got {type(run[key]).__name__} {run[key]!r}")
+    tokens = run["special_tokens"]
+    if tokens is not None and not (
+        isinstance(tokens, dict) and all(isinstance(v, str) for v in tokens.values())
+    ):
         raise UsageError("'special_tokens' must map token names to tokens, e.g. {pad_token: '<|pad|>'}")
+    if run["peft"] is not None:
+        lora_config(run["peft"])  # its keys and values checked now, before anything loads
     given = tuple(values)
     values.setdefault("output_dir", "orpo-output")
     values.setdefault("report_to", "none")
@@ -391,6 +402,31 @@ def _dataset_specs(value, notes: list[str]) -> list:
         if "data_files" in item:
             notes.append(f"dataset {item['path']}: its data_files (Axolotl) are the sources")
     return specs
+
+
+def lora_config(peft: dict):
+    """The config's ``peft`` block as a ``peft.LoraConfig`` (task CAUSAL_LM); a one-line error for a block
+    that is not a mapping, an unknown key or a bad value."""
+    if not isinstance(peft, dict):
+        raise UsageError(
+            f"'peft' must be a mapping of LoRA settings, e.g. {{r: 16, lora_alpha: 32}}; got {peft!r}"
+        )
+    try:
+        from peft import LoraConfig
+    except ImportError as err:
+        raise UsageError(
+            "the config has a 'peft' block but peft is not installed: pip install 'orpo[peft]'"
+        ) from err
+    from orpo.config import field_types, scalar_type_problem
+
+    hints = field_types(LoraConfig)  # LoraConfig does not check its numbers: r="abc" failed deep in peft
+    for key, value in peft.items():
+        if key in hints and (problem := scalar_type_problem(hints[key], key, value)) is not None:
+            raise UsageError(f"'peft': {problem}")
+    try:
+        return LoraConfig(task_type="CAUSAL_LM", **peft)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"'peft': {err}") from err
 
 
 def chat_template_text(value: str | None) -> str | None:

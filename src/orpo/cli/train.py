@@ -264,7 +264,7 @@ def _checkpoint_to_resume(out: Path) -> str:
 def _trainer_for(run):
     """The model and tokenizer as the config says (orpo.models: the same path as the Python API), and the
     trainer."""
-    from orpo.cli.run_config import chat_template_text
+    from orpo.cli.run_config import chat_template_text, lora_config
     from orpo.models import add_special_tokens, load_model_and_tokenizer
     from orpo.trainer import ORPOTrainer
 
@@ -278,15 +278,7 @@ def _trainer_for(run):
         print(
             f"note: special_tokens added {added} new token(s); the embeddings now have {len(tokenizer)} rows"
         )
-    peft_config = None
-    if run.peft:
-        try:
-            from peft import LoraConfig
-        except ImportError as err:
-            raise OrpoError(
-                "the config has a 'peft' block but peft is not installed: pip install 'orpo[peft]'"
-            ) from err
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **run.peft)
+    peft_config = lora_config(run.peft) if run.peft else None
     return ORPOTrainer(
         model=model,
         args=run.args,
