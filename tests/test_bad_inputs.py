@@ -72,6 +72,23 @@ def alias_bomb() -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_bad_second_row(tmp_path, kind: str) -> str:
+    """A file or folder whose second row lacks 'rejected', written as ``kind``."""
+    from datasets import Dataset
+
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": None}]
+    path = tmp_path / f"bad.{kind}"
+    if kind == "parquet":
+        Dataset.from_list(rows).to_parquet(str(path))
+    elif kind == "saved":
+        Dataset.from_list(rows).save_to_disk(str(path))
+    elif kind == "json":
+        path.write_text(json.dumps(rows))
+    elif kind == "csv":
+        path.write_text("prompt,chosen,rejected\np,a,b\np,a\n")
+    return str(path)
+
+
 def damaged_save_to_disk(tmp_path):
     from datasets import Dataset
 
@@ -134,6 +151,13 @@ CASES = [
     ("data-json-too-deep", lambda t: ["train", "--model", "demo", "--dataset", write(t, "deep.json", "[" * 100_000 + "]" * 100_000)], 1, "nested too deeply"),
     ("data-lone-surrogate", lambda t: ["train", "--model", "demo", "--dataset", write(t, "s.jsonl", '{"prompt": "p", "chosen": "a\\ud800b", "rejected": "c"}\n')], 1, "s.jsonl:1: field 'chosen' holds a lone surrogate"),
     ("data-not-parquet", lambda t: ["train", "--model", "demo", "--dataset", write(t, "x.parquet", "not parquet")], 1, "not a readable Parquet file"),
+    # the row is named wherever it is known: file:line for JSONL and CSV, "row N" for JSON, Parquet and
+    # save_to_disk folders
+    *[
+        (f"data-row-named-{kind}", lambda t, k=kind: ["train", "--model", "demo", "--dataset", with_bad_second_row(t, k)], 1, where)
+        for kind, where in (("json", "bad.json: row 2: missing field 'rejected'"), ("csv", "bad.csv:3: missing field 'rejected'"),
+                            ("parquet", "bad.parquet: row 2: missing field 'rejected'"), ("saved", "bad.saved: row 2: missing field 'rejected'"))
+    ],
     ("data-save-to-disk-damaged", lambda t: ["train", "--model", "demo", "--dataset", damaged_save_to_disk(t)], 1, "a save_to_disk folder that cannot be read"),
     ("data-demo-unknown-split", lambda t: ["train", "--model", "demo", "--dataset", "demo:foo"], 1, "demo:foo: the shipped data is demo:train, demo:test, demo:smollm2-train"),
     # command line

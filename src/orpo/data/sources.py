@@ -169,7 +169,10 @@ def load_source(source, split: str = "train", subset: str | None = None) -> Load
                 raise OrpoError(
                     f"{path}: a save_to_disk folder that cannot be read ({type(err).__name__}: {err}); save it again"
                 ) from err
-            return load_source(saved, split=split)
+            loaded = load_source(saved, split=split)  # its rows named by this folder, not "dataset row N"
+            return LoadedSource(
+                str(path), loaded.rows, [f"{path}: row {i + 1}" for i in range(len(loaded.rows))]
+            )
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
         if not files:
             raise OrpoError(f"{path}: no {', '.join(FILE_SUFFIXES)} files and not a save_to_disk directory")
