@@ -203,3 +203,60 @@ def test_second_tokenization_of_the_same_data_comes_from_the_cache(tokenizer, tm
         cache_dir=tmp_path,
     )
     assert len(calls) == 20  # other limits, other key: tokenized again
+
+
+@pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
+def test_long_texts_are_cut_by_characters_first_with_the_same_tokens(tokenizer, conversational):
+    """A 50 MB answer peaked at 9.9 GB while tokenized whole before truncation. Texts are cut by characters
+    first, at a cap that keeps every token truncation keeps: the tokens equal those of the uncut texts, and
+    the tokenizer never sees more than the cap."""
+    limits = TruncationLimits(max_length=96, max_prompt_length=32)
+    words = "naïve café 東京 🙂 word, " * 2000  # multi-byte characters: several tokens per character here
+    row = {"prompt": words + "end?", "chosen": "start " + words, "rejected": "other " + words[::-1]}
+    if conversational:
+        row = {
+            "prompt": [{"role": "user", "content": row["prompt"]}],
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}],
+        }
+    capped = PairTokenizer(tokenizer, limits=limits)
+    seen = []
+    real_ids = capped._ids
+    capped._ids = lambda text: seen.append(len(text)) or real_ids(text)
+    prompt_cap, response_cap = capped.char_caps
+    assert prompt_cap < len(words) and response_cap < len(words)
+    bos = tokenizer.bos_token_id
+    got = truncate_pair(*capped(row, 0).values(), limits, bos)
+    expected = truncate_pair(*PairTokenizer(tokenizer)(row, 0).values(), limits, bos)
+    assert got == expected
+    assert len(got[0]) == 32 and len(got[1]) == 64  # both were truncated: the caps kept enough
+    template_text = 200  # what a chat template adds around the contents
+    assert max(seen) <= max(prompt_cap, response_cap) + template_text
+
+
+@pytest.mark.slow
+def test_a_50_mb_line_trains_in_bounded_memory(tmp_path):
+    """Memory follows the limits, not the file: 20 MB in one answer (4.4 GB peak before the character cut,
+    while tokenizing it whole) trains within the memory of a small run."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "huge.jsonl"
+    with data.open("w") as f:
+        f.write(json.dumps({"prompt": "rev abc=", "chosen": "word " * 4_000_000, "rejected": "x"}) + "\n")
+        f.write(json.dumps({"prompt": "rev abd=", "chosen": "y", "rejected": "x"}) + "\n")
+    command = [sys.executable, "-m", "orpo", "train", "--model", "demo", "--dataset", str(data)]
+    command += ["--output-dir", str(tmp_path / "out"), "--max_steps", "1", "--save_strategy", "no"]
+    # Measured from a fresh parent, whose only child is the run (this process's children include other tests').
+    measure = (
+        "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+        "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", measure, *command], capture_output=True, text=True, timeout=600
+    )
+    code, peak_kib = map(int, done.stdout.split()[-2:])
+    assert code == 0, done.stderr[-2000:]
+    assert "1 rows with a response truncated" in done.stderr
+    assert peak_kib / 2**20 < 1.5, f"peak {peak_kib / 2**20:.2f} GiB"

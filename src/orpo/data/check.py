@@ -3,8 +3,11 @@ on it (the same path as training: :func:`orpo.data.read_pairs`, then tokenizatio
 
 from __future__ import annotations
 
+from orpo import defaults
 from orpo.data import read_pairs
 from orpo.data.tokenize import TruncationLimits, tokenize_dataset
+
+MEASURE_FACTOR = 64  # token lengths are measured up to this many times max_length
 
 BOUNDARY = "⟦|⟧"  # marks where the prompt ends and the response begins
 
@@ -44,14 +47,16 @@ def check_data(
         lines.append("(give --tokenizer to see token lengths, truncation and the rendered first row)")
         return "\n".join(lines)
 
+    limits = limits or TruncationLimits()
+    # Lengths as the data has them, up to a cap far above any limit: a 50 MB text is not tokenized whole.
+    measured = MEASURE_FACTOR * (limits.max_length or defaults.MAX_LENGTH)
     untruncated, _ = tokenize_dataset(
-        dataset, tokenizer, TruncationLimits(None, None, None), source=source_name
+        dataset, tokenizer, TruncationLimits(None, measured, measured), source=source_name
     )
-    lines.append("token lengths:")
+    lines.append(f"token lengths (one over {measured:,} counts as {measured:,}):")
     for name in ("prompt", "chosen", "rejected"):
         lengths = [len(ids) for ids in untruncated[f"{name}_input_ids"]]
         lines.append(f"  {name:<9}{_percentiles(lengths)}")
-    limits = limits or TruncationLimits()
     truncated, report = tokenize_dataset(dataset, tokenizer, limits, source=source_name)
     lines.append(
         f"at max_length={limits.max_length}, max_prompt_length={limits.max_prompt_length}, "

@@ -82,9 +82,10 @@ class PairTokenizer:
     first response token has a context to be predicted from.
     """
 
-    def __init__(self, tokenizer, source: str = "dataset"):
+    def __init__(self, tokenizer, source: str = "dataset", limits: TruncationLimits | None = None):
         self.tokenizer = tokenizer
         self.source = source
+        self.char_caps = character_caps(tokenizer, limits) if limits is not None else (None, None)
         self.eos_id = tokenizer.eos_token_id
         self.bos_id = tokenizer.bos_token_id
         if self.eos_id is None:
@@ -126,6 +127,7 @@ class PairTokenizer:
             row = normalize_row(row, fmt)
         except RowProblem as problem:
             raise OrpoError(f"{self.source}, row {index + 1}: {problem}") from None
+        row = cap_characters(row, *self.char_caps)
         if fmt == "conversational":
             prompt, chosen, rejected = self._render_conversation(row, index)
             prompt_ids = self._dedupe_bos(self._ids(prompt))
@@ -146,6 +148,43 @@ class PairTokenizer:
             "chosen_input_ids": responses[0],
             "rejected_input_ids": responses[1],
         }
+
+
+def character_caps(tokenizer, limits: TruncationLimits) -> tuple[int | None, int | None]:
+    """(prompt, response) character caps that token truncation makes harmless: a text longer than the cap
+    has more tokens than the limit (no token spells more characters than the vocabulary's longest), so
+    cutting it there first keeps every token truncation keeps, while tokenizing a 50 MB answer no longer
+    needs gigabytes. A margin of 64 tokens leaves the word at the cut apart from the tokens kept."""
+    prompt_limit = limits.max_prompt_length or limits.max_length
+    response_limit = min(
+        (n for n in (limits.max_completion_length, limits.max_length) if n is not None), default=None
+    )
+    if prompt_limit is None and response_limit is None:
+        return None, None
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return tuple(None if n is None else (n + 64) * max(longest, 1) for n in (prompt_limit, response_limit))
+
+
+def cap_characters(row: dict, prompt_cap: int | None, response_cap: int | None) -> dict:
+    """The row with texts over the caps cut (:func:`character_caps`): prompts keep their end, responses their
+    start, as token truncation does; in conversations, each message's content."""
+
+    def cut(text, cap, keep_end):
+        if cap is None or not isinstance(text, str) or len(text) <= cap:
+            return text
+        return text[-cap:] if keep_end else text[:cap]
+
+    def cut_value(value, cap, keep_end):
+        if isinstance(value, list):
+            return [{**m, "content": cut(m.get("content"), cap, keep_end)} for m in value]
+        return cut(value, cap, keep_end)
+
+    return {
+        **row,
+        "prompt": cut_value(row["prompt"], prompt_cap, keep_end=True),
+        "chosen": cut_value(row["chosen"], response_cap, keep_end=False),
+        "rejected": cut_value(row["rejected"], response_cap, keep_end=False),
+    }
 
 
 def truncate_pair(
@@ -200,7 +239,7 @@ def tokenize_dataset(
     ``cache_dir``, the result is cached under a content hash (:func:`tokenization_key`), so the
     second run on the same data and tokenizer skips tokenization.
     """
-    pair_tokenizer = PairTokenizer(tokenizer, source)
+    pair_tokenizer = PairTokenizer(tokenizer, source, limits)
     bos_id = tokenizer.bos_token_id
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
