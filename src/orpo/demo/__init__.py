@@ -32,11 +32,23 @@ def tiny_model(seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(config)
 
 
+# Shipped JSONL data by its ``demo:NAME``: the tiny model's quickstart pairs, and the real-model exercise's
+# (SmolLM2 learns one-sentence answers; built by scripts/build_smollm2_data.py).
+DEMO_DATA = {
+    "train": "train.jsonl",
+    "test": "test.jsonl",
+    "smollm2-train": "smollm2/train.jsonl",
+    "smollm2-test": "smollm2/test.jsonl",
+    "smollm2-unrelated": "smollm2/unrelated.jsonl",
+}
+
+
 def demo_data_path(split: str) -> Path:
-    """Path of the shipped JSONL preference data: ``split`` is ``"train"`` or ``"test"``."""
-    if split not in ("train", "test"):
-        raise OrpoError(f"demo:{split}: the demo data has splits 'train' and 'test' (demo:train, demo:test)")
-    return DEMO_DIR / f"{split}.jsonl"
+    """Path of the shipped JSONL data called ``demo:SPLIT`` (:data:`DEMO_DATA`)."""
+    if split not in DEMO_DATA:
+        names = ", ".join(f"demo:{name}" for name in DEMO_DATA)
+        raise OrpoError(f"demo:{split}: the shipped data is {names}")
+    return DEMO_DIR / DEMO_DATA[split]
 
 
 def load_demo_dataset(split: str = "train"):
