@@ -29,12 +29,12 @@ import random
 import sys
 from pathlib import Path
 
-from orpo.one_sentence import first_sentence
+from orpo.exercise import MAX_NEW_TOKENS
+from orpo.exercise import greedy_answers as exercise_answers
+from orpo.one_sentence import first_sentence, whole_sentences
 
 SEED = 2403_07691
 OUT = Path(__file__).resolve().parent.parent / "src" / "orpo" / "demo" / "smollm2"
-MAX_NEW_TOKENS = 64
-BATCH = 16
 TEMPLATES = [
     "Explain {}.",
     "What can you tell me about {}?",
@@ -141,31 +141,9 @@ def load_base():
 
 
 def greedy_answers(model, tokenizer, prompts: list[str]) -> list[str]:
-    """The model's greedy answers through its chat template (default system prompt), in BATCH-prompt
-    batches, decoded without special tokens."""
-    from orpo.generation import complete
-
-    ids = [
-        list(tokenizer.apply_chat_template(user(p), add_generation_prompt=True)["input_ids"]) for p in prompts
-    ]
-    rows = complete(
-        model,
-        ids,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        max_new_tokens=MAX_NEW_TOKENS,
-        batch_size=BATCH,
-        do_sample=False,
-    )
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
-
-
-def whole_sentences(answer: str) -> str:
-    """The answer up to the end of its last whole sentence (generation stops mid-sentence at the cap)."""
-    from orpo.one_sentence import _SENTENCE_END
-
-    ends = [match.end() for match in _SENTENCE_END.finditer(answer)]
-    return answer[: ends[-1]] if ends else answer
+    """The model's greedy answers through its chat template (default system prompt), generated as the
+    exercise generates (orpo.exercise.greedy_answers: fixed batches, at most MAX_NEW_TOKENS new tokens)."""
+    return exercise_answers(model, tokenizer, [user(p) for p in prompts])[0]
 
 
 def make_pairs(prompts: list[str], answers: list[str]) -> tuple[list[dict], dict[str, list[str]]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orpo.demo import demo_data_path
-from orpo.one_sentence import first_sentence, is_one_sentence
+from orpo.one_sentence import first_sentence, is_one_sentence, whole_sentences
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -58,7 +58,7 @@ def test_the_shipped_pairs_are_what_the_builder_makes_of_the_answers():
         for row in shipped:
             rejected = row["rejected"][0]["content"]
             assert row["chosen"][0]["content"] == first_sentence(rejected)
-            assert builder.whole_sentences(rejected) == rejected and not is_one_sentence(rejected)
+            assert whole_sentences(rejected) == rejected and not is_one_sentence(rejected)
     train_topics = set(builder.topics(builder.TRAIN_TOPICS))
     assert not train_topics & set(builder.topics(builder.TEST_TOPICS))
     assert [row["prompt"][0]["content"] for row in rows("smollm2-unrelated")] == builder.UNRELATED_PROMPTS

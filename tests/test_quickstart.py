@@ -141,3 +141,24 @@ def test_tiny_model_is_in_the_promised_size_range():
     params = sum(p.numel() for p in tiny_model().parameters())
     assert 100_000 <= params <= 5_000_000
     assert torch.equal(tiny_model(seed=3).lm_head.weight, tiny_model(seed=3).lm_head.weight)
+
+
+def test_the_demo_trains_on_one_thread_and_gives_the_threads_back(tmp_path, monkeypatch):
+    """Issue 22 item 17: with one core busy elsewhere the quickstart ran 2.7x slower on two threads (each of
+    the tiny model's ops waits for both); on one it keeps its idle speed, and the caller's setting returns."""
+    import torch
+
+    import orpo.quickstart
+
+    seen = []
+    real = orpo.quickstart._train_one
+    monkeypatch.setattr(
+        orpo.quickstart, "_train_one", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k)
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_quickstart(output_dir=str(tmp_path), max_steps=1, seed=0)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -34,3 +34,10 @@ def is_one_sentence(text: str) -> bool:
     """Whether ``text`` is exactly one plain sentence: the behaviour the exercise checks."""
     sentence = first_sentence(text)
     return sentence is not None and sentence == text.strip()
+
+
+def whole_sentences(text: str) -> str:
+    """The text up to the end of its last whole sentence (a generation cut at its token cap stops
+    mid-sentence); the text itself when it has no sentence end."""
+    ends = [match.end() for match in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]] if ends else text
