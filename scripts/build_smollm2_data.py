@@ -13,7 +13,7 @@ code, translation) with the model's untouched greedy answers: the exercise's for
 before and after training.
 
 Prompts whose answer does not start with a plain sentence, or has no second whole sentence within the cap, make no pair; the
-script prints how many and which. Generation runs in fixed batches of BATCH prompts in file order on CPU
+script prints how many and which. Generation runs in the exercise's fixed batches (GENERATION_BATCH) in file order on CPU
 in fp32, so a rerun reproduces the files byte for byte (a test regenerates some batches of each file; a
 full regeneration is ``python scripts/build_smollm2_data.py --check``, about 3 minutes on 2 cores).
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from orpo.demo import demo_data_path
+from orpo.exercise import GENERATION_BATCH
 from orpo.one_sentence import first_sentence, is_one_sentence, whole_sentences
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,11 +102,11 @@ def test_the_builder_regenerates_the_shipped_files_byte_for_byte():
         ("smollm2-train", builder.train_prompts()),
         ("smollm2-test", builder.test_prompts()),
     ):
-        first = prompts[: builder.BATCH]
+        first = prompts[:GENERATION_BATCH]
         made, _ = builder.make_pairs(first, builder.greedy_answers(model, tokenizer, first))
         shipped = demo_data_path(name).read_text(encoding="utf-8").splitlines(keepends=True)
         assert builder.jsonl(made) == "".join(shipped[: len(made)]), name
-    unrelated = builder.UNRELATED_PROMPTS[: builder.BATCH]
+    unrelated = builder.UNRELATED_PROMPTS[:GENERATION_BATCH]
     answers = builder.greedy_answers(model, tokenizer, unrelated)
     made = builder.jsonl(
         {"prompt": builder.user(p), "answer": builder.assistant(a)}
