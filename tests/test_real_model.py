@@ -75,7 +75,16 @@ def test_a_gguf_model_trains_saves_as_safetensors_and_serves_eval_and_generate(t
     assert main(["eval", "--model", str(out), "--data", str(data), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 0.0 <= metrics["eval_rewards/accuracies"] <= 1.0 and metrics["eval_loss"] > 0
+    # Trained on plain-text rows, so generate feeds prompts as they are unless told; the instruct model still
+    # answers through its chat template after two steps.
     assert main(["generate", "--model", str(out), "--prompt", "What is the capital of France?"]) == 0
+    assert "the model was trained on plain text" in capsys.readouterr().err
+    assert (
+        main(
+            ["generate", "--model", str(out), "--prompt", "What is the capital of France?", "--chat-template"]
+        )
+        == 0
+    )
     assert "Paris" in capsys.readouterr().out
 
 
