@@ -143,6 +143,7 @@ def test_the_exercise_runs_end_to_end_on_the_real_model(tmp_path, monkeypatch, c
     ).read_text()
 
 
+@pytest.mark.slow
 def test_the_hub_name_takes_the_same_path(tmp_path):
     """`--model HuggingFaceTB/SmolLM2-135M-Instruct` is what users with a network type: it goes to the same
     loader, which here (no hub) fails at once in one line."""

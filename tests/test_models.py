@@ -172,6 +172,7 @@ def test_local_paths_are_paths_and_adapters_record_where_their_base_is(tmp_path,
     assert recorded == str(tmp_path / "demo-base")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "kind", "env"),
     [
