@@ -1,6 +1,6 @@
 """The behaviour the real-model exercise teaches SmolLM2-135M-Instruct: answer in one sentence.
 
-The model answers "Explain X." with several sentences (none of 40 held-out prompts gets a one-sentence
+The model answers "Explain X." with several sentences (none of the 97 held-out prompts gets a one-sentence
 answer). The exercise's chosen answers are the first sentence of the model's own answer, so they say
 nothing the model would not; only the length differs. One definition serves the data builder
 (``scripts/build_smollm2_data.py``) and the check of generations, so both count sentences alike.
