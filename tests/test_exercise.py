@@ -96,7 +96,7 @@ def test_the_example_config_is_the_exercises_orpo_run(tmp_path):
 def test_the_builder_regenerates_the_shipped_files_byte_for_byte():
     """The model's greedy answers for the first batch of prompts of each file, made into lines as the
     builder makes them, equal the shipped lines (the whole rebuild: scripts/build_smollm2_data.py --check,
-    about 4 minutes on 2 cores)."""
+    about 5 minutes on 2 cores)."""
     model, tokenizer = builder.load_base()
     for name, prompts in (
         ("smollm2-train", builder.train_prompts()),
