@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from orpo import defaults
 from orpo.data import read_pairs
-from orpo.data.tokenize import TruncationLimits, tokenize_dataset
+from orpo.data.tokenize import ROW_INDEX, TruncationLimits, tokenize_dataset
 
 MEASURE_FACTOR = 64  # token lengths are measured up to this many times max_length
 
@@ -19,6 +19,23 @@ def _percentiles(lengths: list[int]) -> str:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     return f"p50 {at(0.5):>6}  p90 {at(0.9):>6}  p99 {at(0.99):>6}  max {ordered[-1]:>6}"
+
+
+def _multi_turn_rows(dataset) -> list[int]:
+    """Rows whose prompt holds an earlier assistant turn: the turns chosen and rejected share went to the prompt."""
+    prompts = dataset["prompt"]
+    return [
+        k
+        for k, prompt in enumerate(prompts)
+        if isinstance(prompt, list) and any(m["role"] == "assistant" for m in prompt)
+    ]
+
+
+def _describe_split(row: dict) -> str:
+    def turns(messages) -> str:
+        return ", ".join(m["role"] for m in messages) if isinstance(messages, list) else "text"
+
+    return f"prompt [{turns(row['prompt'])}] | chosen [{turns(row['chosen'])}] | rejected [{turns(row['rejected'])}]"
 
 
 def check_data(
@@ -40,6 +57,12 @@ def check_data(
     lines = [f"source:  {source_name}", f"format:  {pairs.format}", f"rows:    {len(dataset)} valid"]
     for rule, count in sorted(pairs.splits.items()):
         lines.append(f"prompt:  {count} rows split {rule}")
+    multi_turn = _multi_turn_rows(dataset)
+    if multi_turn:
+        lines.append(
+            f"multi-turn: {len(multi_turn)} rows; the turns chosen and rejected share are their prompt, the "
+            f"turns that differ their responses (row {multi_turn[0] + 1}: {_describe_split(dataset[multi_turn[0]])})"
+        )
     if skipped:
         lines.append(f"skipped: {len(skipped)} invalid rows, e.g.")
         lines += [f"  {problem}" for problem in skipped[:10]]
@@ -70,9 +93,14 @@ def check_data(
         lines.append(f"  dropped {count}: {reason}")
     if report.identical_pairs:
         lines.append(f"  {report.identical_pairs} rows with identical chosen and rejected")
-    first = truncated[0]
-    prompt = tokenizer.decode(first["prompt_input_ids"])
-    lines.append(f"first row as the model sees it ({BOUNDARY} = where the scored response starts):")
-    for name in ("chosen", "rejected"):
-        lines.append(f"  {name}: {prompt + BOUNDARY + tokenizer.decode(first[f'{name}_input_ids'])!r}")
+    shown = [("first row", 0)]
+    kept = truncated[ROW_INDEX]  # rows dropped while tokenizing are not there
+    if multi_turn and multi_turn[0] != kept[0] and multi_turn[0] in kept:
+        shown.append((f"first multi-turn row (row {multi_turn[0] + 1})", kept.index(multi_turn[0])))
+    for title, k in shown:
+        row = truncated[k]
+        prompt = tokenizer.decode(row["prompt_input_ids"])
+        lines.append(f"{title} as the model sees it ({BOUNDARY} = where the scored response starts):")
+        for name in ("chosen", "rejected"):
+            lines.append(f"  {name}: {prompt + BOUNDARY + tokenizer.decode(row[f'{name}_input_ids'])!r}")
     return "\n".join(lines)

@@ -125,15 +125,43 @@ def _check_roles(prompt: list[dict], responses: dict[str, list[dict]]) -> None:
             raise RowProblem(f"field '{field}' is empty")
 
 
-def _split_conversation(prompt_text: str | None, conversation: list[dict], field: str) -> list[dict]:
-    """The assistant part of a whole conversation whose first user turn is the prompt."""
-    k = 0
-    while k < len(conversation) and conversation[k]["role"] != "assistant":
-        k += 1
-    if k == len(conversation):
+def _shared_turns(chosen: list[dict], rejected: list[dict]) -> int:
+    """How many leading messages ``chosen`` and ``rejected`` share, cut back to end before an assistant turn
+    both have (so the responses start with one); when one is a prefix of the other (or they are identical),
+    the responses are the last assistant turn."""
+    common = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        common += 1
+    if common >= min(len(chosen), len(rejected)):
+        assistant_turns = [i for i, m in enumerate(chosen) if m["role"] == "assistant"]
+        common = assistant_turns[-1] if assistant_turns else common
+    return common
+
+
+def _split_conversations(
+    prompt_text: str, chosen: list[dict], rejected: list[dict]
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """A string prompt next to whole conversations (UltraFeedback-binarized, HH "trl-style", Capybara): the
+    prompt is every turn the two conversations share (TRL's rule: the shared user *and* assistant turns of a
+    multi-turn row are context, not response), preceded by the string as a user turn when the conversations
+    do not contain it; the responses are what differs."""
+    common = _shared_turns(chosen, rejected)
+    shared, chosen, rejected = chosen[:common], chosen[common:], rejected[common:]
+    if not any(m["role"] == "user" and m["content"] == prompt_text for m in shared):
+        shared = [{"role": "user", "content": prompt_text}, *shared]
+    return shared, chosen, rejected
+
+
+def _assistant_part(prompt_text: str, conversation: list[dict], field: str) -> list[dict]:
+    """One whole conversation next to a string prompt and a string response on the other side: what comes
+    from the first assistant turn on, if the prompt is among the turns before it (else all of it)."""
+    k = next((i for i, m in enumerate(conversation) if m["role"] == "assistant"), None)
+    if k is None:
         raise RowProblem(f"field '{field}' has no assistant message")
-    if prompt_text is not None and not any(m["content"] == prompt_text for m in conversation[:k]):
-        return conversation  # only the responses were given
+    if not any(m["content"] == prompt_text for m in conversation[:k]):
+        return conversation
     return conversation[k:]
 
 
@@ -164,15 +192,7 @@ def _implicit_text(chosen: str, rejected: str) -> tuple[str, str, str, str]:
 
 
 def _implicit_messages(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
-    common = 0
-    for a, b in zip(chosen, rejected, strict=False):
-        if a != b:
-            break
-        common += 1
-    if common >= min(len(chosen), len(rejected)):
-        # Identical (or one a prefix of the other): the responses are the last assistant turn.
-        assistant_turns = [i for i, m in enumerate(chosen) if m["role"] == "assistant"]
-        common = assistant_turns[-1] if assistant_turns else common
+    common = _shared_turns(chosen, rejected)
     return chosen[:common], chosen[common:], rejected[common:]
 
 
@@ -229,23 +249,30 @@ def normalize_row(row: dict, fmt: str, splits: Counter | None = None) -> dict:
             "chosen": _text(row["chosen"], "chosen"),
             "rejected": _text(row["rejected"], "rejected"),
         }
-    if isinstance(row["prompt"], list):
-        prompt, prompt_text = _messages(row["prompt"], "prompt"), None
-    else:
-        prompt_text = _text(row["prompt"], "prompt")
-        prompt = [{"role": "user", "content": prompt_text}]
-    system = row.get("system")
-    if isinstance(system, str) and system.strip() and not (prompt and prompt[0]["role"] == "system"):
-        prompt = [{"role": "system", "content": system}] + prompt
     responses = {}
     for field in ("chosen", "rejected"):
         value = row[field]
         if isinstance(value, str):
             responses[field] = [{"role": "assistant", "content": _text(value, field)}]
-        elif prompt_text is None:
+        else:
             responses[field] = _messages(value, field)
-        else:  # a whole conversation next to a string prompt (UltraFeedback-binarized)
-            responses[field] = _split_conversation(prompt_text, _messages(value, field), field)
+    if isinstance(row["prompt"], list):
+        prompt = _messages(row["prompt"], "prompt")
+    else:
+        prompt_text = _text(row["prompt"], "prompt")
+        prompt = [{"role": "user", "content": prompt_text}]
+        if all(isinstance(row[field], list) for field in ("chosen", "rejected")):
+            # whole conversations next to a string prompt: the turns they share are the prompt
+            prompt, responses["chosen"], responses["rejected"] = _split_conversations(
+                prompt_text, responses["chosen"], responses["rejected"]
+            )
+        else:
+            for field in ("chosen", "rejected"):
+                if isinstance(row[field], list):
+                    responses[field] = _assistant_part(prompt_text, responses[field], field)
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and not (prompt and prompt[0]["role"] == "system"):
+        prompt = [{"role": "system", "content": system}] + prompt
     _check_roles(prompt, responses)
     return {"prompt": prompt, **responses}
 
