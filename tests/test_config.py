@@ -15,7 +15,7 @@ def test_defaults_run_on_cpu(tmp_path):
     assert (
         config.max_length == 1024 and config.max_prompt_length == 512 and config.max_completion_length is None
     )
-    assert config.nll_include_prompt is False and config.disable_dropout is True
+    assert config.nll_include_prompt is True and config.disable_dropout is True  # TRL's objective (issue 27)
     assert isinstance(config, TrainingArguments)
 
 

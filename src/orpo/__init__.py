@@ -29,12 +29,23 @@ _EXPORTS = {
     "ORPOConfig": "orpo.config",
     "ORPOTrainer": "orpo.trainer",
     "OrpoError": "orpo.errors",
+    "clone_chat_template": "orpo.chat_format",
+    "setup_chat_format": "orpo.chat_format",
     "log1mexp": "orpo.loss",
     "orpo_loss": "orpo.loss",
 }
-__all__ = ["ORPOConfig", "ORPOTrainer", "OrpoError", "log1mexp", "orpo_loss"]
+__all__ = [
+    "ORPOConfig",
+    "ORPOTrainer",
+    "OrpoError",
+    "clone_chat_template",
+    "log1mexp",
+    "orpo_loss",
+    "setup_chat_format",
+]
 
 if TYPE_CHECKING:
+    from orpo.chat_format import clone_chat_template, setup_chat_format
     from orpo.config import ORPOConfig
     from orpo.errors import OrpoError
     from orpo.loss import log1mexp, orpo_loss

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import logging
 import math
 import types
 import typing
@@ -16,7 +18,11 @@ from transformers import TrainingArguments
 from orpo import defaults
 from orpo.errors import OrpoError
 from orpo.guards import launched_processes
+from orpo.legacy_args import flag_aliases
+from orpo.legacy_args import translate as translate_legacy_args
 from orpo.logprobs import DEFAULT_CHUNK_MIB
+
+logger = logging.getLogger("orpo")
 
 
 def accelerator_present() -> bool:
@@ -80,6 +86,42 @@ def _scalar(hint) -> bool:
     return all(arg in (int, float, bool, type(None)) for arg in args)
 
 
+def _parser_metadata(cls) -> None:
+    """What ``HfArgumentParser`` (TRL's ``TrlParser``, example scripts) reads from the fields of ``cls``:
+
+    - every ``bool | None`` field is a bare flag (``--bf16``, as TRL 0.8's documented commands write it): the
+      parser gives a bare flag only to booleans whose default is not None, so ``bf16 = None`` demanded a value;
+    - the old names of renamed fields are flag aliases (``--evaluation_strategy steps``, :mod:`orpo.legacy_args`).
+
+    The fields are copied first, so ``TrainingArguments``' own are left as they are."""
+    hints = typing.get_type_hints(cls)
+    aliases = flag_aliases()
+    for name, f in list(cls.__dataclass_fields__.items()):
+        extra = {}
+        if f.init and hints.get(name) == (bool | None) and "nargs" not in f.metadata:
+            extra.update(nargs="?", const=True)
+        if name in aliases:
+            extra["aliases"] = [f"--{old}" for old in aliases[name]]
+        if extra:
+            copied = copy.copy(f)
+            copied.metadata = types.MappingProxyType({**f.metadata, **extra})
+            cls.__dataclass_fields__[name] = copied
+
+
+def _reading_legacy_names(init):
+    """``ORPOConfig.__init__`` that first reads the names older transformers and TRL releases had
+    (:func:`orpo.legacy_args.translate`), each with a one-line note."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        kwargs, notes = translate_legacy_args(kwargs)
+        for note in notes:
+            logger.warning(note)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
 def as_orpo_config(args) -> ORPOConfig:
     """The trainer's ``args``: an :class:`ORPOConfig` as it is, a plain ``TrainingArguments`` converted
     (its fields kept), None the defaults."""
@@ -135,10 +177,10 @@ class ORPOConfig(TrainingArguments):
         default=None, metadata={"help": "Maximum response tokens; longer responses keep their start."}
     )
     nll_include_prompt: bool = field(
-        default=False,
+        default=defaults.NLL_INCLUDE_PROMPT,
         metadata={
-            "help": "Score the prompt tokens in the NLL term too (TRL's trainer and the paper's reference "
-            "code do); False = the paper's equation, NLL of the chosen response only."
+            "help": "Score the prompt tokens in the NLL term too, as TRL's trainer and the paper's reference "
+            "code do (the default); False = the paper's equation, NLL of the chosen response only."
         },
     )
     dataset_format: str = field(
@@ -395,3 +437,7 @@ class ORPOConfig(TrainingArguments):
             )
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
             raise OrpoError(f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
+
+
+_parser_metadata(ORPOConfig)
+ORPOConfig.__init__ = _reading_legacy_names(ORPOConfig.__init__)

@@ -111,6 +111,7 @@ def save_run_settings(folder: Path, model: str, datasets: list[str], alpha: floa
     """What a demo model was trained with, as ``orpo train`` saves it (``orpo_config.yaml``): ``orpo eval``
     scores with these by default. ``alpha`` is the run's own (the demos score under the ORPO run's)."""
     trained = {"model": model, "datasets": datasets, "orpo_alpha": alpha, "orpo_beta": args.orpo_beta}
+    trained["nll_include_prompt"] = args.nll_include_prompt
     trained.update(max_length=args.max_length, max_prompt_length=args.max_prompt_length, seed=args.seed)
     (folder / "orpo_config.yaml").write_text(yaml.safe_dump(trained, sort_keys=False))
 

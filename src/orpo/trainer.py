@@ -33,6 +33,7 @@ from orpo.guards import Divergence, NonFiniteLosses, require_distributed_launch
 from orpo.head import HeadRunner, HeadSettings
 from orpo.layouts import PADDED, Layout, agreed_layout, check_mode, choose_layout, model_inputs, verify_layout
 from orpo.loss import means_from_sums, orpo_loss
+from orpo.model_card import write_model_card
 from orpo.models import prepare_model, resolve_tokenizer, runs_in_low_precision
 
 logger = logging.getLogger("orpo")
@@ -307,6 +308,13 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         trained = self.tokenize_reports.get("train_dataset")
         if trained is not None and trained.chat_template is not None:
             record_prompt_format(output_dir or self.args.output_dir, trained.chat_template)
+        write_model_card(self, output_dir)  # beside every model and checkpoint, as TRL's trainers do
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """``push_to_hub``'s card, taking TRL's arguments (``model_name``, ``dataset_name``, ``tags``) and
+        transformers' (``language``, ``license``, ``finetuned_from``, ``dataset``, ...):
+        :func:`orpo.model_card.write_model_card`."""
+        write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
 
     # ---- loss and its normalisation over the optimizer step ----------------------------------------
 

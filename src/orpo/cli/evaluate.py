@@ -36,9 +36,10 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--nll-include-prompt",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="score the prompt tokens in the NLL too (default: as the run did)",
+        help="score the prompt tokens in the NLL too, or not (default: as the run did; else "
+        f"{'on' if defaults.NLL_INCLUDE_PROMPT else 'off'})",
     )
     add_length_limits(evaluate, default_max_length=None)
     evaluate.add_argument("--batch-size", type=positive_int, default=8, help="pairs per evaluation batch")
@@ -113,7 +114,8 @@ def _settings(args: argparse.Namespace) -> tuple[dict, str]:
     settings = {
         "orpo_alpha": defaults.ALPHA,
         "orpo_beta": defaults.BETA,
-        "nll_include_prompt": False,
+        # a settings file from before the default changed (issue 27) does not record it: off then
+        "nll_include_prompt": defaults.NLL_INCLUDE_PROMPT if not saved else False,
         "max_length": defaults.MAX_LENGTH,
     }
     settings.update({key: saved[key] for key in SCORING if key in saved})

@@ -25,6 +25,7 @@ import yaml
 
 from orpo.cli.axolotl import translate
 from orpo.errors import OrpoError, UsageError
+from orpo.legacy_args import translate as translate_legacy_args
 
 if TYPE_CHECKING:
     from orpo.config import ORPOConfig
@@ -37,7 +38,6 @@ ALIASES = {
     "num_epochs": ("num_train_epochs", "Axolotl"),
     "pref_beta": ("orpo_alpha", "LLaMA-Factory (pref_beta is ORPO's lambda there)"),
     "beta": ("orpo_alpha", "TRL (its ORPO `beta` is the paper's lambda)"),
-    "warmup_ratio": ("warmup_steps", "transformers < 5; a float below 1 is a ratio there too"),
     "model_name_or_path": ("model", "LLaMA-Factory / TRL scripts"),
     "base_model": ("model", "Axolotl"),
     "dataset": ("datasets", "shorthand"),
@@ -47,7 +47,6 @@ ALIASES = {
     "eval_batch_size": ("per_device_eval_batch_size", "Axolotl"),
     "train_on_inputs": ("nll_include_prompt", "Axolotl (true: the prompt tokens are trained on too)"),
     "dataset_processes": ("dataset_num_proc", "Axolotl"),
-    "evaluation_strategy": ("eval_strategy", "transformers < 4.46"),
     "test_datasets": ("eval_datasets", "Axolotl"),
     "gradient_checkpointing": ("activation_checkpointing", "transformers < 5.2x, Axolotl"),
 }
@@ -235,6 +234,11 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
         key: _expand_variables(key, value) if key in PATH_KEYS else value
         for key, value in axolotl.values.items()
     }
+    try:  # names older transformers and TRL releases had (orpo.legacy_args: the table ORPOConfig reads too)
+        merged, legacy_notes = translate_legacy_args(merged)
+    except OrpoError as err:
+        raise UsageError(f"config key {err}") from None
+    notes.extend(legacy_notes)
     if merged.get("stage") == "dpo" and merged.get("pref_loss") != "orpo":
         raise UsageError(
             "'stage: dpo' without 'pref_loss: orpo' is DPO in LLaMA-Factory; orpo trains ORPO only"
@@ -457,7 +461,7 @@ def field_defaults() -> dict[str, Any]:
 
 
 # Shown in every resolved config, set or not: what a reader looks for first.
-ALWAYS_SHOWN = ("output_dir", "orpo_alpha", "orpo_beta", "learning_rate")
+ALWAYS_SHOWN = ("output_dir", "orpo_alpha", "orpo_beta", "nll_include_prompt", "learning_rate")
 
 
 def to_yaml(run: RunConfig) -> str:
