@@ -11,6 +11,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from orpo import ORPOConfig
 from orpo.cli.run_config import resolve
+from orpo.config import accelerator_present
 from orpo.errors import OrpoError, UsageError
 from orpo.legacy_args import LEGACY_ARGS, translate
 
@@ -177,3 +178,11 @@ def test_readme_lists_every_old_name():
     section = README.read_text().split("## Coming from TRL", 1)[1].split("\n## ", 1)[0]
     for arg in LEGACY_ARGS:
         assert f"`{arg.name}`" in section, arg.name
+
+
+@pytest.mark.skipif(accelerator_present(), reason="a machine with an accelerator trains bf16 on it")
+def test_bf16_without_an_accelerator_trains_on_the_cpu_in_bf16(tmp_path):
+    """A bare ``--bf16`` (TRL 0.8's commands) on a CPU-only machine: transformers refuses bf16 there unless told
+    use_cpu; orpo says so and sets it."""
+    args = config(tmp_path, bf16=True)
+    assert args.bf16 is True and args.use_cpu is True

@@ -337,6 +337,11 @@ class ORPOConfig(TrainingArguments):
             # Under torchrun / accelerate launch on a machine without accelerators, accelerate chooses its
             # multi-CPU (gloo) mode only when asked for the CPU; otherwise every process would train alone.
             self.use_cpu = True
+        if self.bf16 is True and not self.use_cpu and not accelerator_present():
+            # TRL 0.8's documented commands pass --bf16; on a machine without an accelerator that can only mean
+            # the CPU's bf16 autocast, which transformers runs only when told use_cpu
+            logger.warning("bf16=True without an accelerator: training on the CPU in bf16 (use_cpu)")
+            self.use_cpu = True
         if self.bf16 is None:
             self.bf16 = bf16_supported() and not self.fp16 and not self.use_cpu
         if not torch.cuda.is_available():
