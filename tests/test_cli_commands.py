@@ -323,3 +323,28 @@ def test_global_options_work_after_the_command_too(tmp_path, capsys):
     config.write_text(f"model: demo\ndatasets: demo:test\nmax_steps: 1\noutput_dir: {tmp_path / 'out'}\n")
     assert main(["train", str(config), "--verbose", "--save_strategy", "no"]) == 0
     assert "unknown config key" not in capsys.readouterr().err
+
+
+def test_eval_scores_the_nll_as_the_model_was_trained(tmp_path):
+    """nll_include_prompt became True by default (issue 27): a model with a settings file that records it is
+    scored so; one whose file predates the change (no such key) as it was trained, response only; one with no
+    file, with today's default; --no-nll-include-prompt decides."""
+    import argparse
+
+    from orpo.cli.evaluate import _settings
+
+    def settings(text, *flags):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        if text is not None:
+            (folder / "orpo_config.yaml").write_text(text)
+        nll = {"--no-nll-include-prompt": False}.get(flags[0]) if flags else None
+        args = argparse.Namespace(
+            model=str(folder), alpha=None, beta=None, nll_include_prompt=nll, max_length=None, max_prompt_length=None
+        )
+        return _settings(args)[0]["nll_include_prompt"]
+
+    assert settings("orpo_alpha: 0.1\nnll_include_prompt: true\n") is True
+    assert settings("orpo_alpha: 0.1\n") is False
+    assert settings(None) is True
+    assert settings("nll_include_prompt: true\n", "--no-nll-include-prompt") is False

@@ -62,6 +62,7 @@ def test_train_from_yaml_writes_model_state_and_resolved_config(tmp_path, capsys
     saved = yaml.safe_load((out / "orpo_config.yaml").read_text())
     assert saved["max_steps"] == 3 and saved["learning_rate"] == 1e-3  # overrides win over the file
     assert saved["orpo_alpha"] == 1.0  # from the file
+    assert saved["nll_include_prompt"] is True  # the objective is recorded (its default changed in issue 27)
     printed = capsys.readouterr().out
     assert (
         "resolved config:" in printed

@@ -2,13 +2,16 @@
 
 Where things live (each module imports only from rows above it or its own room):
 
-- base: ``errors`` (OrpoError / UsageError), ``defaults`` (every default, importing nothing), ``config``
-  (ORPOConfig), ``guards`` (the launch guard, the non-finite loss policy, stop signals, the clean exit);
+- base: ``errors`` (OrpoError / UsageError), ``defaults`` (every default, importing nothing), ``legacy_args``
+  (the argument names older transformers and TRL releases had, and what each is now), ``config`` (ORPOConfig),
+  ``guards`` (the launch guard, the non-finite loss policy, stop signals, the clean exit);
 - math: ``loss`` (the ORPO objective from per-token log-probs), ``logprobs`` (the chunked / fused LM head);
-- model: ``hub`` (one reachability probe before the first hub name), ``models`` (load, tokenizer, PEFT, dropout), ``head`` (the head run outside the model), ``layouts``
+- model: ``hub`` (one reachability probe before the first hub name), ``models`` (load, tokenizer, PEFT, dropout),
+  ``chat_format`` (TRL's setup_chat_format / clone_chat_template), ``head`` (the head run outside the model), ``layouts``
   (batch layouts, their masks and the proof that a model keeps them exact);
 - data: ``data`` (``load_pairs``: sources -> formats -> tokenize), ``data.collator``, ``data.batching``;
-- training: ``trainer`` (ORPOTrainer: Trainer overrides only), ``checkpoints``, ``generation``;
+- training: ``trainer`` (ORPOTrainer: Trainer overrides only), ``checkpoints``, ``generation``, ``model_card``
+  (the README.md beside every saved model);
 - command line: ``cli`` (one module per command, ``run_config``, ``axolotl``), ``quickstart`` (the tiny demo),
   ``exercise`` (SmolLM2 learns one-sentence answers; the rule in ``one_sentence``), ``plot``, ``demo``.
 
