@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,15 @@ def test_the_smol_course_notebook_trains_evaluates_saves_and_reloads(tmp_path, m
         "trl-lib/ultrafeedback_binarized": str(data),
     }
     monkeypatch.setattr(huggingface_hub, "login", lambda *args, **kwargs: None)  # no hub to log in to
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    uploads = []  # the notebook's last cell pushes when HF_TOKEN is set: the upload is recorded instead
+    monkeypatch.setenv("HF_TOKEN", "hf_stand_in")
+    monkeypatch.setattr(
+        "transformers.trainer.hf_api",
+        lambda: types.SimpleNamespace(
+            create_repo=lambda repo_id, **kwargs: types.SimpleNamespace(repo_id=f"me/{repo_id}"),
+            upload_folder=lambda **kwargs: uploads.append(kwargs),
+        ),
+    )
     monkeypatch.chdir(tmp_path)
     cells = json.loads(NOTEBOOK.read_text())["cells"]
     source = "\n\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
@@ -125,10 +134,11 @@ def test_the_smol_course_notebook_trains_evaluates_saves_and_reloads(tmp_path, m
     tokenizer = AutoTokenizer.from_pretrained(str(saved))
     assert "<|im_start|>" in tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     assert model.config.eos_token_id == tokenizer.eos_token_id
-    assert (
-        "smol-course" not in (saved / "README.md").read_text()
-    )  # tags reach the card only through push_to_hub
     assert "orpo" in (saved / "README.md").read_text()
+    # trainer.push_to_hub(tags=finetune_tags): the results folder, its card tagged as the notebook asked
+    assert [upload["repo_id"] for upload in uploads] == ["me/SmolLM2-FT-ORPO"]
+    card = (tmp_path / "results" / "README.md").read_text()
+    assert "smol-course" in card and "module_1" in card and "model_name: SmolLM2-FT-ORPO" in card
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Tell me one fact about tea."}],
         tokenize=False,
