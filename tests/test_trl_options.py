@@ -304,3 +304,12 @@ def test_generations_go_to_wandb_and_comet_tables_when_reporting_there(tmp_path,
     publish_generations(rows, str(tmp_path), [], "game_log")  # not reporting there: the file only
     assert len(logged) == 1 and len(tables) == 1
     assert len((tmp_path / "eval_generations.jsonl").read_text().splitlines()) == 2
+
+
+def test_old_scripts_read_the_tokenizer_as_trainer_tokenizer(tmp_path, tokenizer):
+    """``trainer.tokenizer`` (TRL ≤ 0.11, transformers 4; gone from transformers 5's Trainer) is the
+    processing class, so ``trainer.tokenizer.save_pretrained(...)`` in an old script still works."""
+    trainer = ORPOTrainer(
+        model=make_model(), args=args(tmp_path), train_dataset=Dataset.from_list(toy_rows(8)), tokenizer=tokenizer
+    )
+    assert trainer.tokenizer is trainer.processing_class is tokenizer

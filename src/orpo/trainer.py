@@ -141,6 +141,11 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             raise OrpoError(f"invalid training settings: {err}") from err
         self._set_up_batches_and_head(data_collator)
 
+    @property
+    def tokenizer(self):
+        """The tokenizer under the name scripts for TRL ≤ 0.11 and transformers 4 read (``processing_class`` now)."""
+        return self.processing_class
+
     def train(self, *args, **kwargs):
         # Again here: any TrainingArguments built since __init__ reset accelerate's shared state.
         require_distributed_launch(self.args.world_size)
