@@ -340,7 +340,12 @@ def test_eval_scores_the_nll_as_the_model_was_trained(tmp_path):
             (folder / "orpo_config.yaml").write_text(text)
         nll = {"--no-nll-include-prompt": False}.get(flags[0]) if flags else None
         args = argparse.Namespace(
-            model=str(folder), alpha=None, beta=None, nll_include_prompt=nll, max_length=None, max_prompt_length=None
+            model=str(folder),
+            alpha=None,
+            beta=None,
+            nll_include_prompt=nll,
+            max_length=None,
+            max_prompt_length=None,
         )
         return _settings(args)[0]["nll_include_prompt"]
 

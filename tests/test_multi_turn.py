@@ -118,7 +118,10 @@ def test_prompt_and_response_boundaries_equal_trls(trl_and_ours, shape):
         for side in ("chosen", "rejected"):
             prompt_length = len(trl_row["prompt_input_ids"])
             assert trl_row[f"{side}_input_ids"][:prompt_length] == row["prompt_input_ids"]
-            assert trl_row[f"{side}_input_ids"][prompt_length:] == [*row[f"{side}_input_ids"], tokenizer.eos_token_id]
+            assert trl_row[f"{side}_input_ids"][prompt_length:] == [
+                *row[f"{side}_input_ids"],
+                tokenizer.eos_token_id,
+            ]
 
 
 def test_check_data_shows_the_split_of_a_multi_turn_row(tmp_path):

@@ -310,6 +310,9 @@ def test_old_scripts_read_the_tokenizer_as_trainer_tokenizer(tmp_path, tokenizer
     """``trainer.tokenizer`` (TRL ≤ 0.11, transformers 4; gone from transformers 5's Trainer) is the
     processing class, so ``trainer.tokenizer.save_pretrained(...)`` in an old script still works."""
     trainer = ORPOTrainer(
-        model=make_model(), args=args(tmp_path), train_dataset=Dataset.from_list(toy_rows(8)), tokenizer=tokenizer
+        model=make_model(),
+        args=args(tmp_path),
+        train_dataset=Dataset.from_list(toy_rows(8)),
+        tokenizer=tokenizer,
     )
     assert trainer.tokenizer is trainer.processing_class is tokenizer
