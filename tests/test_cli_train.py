@@ -10,7 +10,7 @@ import yaml
 from conftest import demo_train_argv
 from orpo.cli import main
 from orpo.cli.run_config import read_config_file, resolve
-from orpo.errors import OrpoError
+from orpo.errors import OrpoError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": "demo", "datasets": "demo:train"}
@@ -398,3 +398,15 @@ def test_disk_full_while_saving_is_one_line_and_leaves_nothing_half_written(tmp_
     assert "Traceback" not in err
     assert (out / "checkpoint-2" / "model.safetensors").is_file() and not (out / "checkpoint-4").exists()
     assert not (out / ".incomplete").exists()
+
+
+def test_resume_refuses_a_run_saved_before_the_objective_default_changed(tmp_path):
+    """An orpo_config.yaml written before issue 27 has no nll_include_prompt: that run trained on the response
+    only, so resuming it under today's default (the prompt too) changes the objective and is refused."""
+    from orpo.cli.train import _check_resumed_settings
+
+    saved = tmp_path / "orpo_config.yaml"
+    saved.write_text("model: demo\norpo_alpha: 0.1\n")
+    with pytest.raises(UsageError, match="nll_include_prompt: False -> True"):
+        _check_resumed_settings(saved, "model: demo\norpo_alpha: 0.1\nnll_include_prompt: true\n")
+    _check_resumed_settings(saved, "model: demo\norpo_alpha: 0.1\nnll_include_prompt: false\n")

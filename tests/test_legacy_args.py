@@ -79,7 +79,6 @@ IGNORED = {
     "use_legacy_prediction_loop": False,
     "truncation_mode": "keep_end",
     "label_pad_token_id": -100,
-    "push_to_hub_organization": "org",
     "dispatch_batches": None,
     "tpu_metrics_debug": False,
 }
@@ -126,6 +125,7 @@ def test_every_old_name_is_absent_from_todays_libraries_and_covered_here():
     names = {arg.name for arg in LEGACY_ARGS}
     assert not names & current
     tried = {name for old, _ in MAPPED for name in old} | set(IGNORED) | {next(iter(o)) for o, _ in REFUSED}
+    tried |= {"push_to_hub_organization"}  # below
     assert names - {"logging_dir"} <= tried
 
 
@@ -186,3 +186,50 @@ def test_bf16_without_an_accelerator_trains_on_the_cpu_in_bf16(tmp_path):
     use_cpu; orpo says so and sets it."""
     args = config(tmp_path, bf16=True)
     assert args.bf16 is True and args.use_cpu is True
+
+
+def test_an_organization_alone_names_the_repository_after_the_output_dir(tmp_path):
+    args = config(tmp_path / "my-run", push_to_hub_organization="org")
+    assert args.hub_model_id == "org/my-run"
+
+
+def test_old_names_merge_into_the_values_already_given():
+    """A string where a list goes (fsdp_config's layer classes, include_for_metrics), a list for debug and an
+    AcceleratorConfig are extended, not split into characters or crashed on."""
+    from transformers.trainer_pt_utils import AcceleratorConfig
+
+    values, _ = translate(
+        {
+            "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+            "fsdp_config": {"transformer_layer_cls_to_wrap": "MistralDecoderLayer"},
+            "include_inputs_for_metrics": True,
+            "include_for_metrics": "loss",
+            "tpu_metrics_debug": True,
+            "debug": ["underflow_overflow"],
+            "split_batches": True,
+            "accelerator_config": AcceleratorConfig(dispatch_batches=False),
+        }
+    )
+    assert values["fsdp_config"]["transformer_layer_cls_to_wrap"] == [
+        "MistralDecoderLayer",
+        "LlamaDecoderLayer",
+    ]
+    assert values["include_for_metrics"] == ["loss", "inputs"]
+    assert values["debug"] == ["underflow_overflow", "tpu_metrics_debug"]
+    assert values["accelerator_config"]["split_batches"] is True
+    assert values["accelerator_config"]["dispatch_batches"] is False
+    with pytest.raises(OrpoError, match="moved into fsdp_config"):
+        translate({"fsdp_min_num_params": 10, "fsdp_config": "fsdp.json"})
+
+
+def test_tokens_never_appear_in_messages():
+    with pytest.raises(OrpoError) as raised:
+        translate({"push_to_hub_token": "hf_first", "hub_token": "hf_second"})
+    assert "hf_first" not in str(raised.value) and "hf_second" not in str(raised.value)
+    _, notes = translate({"push_to_hub_token": "hf_first"})
+    assert "hf_first" not in " ".join(notes)
+
+
+def test_a_new_name_given_as_none_is_not_a_conflict():
+    values, _ = translate({"evaluation_strategy": "steps", "eval_strategy": None})
+    assert values["eval_strategy"] == "steps"

@@ -138,3 +138,40 @@ def test_check_data_shows_the_split_of_a_multi_turn_row(tmp_path):
     assert "row 2: prompt [user, assistant, user] | chosen [assistant] | rejected [assistant]" in report
     assert "first multi-turn row (row 2) as the model sees it" in report
     assert repr("And for how long (1)?<|im_end|>\n<|im_start|>assistant\n⟦|⟧About 40")[1:-1] in report
+
+
+U = {"role": "user", "content": "Q"}
+
+
+def a(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "prompt_text", "responses"),
+    [
+        # the prompt string differs from the conversation's user turn by a space: the shared turns are the prompt
+        ([U, a("A")], [U, a("B")], "Q ", ([a("A")], [a("B")])),
+        # differing first at a user turn: the responses start at the last shared assistant turn
+        (
+            [U, a("A1"), {"role": "user", "content": "Y"}, a("A")],
+            [U, a("A1"), {"role": "user", "content": "Z"}, a("B")],
+            "Q",
+            (
+                [a("A1"), {"role": "user", "content": "Y"}, a("A")],
+                [a("A1"), {"role": "user", "content": "Z"}, a("B")],
+            ),
+        ),
+        # one side a prefix of the other
+        ([U, a("A"), {"role": "user", "content": "more"}, a("C")], [U, a("A")], "Q", None),
+        # one side holds the user turn, the other only the answer (per side, as before)
+        ([U, a("A")], [a("B")], "Q", ([a("A")], [a("B")])),
+    ],
+    ids=["prompt-spacing", "differ-at-user", "prefix", "mixed"],
+)
+def test_uneven_conversations_keep_an_assistant_turn_on_each_side(chosen, rejected, prompt_text, responses):
+    row = normalize_row({"prompt": prompt_text, "chosen": chosen, "rejected": rejected}, "conversational")
+    assert row["prompt"] == [U]  # the conversation's own user turn, not a second one from the string
+    assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+    if responses is not None:
+        assert (row["chosen"], row["rejected"]) == responses

@@ -5,8 +5,9 @@ from here."""
 ALPHA = 0.1  # orpo_alpha, the paper's λ
 BETA = 1.0  # orpo_beta, the temperature on the log odds ratio (1.0 = the paper)
 # The NLL scores prompt + chosen response, as TRL's trainer and the paper's reference code do (issue 27); False
-# is the paper's equation (the response only). Settings files written before that change lack the key: False.
+# is the paper's equation (the response only).
 NLL_INCLUDE_PROMPT = True
+NLL_INCLUDE_PROMPT_UNRECORDED = False  # what a saved orpo_config.yaml without the key trained with
 MAX_LENGTH = 1024  # prompt + response tokens
 FORMATS = ("standard", "conversational", "implicit")  # data formats; "auto" detects one
 COLUMN_ROLES = ("prompt", "chosen", "rejected", "system")  # what dataset_columns maps a file's columns onto

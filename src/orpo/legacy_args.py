@@ -44,8 +44,9 @@ def _renamed(old: str, new: str) -> Callable[[Any, dict], dict | None]:
     def read(value, given):
         if value is None:
             return None
-        if new in given and given[new] != value:
-            raise OrpoError(f"{old}={value!r} and {new}={given[new]!r}: {old} is {new} now; give only {new}")
+        if new in given and given[new] is not None and given[new] != value:
+            shown = "..." if new.endswith("token") else f"{given[new]!r}"
+            raise OrpoError(f"{old} and {new}={shown} are both given: {old} is {new} now; give only {new}")
         return {new: value}
 
     return read
@@ -83,17 +84,24 @@ def _into_mapping(field: str, key: str, empty=(None, False)) -> Callable:
     def read(value, given):
         if value in empty:
             return None
-        mapping = dict(given.get(field) or {})
-        if not isinstance(given.get(field) or {}, dict):
+        current = given.get(field) or {}
+        if hasattr(current, "to_dict"):  # an AcceleratorConfig
+            current = current.to_dict()
+        if not isinstance(current, dict):
             raise OrpoError(
-                f"it moved into {field}, which is given as {given[field]!r}: write {field}={{'{key}': ...}}"
+                f"it moved into {field}, which is given as {current!r}: write it there as '{key}'"
             )
+        mapping = dict(current)
         if key == "transformer_layer_cls_to_wrap":
-            value = [*mapping.get(key, []), *([value] if isinstance(value, str) else value)]
+            value = [*_as_list(mapping.get(key)), *_as_list(value)]
         mapping[key] = value
         return {field: mapping}
 
     return read
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def _append(field: str, item: str, joiner: str | None = None) -> Callable:
@@ -103,10 +111,10 @@ def _append(field: str, item: str, joiner: str | None = None) -> Callable:
         if not value:
             return None
         current = given.get(field)
-        if joiner is not None:
+        if joiner is not None and isinstance(current, str | None):
             words = (current or "").split()
             return {field: joiner.join([*words, item] if item not in words else words)}
-        items = list(current or [])
+        items = _as_list(current)
         return {field: items if item in items else [*items, item]}
 
     return read
@@ -119,6 +127,18 @@ def _hub_model_id(value, given):
     return _renamed("push_to_hub_model_id", "hub_model_id")(
         f"{organization}/{value}" if organization else value, given
     )
+
+
+def _hub_organization(value, given):
+    """transformers 4: the organization alone is the repository ORG/<output_dir's name>."""
+    if value is None or given.get("push_to_hub_model_id") is not None:
+        return None  # folded in by push_to_hub_model_id
+    if given.get("hub_model_id"):
+        raise OrpoError(
+            f"hub_model_id={given['hub_model_id']!r} is given too: write hub_model_id='{value}/NAME'"
+        )
+    name = os.path.basename(os.path.normpath(str(given.get("output_dir") or "trainer_output")))
+    return {"hub_model_id": f"{value}/{name}"}
 
 
 def _warmup_ratio(value, given):
@@ -171,7 +191,7 @@ LEGACY_ARGS: tuple[LegacyArg, ...] = (
     _rename("per_gpu_train_batch_size", TF4, "per_device_train_batch_size"),
     _rename("per_gpu_eval_batch_size", TF4, "per_device_eval_batch_size"),
     LegacyArg("push_to_hub_model_id", TF4, "`hub_model_id` (with the organization, if given)", _hub_model_id),
-    LegacyArg("push_to_hub_organization", TF4, "part of `hub_model_id`", _ignored()),
+    LegacyArg("push_to_hub_organization", TF4, "part of `hub_model_id`", _hub_organization),
     _rename("push_to_hub_token", TF4, "hub_token"),
     _rename("torchdynamo", TF4, "torch_compile_backend"),
     LegacyArg(
@@ -314,7 +334,8 @@ def translate(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         try:
             updates = arg.read(value, {**values, **current})
         except OrpoError as err:
-            raise OrpoError(f"{name}={value!r} ({arg.origin}): {err}") from None
+            shown = "..." if name.endswith("token") else f"{value!r}"
+            raise OrpoError(f"{name}={shown} ({arg.origin}): {err}") from None
         if updates is not None:
             current.update(updates)
             written = ", ".join(f"{k}={v!r}" if k != "hub_token" else k for k, v in updates.items())

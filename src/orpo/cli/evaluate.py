@@ -114,8 +114,10 @@ def _settings(args: argparse.Namespace) -> tuple[dict, str]:
     settings = {
         "orpo_alpha": defaults.ALPHA,
         "orpo_beta": defaults.BETA,
-        # a settings file from before the default changed (issue 27) does not record it: off then
-        "nll_include_prompt": defaults.NLL_INCLUDE_PROMPT if not saved else False,
+        # a settings file from before the default changed (issue 27) does not record it
+        "nll_include_prompt": defaults.NLL_INCLUDE_PROMPT_UNRECORDED
+        if saved
+        else defaults.NLL_INCLUDE_PROMPT,
         "max_length": defaults.MAX_LENGTH,
     }
     settings.update({key: saved[key] for key in SCORING if key in saved})

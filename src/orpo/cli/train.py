@@ -230,6 +230,8 @@ def _check_resumed_settings(saved_file: Path, resolved: str) -> None:
     from orpo.cli.run_config import field_defaults
 
     saved, new = yaml.safe_load(saved_file.read_text()) or {}, yaml.safe_load(resolved) or {}
+    # a run saved before nll_include_prompt's default changed (issue 27) trained without the prompt's NLL
+    saved.setdefault("nll_include_prompt", defaults.NLL_INCLUDE_PROMPT_UNRECORDED)
     default = field_defaults()  # a key one file leaves out is at its default there
     changed = sorted(
         k

@@ -125,33 +125,42 @@ def _check_roles(prompt: list[dict], responses: dict[str, list[dict]]) -> None:
             raise RowProblem(f"field '{field}' is empty")
 
 
-def _shared_turns(chosen: list[dict], rejected: list[dict]) -> int:
-    """How many leading messages ``chosen`` and ``rejected`` share, cut back to end before an assistant turn
-    both have (so the responses start with one); when one is a prefix of the other (or they are identical),
-    the responses are the last assistant turn."""
+def _common_prefix(chosen: list[dict], rejected: list[dict]) -> int:
     common = 0
     for a, b in zip(chosen, rejected, strict=False):
         if a != b:
             break
         common += 1
-    if common >= min(len(chosen), len(rejected)):
-        assistant_turns = [i for i, m in enumerate(chosen) if m["role"] == "assistant"]
-        common = assistant_turns[-1] if assistant_turns else common
     return common
+
+
+def _shared_turns(chosen: list[dict], rejected: list[dict]) -> int | None:
+    """Where the responses start: the last index up to the leading messages ``chosen`` and ``rejected`` share
+    at which both go on with an assistant turn (so a row that differs first in a user turn, or one side a
+    prefix of the other, or both identical, still has an assistant turn on each side). None when there is
+    no such index (e.g. one side holds the user turn and the other only its answer)."""
+    common = _common_prefix(chosen, rejected)
+    for k in range(min(common, len(chosen) - 1, len(rejected) - 1), -1, -1):
+        if chosen[k]["role"] == "assistant" == rejected[k]["role"]:
+            return k
+    return None
 
 
 def _split_conversations(
     prompt_text: str, chosen: list[dict], rejected: list[dict]
-) -> tuple[list[dict], list[dict], list[dict]]:
+) -> tuple[list[dict], list[dict], list[dict]] | None:
     """A string prompt next to whole conversations (UltraFeedback-binarized, HH "trl-style", Capybara): the
     prompt is every turn the two conversations share (TRL's rule: the shared user *and* assistant turns of a
-    multi-turn row are context, not response), preceded by the string as a user turn when the conversations
-    do not contain it; the responses are what differs."""
-    common = _shared_turns(chosen, rejected)
-    shared, chosen, rejected = chosen[:common], chosen[common:], rejected[common:]
-    if not any(m["role"] == "user" and m["content"] == prompt_text for m in shared):
-        shared = [{"role": "user", "content": prompt_text}, *shared]
-    return shared, chosen, rejected
+    multi-turn row are context, not response); the string becomes the first user turn only when the
+    conversations start with an answer (they hold the responses alone). None when they have no common start."""
+    k = _shared_turns(chosen, rejected)
+    if k is None:
+        return None
+    shared = chosen[:k]
+    systems = next((i for i, m in enumerate(shared) if m["role"] != "system"), len(shared))
+    if systems == len(shared) or shared[systems]["role"] != "user":  # the conversations start with an answer
+        shared = [*shared[:systems], {"role": "user", "content": prompt_text}, *shared[systems:]]
+    return shared, chosen[k:], rejected[k:]
 
 
 def _assistant_part(prompt_text: str, conversation: list[dict], field: str) -> list[dict]:
@@ -192,8 +201,10 @@ def _implicit_text(chosen: str, rejected: str) -> tuple[str, str, str, str]:
 
 
 def _implicit_messages(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
-    common = _shared_turns(chosen, rejected)
-    return chosen[:common], chosen[common:], rejected[common:]
+    k = _shared_turns(chosen, rejected)
+    if k is None:  # no common start followed by an assistant turn: the role checks say what is wrong
+        k = _common_prefix(chosen, rejected)
+    return chosen[:k], chosen[k:], rejected[k:]
 
 
 # How to map columns, spelled for every place a user can be.
@@ -261,11 +272,12 @@ def normalize_row(row: dict, fmt: str, splits: Counter | None = None) -> dict:
     else:
         prompt_text = _text(row["prompt"], "prompt")
         prompt = [{"role": "user", "content": prompt_text}]
+        split = None
         if all(isinstance(row[field], list) for field in ("chosen", "rejected")):
             # whole conversations next to a string prompt: the turns they share are the prompt
-            prompt, responses["chosen"], responses["rejected"] = _split_conversations(
-                prompt_text, responses["chosen"], responses["rejected"]
-            )
+            split = _split_conversations(prompt_text, responses["chosen"], responses["rejected"])
+        if split is not None:
+            prompt, responses["chosen"], responses["rejected"] = split
         else:
             for field in ("chosen", "rejected"):
                 if isinstance(row[field], list):
