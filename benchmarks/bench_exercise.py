@@ -16,7 +16,7 @@ import argparse
 import tempfile
 import time
 
-from orpo.exercise import run_exercise
+from orpo.demo.exercise import run_exercise
 
 SHOWN = (
     "eval_rewards/accuracies",

@@ -14,7 +14,7 @@ import argparse
 import tempfile
 import time
 
-from orpo.quickstart import run_quickstart
+from orpo.demo.quickstart import run_quickstart
 
 
 def check(comparison: dict, wall: float) -> dict[str, bool]:

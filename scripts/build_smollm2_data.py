@@ -1,7 +1,7 @@
 """Build the real-model exercise's preference data (src/orpo/demo/smollm2/*.jsonl) from SmolLM2-135M-Instruct's
 own greedy answers.
 
-Behaviour taught: answer in one sentence (orpo.one_sentence). Prompts ask about a topic ("Explain
+Behaviour taught: answer in one sentence (orpo.demo.one_sentence). Prompts ask about a topic ("Explain
 photosynthesis."); the model answers with a paragraph. Each pair is, in chat form:
 
 - rejected: the model's own greedy answer (on-policy, as in practice), at most MAX_NEW_TOKENS tokens and
@@ -29,9 +29,9 @@ import random
 import sys
 from pathlib import Path
 
-from orpo.exercise import MAX_NEW_TOKENS
-from orpo.exercise import greedy_answers as exercise_answers
-from orpo.one_sentence import first_sentence, whole_sentences
+from orpo.demo.exercise import MAX_NEW_TOKENS
+from orpo.demo.exercise import greedy_answers as exercise_answers
+from orpo.demo.one_sentence import first_sentence, whole_sentences
 
 SEED = 2403_07691
 OUT = Path(__file__).resolve().parent.parent / "src" / "orpo" / "demo" / "smollm2"
@@ -142,7 +142,7 @@ def load_base():
 
 def greedy_answers(model, tokenizer, prompts: list[str]) -> list[str]:
     """The model's greedy answers through its chat template (default system prompt), generated as the
-    exercise generates (orpo.exercise.greedy_answers: fixed batches, at most MAX_NEW_TOKENS new tokens)."""
+    exercise generates (orpo.demo.exercise.greedy_answers: fixed batches, at most MAX_NEW_TOKENS new tokens)."""
     return exercise_answers(model, tokenizer, [user(p) for p in prompts])[0]
 
 

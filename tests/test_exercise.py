@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from orpo.demo import demo_data_path
-from orpo.exercise import GENERATION_BATCH
-from orpo.one_sentence import first_sentence, is_one_sentence, whole_sentences
+from orpo.demo.exercise import GENERATION_BATCH
+from orpo.demo.one_sentence import first_sentence, is_one_sentence, whole_sentences
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -68,7 +68,7 @@ def test_the_shipped_pairs_are_what_the_builder_makes_of_the_answers():
 def test_the_example_config_is_the_exercises_orpo_run(tmp_path):
     """examples/smollm2-orpo.yaml trains what `orpo quickstart --model smollm2` trains as its ORPO half."""
     from orpo.cli.run_config import read_config_file, resolve
-    from orpo.exercise import ALPHA, STEPS, _config
+    from orpo.demo.exercise import ALPHA, STEPS, _config
 
     run = resolve(read_config_file(str(ROOT / "examples" / "smollm2-orpo.yaml")), [])
     ours = _config(tmp_path, ALPHA, STEPS, seed=0)
@@ -120,11 +120,11 @@ def test_the_builder_regenerates_the_shipped_files_byte_for_byte():
 def test_the_exercise_runs_end_to_end_on_the_real_model(tmp_path, monkeypatch, capsys):
     """`orpo quickstart --model smollm2` on a few pairs and 2 steps: both runs train from SmolLM2, every model
     is scored (preference metrics, behaviour rate, forgetting check) and the reports are written."""
-    import orpo.exercise
+    import orpo.demo.exercise
     from orpo.cli import main
 
-    real = orpo.exercise.load_demo_dataset
-    monkeypatch.setattr(orpo.exercise, "load_demo_dataset", lambda name: real(name).select(range(4)))
+    real = orpo.demo.exercise.load_demo_dataset
+    monkeypatch.setattr(orpo.demo.exercise, "load_demo_dataset", lambda name: real(name).select(range(4)))
     out = tmp_path / "smollm2"
     assert main(["quickstart", "--model", "smollm2", "--max-steps", "2", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out

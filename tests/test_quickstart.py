@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from orpo.cli import main
 from orpo.demo import DEMO_DIR, TOKENIZER_DIR, load_demo_dataset
-from orpo.quickstart import DEMO_ALPHA, run_quickstart
+from orpo.demo.quickstart import DEMO_ALPHA, run_quickstart
 
 pytestmark = pytest.mark.slow  # trains the quickstart end to end
 
@@ -148,12 +148,14 @@ def test_the_demo_trains_on_one_thread_and_gives_the_threads_back(tmp_path, monk
     the tiny model's ops waits for both); on one it keeps its idle speed, and the caller's setting returns."""
     import torch
 
-    import orpo.quickstart
+    import orpo.demo.quickstart
 
     seen = []
-    real = orpo.quickstart._train_one
+    real = orpo.demo.quickstart._train_one
     monkeypatch.setattr(
-        orpo.quickstart, "_train_one", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k)
+        orpo.demo.quickstart,
+        "_train_one",
+        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k),
     )
     before = torch.get_num_threads()
     torch.set_num_threads(2)

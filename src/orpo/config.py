@@ -20,7 +20,6 @@ from orpo.errors import OrpoError
 from orpo.guards import launched_processes
 from orpo.legacy_args import flag_aliases
 from orpo.legacy_args import translate as translate_legacy_args
-from orpo.logprobs import DEFAULT_CHUNK_MIB
 
 logger = logging.getLogger("orpo")
 
@@ -213,7 +212,7 @@ class ORPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Tokens per chunk of the LM head (peak head memory ~ 2 × chunk × vocab × 4 bytes); "
-            f"default: chunks of about {DEFAULT_CHUNK_MIB} MiB of fp32 logits for the model's vocabulary."
+            f"default: chunks of about {defaults.CHUNK_MIB} MiB of fp32 logits for the model's vocabulary."
         },
     )
     padding_free: bool | None = field(

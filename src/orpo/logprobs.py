@@ -21,8 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-DEFAULT_CHUNK_MIB = 256
-"""Default size of one chunk's fp32 logits block; the chunk size in tokens follows from the vocabulary."""
+from orpo.defaults import CHUNK_MIB as DEFAULT_CHUNK_MIB  # one chunk's fp32 logits block
 
 
 def chunk_size_for(vocab_size: int, budget_mib: float = DEFAULT_CHUNK_MIB) -> int:

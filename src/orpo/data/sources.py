@@ -16,6 +16,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from orpo import defaults
 from orpo.errors import OrpoError
 from orpo.hub import explain_failure, offline_reason
 
@@ -145,6 +146,31 @@ def _raise_problems(problems: list[str]) -> None:
         raise OrpoError(f"{len(problems)} problem(s) reading the data:\n{list_problems(problems)}")
 
 
+# Shipped JSONL data by its ``demo:NAME``: the tiny model's quickstart pairs, and the real-model exercise's
+# (SmolLM2 learns one-sentence answers; built by scripts/build_smollm2_data.py).
+DEMO_DATA = {
+    "train": "train.jsonl",
+    "test": "test.jsonl",
+    "smollm2-train": "smollm2/train.jsonl",
+    "smollm2-test": "smollm2/test.jsonl",
+    "smollm2-unrelated": "smollm2/unrelated.jsonl",
+}
+
+
+def demo_data_path(split: str) -> Path:
+    """Path of the shipped JSONL data called ``demo:SPLIT`` (:data:`DEMO_DATA`)."""
+    if split not in DEMO_DATA:
+        names = ", ".join(f"demo:{name}" for name in DEMO_DATA)
+        raise OrpoError(f"demo:{split}: the shipped data is {names}")
+    return defaults.DEMO_DIR / DEMO_DATA[split]
+
+
+def load_demo_dataset(split: str = "train") -> Dataset:
+    """The shipped preference data as a ``datasets.Dataset`` (prompt / chosen / rejected)."""
+    with demo_data_path(split).open(encoding="utf-8") as f:
+        return Dataset.from_list([json.loads(line) for line in f])
+
+
 def load_source(source, split: str = "train", subset: str | None = None) -> LoadedSource:
     """Load one source (see the module docstring); ``split``/``subset`` pick from hub datasets and
     ``DatasetDict``s."""
@@ -155,9 +181,7 @@ def load_source(source, split: str = "train", subset: str | None = None) -> Load
     if isinstance(source, Dataset):
         return LoadedSource("dataset", source, [f"dataset row {i + 1}" for i in range(len(source))])
     if isinstance(source, str) and source.startswith("demo:"):
-        from orpo.demo import demo_data_path
-
-        source = demo_data_path(source.split(":", 1)[1])  # the shipped quickstart data
+        source = demo_data_path(source.split(":", 1)[1])  # the shipped data
     path = Path(str(source)).expanduser()
     if path.is_file():
         return _read_file(path)

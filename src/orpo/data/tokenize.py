@@ -207,9 +207,7 @@ def truncate_pair(
     return prompt, chosen, rejected
 
 
-def default_cache_dir() -> Path:
-    """Where tokenized datasets are cached: ``$ORPO_CACHE_DIR`` or ``~/.cache/orpo/tokenized``."""
-    return Path(os.environ.get("ORPO_CACHE_DIR") or Path.home() / ".cache" / "orpo" / "tokenized")
+default_cache_dir = defaults.cache_dir  # where tokenized datasets are cached
 
 
 def tokenization_key(dataset: Dataset, tokenizer, limits: TruncationLimits) -> str:

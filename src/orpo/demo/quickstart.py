@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.utils import logging as hf_logging
 
-from orpo.config import ORPOConfig
-from orpo.demo import demo_tokenizer, load_demo_dataset, tiny_model
-from orpo.errors import UsageError
-from orpo.generation import complete
+from orpo.data.sources import load_demo_dataset
+from orpo.demo.common import (
+    bar_only,
+    demo_config,
+    greedy_completions,
+    quiet_libraries,
+    run_options,
+    save_run_settings,
+    say,
+    text_table,
+)
+from orpo.models import demo_tokenizer, tiny_model
 from orpo.plot import plot_runs
 from orpo.trainer import ORPOTrainer
 
@@ -47,13 +51,6 @@ METRICS_SHOWN = [
 ]
 
 
-class BarOnlyProgress(ProgressCallback):
-    """Trainer's progress bar without a printed dict per logging step (the table comes at the end)."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        return None
-
-
 @dataclass
 class RunResult:
     name: str
@@ -63,57 +60,6 @@ class RunResult:
     train_seconds: float
     answers: list[str]
     exact_match: float
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
-
-
-def quiet_libraries() -> None:
-    """Errors only from transformers and orpo's loggers: the demo prints its own summary."""
-    hf_logging.set_verbosity_error()
-    logging.getLogger("orpo").setLevel(logging.ERROR)
-
-
-def bar_only(trainer: ORPOTrainer) -> None:
-    """A progress bar, and no printed dict per logging step (the table comes at the end)."""
-    for noisy in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(noisy)
-    trainer.add_callback(BarOnlyProgress)
-
-
-def text_table(rows: list[tuple[str, ...]]) -> str:
-    """Rows of cells as aligned text: the first column left-aligned, the others right; a rule under the
-    first row."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(r))
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def run_options(max_steps, alpha, default_steps: int, default_alpha: float) -> tuple[int, float]:
-    """``--max-steps`` and ``--alpha`` of a demo (None: its defaults), checked."""
-    max_steps = default_steps if max_steps is None else max_steps
-    alpha = default_alpha if alpha is None else alpha
-    if max_steps < 1:
-        raise UsageError(f"--max-steps must be >= 1, got {max_steps}")
-    if alpha <= 0:
-        raise UsageError(
-            f"--alpha must be > 0 for the ORPO run (the baseline is the alpha=0 run), got {alpha}"
-        )
-    return max_steps, alpha
-
-
-def save_run_settings(folder: Path, model: str, datasets: list[str], alpha: float, args: ORPOConfig) -> None:
-    """What a demo model was trained with, as ``orpo train`` saves it (``orpo_config.yaml``): ``orpo eval``
-    scores with these by default. ``alpha`` is the run's own (the demos score under the ORPO run's)."""
-    trained = {"model": model, "datasets": datasets, "orpo_alpha": alpha, "orpo_beta": args.orpo_beta}
-    trained["nll_include_prompt"] = args.nll_include_prompt
-    trained.update(max_length=args.max_length, max_prompt_length=args.max_prompt_length, seed=args.seed)
-    (folder / "orpo_config.yaml").write_text(yaml.safe_dump(trained, sort_keys=False))
 
 
 @contextlib.contextmanager
@@ -132,40 +78,27 @@ def one_thread():
 
 def greedy_answers(model, tokenizer, prompts: list[str], batch_size: int = 64) -> list[str]:
     """Greedy completions of ``prompts``, cut at EOS."""
-    model.eval()
-    completions = complete(
-        model,
-        [tokenizer(prompt)["input_ids"] for prompt in prompts],
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        max_new_tokens=MAX_NEW_TOKENS,
-        batch_size=batch_size,
-        do_sample=False,
-    )
+    ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    completions = greedy_completions(model, tokenizer, ids, MAX_NEW_TOKENS, batch_size)
     return tokenizer.batch_decode(completions, skip_special_tokens=True)
 
 
 def _train_one(
     name, alpha, eval_alpha, output_dir: Path, max_steps, seed, train, test, tokenizer
 ) -> RunResult:
-    args = ORPOConfig(
-        output_dir=str(output_dir / name),
-        orpo_alpha=alpha,
+    args = demo_config(
+        output_dir / name,
+        alpha=alpha,
         max_steps=max_steps,
+        seed=seed,
         per_device_train_batch_size=DEMO_BATCH,
         per_device_eval_batch_size=64,
         learning_rate=DEMO_LR,
-        lr_scheduler_type="cosine",
         warmup_steps=min(20, max_steps // 10),
         weight_decay=0.0,
         logging_steps=max(1, max_steps // 30),
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=False,
-        seed=seed,
         max_length=64,
         max_prompt_length=32,
-        activation_checkpointing=False,  # a tiny model: its activations are small, recomputing them is not
     )
     model = tiny_model(seed=seed)
     trainer = ORPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, tokenizer=tokenizer)

