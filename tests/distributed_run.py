@@ -149,9 +149,9 @@ def main() -> None:
         **({"deepspeed": deepspeed_config(args.zero)} if args.zero is not None else {}),
     )
     if args.unready_rank == int(os.environ.get("RANK", "0")):
-        import orpo.layouts
+        import orpo.layout_proof
 
-        orpo.layouts.probe_ready = lambda model: False
+        orpo.layout_proof.probe_ready = lambda model: False
     trainer = ORPOTrainer(
         model=model,
         args=config,

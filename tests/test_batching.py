@@ -10,6 +10,7 @@ from datasets import Dataset
 from conftest import make_model, orpo_args, toy_rows
 from orpo import ORPOConfig, ORPOTrainer
 from orpo.data.batching import TokenBudgetBatchSampler, pair_lengths
+from orpo.data.collator import collator_for
 from orpo.errors import OrpoError
 from orpo.layouts import Layout
 
@@ -85,7 +86,7 @@ def test_batch_tokens_match_what_the_collators_lay_out(tokenizer):
     lengths = pair_lengths(tokenized)
     features = [tokenized[i] for i in range(3)]
     for layout in LAYOUTS:
-        batch = layout.collator(0, False)(features)
+        batch = collator_for(layout, 0, False)(features)
         assert layout.batch_tokens(lengths) == batch["input_ids"].numel(), layout
 
 

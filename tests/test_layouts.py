@@ -303,10 +303,10 @@ def test_engine_models_not_at_hand_check_the_layout_on_the_first_batch(
 ):
     """Parameters not at hand at construction (meta on some processes, ZeRO-3 partitions): auto means
     padded, and a layout asked for is checked on the first batch."""
-    import orpo.layouts
+    import orpo.layout_proof
 
     monkeypatch.setattr(ORPOTrainer, "_engine_prepares_model", lambda self: True)
-    monkeypatch.setattr(orpo.layouts, "probe_ready", lambda model: False)
+    monkeypatch.setattr(orpo.layout_proof, "probe_ready", lambda model: False)
     assert (
         trainer_for(tmp_path, tiny("llama", "sdpa"), tokenizer, skewed_dataset).layout.description
         == "padded rows"
@@ -322,7 +322,7 @@ def test_engine_models_not_at_hand_check_the_layout_on_the_first_batch(
 def test_first_layers_keeps_the_first_layers_and_one_of_each_attention_type():
     from transformers import Gemma2Config
 
-    from orpo.layouts import first_layers
+    from orpo.layout_proof import first_layers
 
     types = ["sliding_attention"] * 5 + ["full_attention"]
     model = family_model(

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from orpo.errors import OrpoError
+from orpo.layout_proof import check_mode
+from orpo.layouts import first_sequence, model_inputs
 from orpo.logprobs import (
     chunk_size_for,
     chunked_target_logprobs,
@@ -148,19 +151,6 @@ def attention_backends(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def first_sequence(inputs: dict, max_tokens: int) -> dict:
-    """The first sequence of a collated batch (at most ``max_tokens``), unpadded, as model inputs."""
-    if "segment_ids" in inputs:  # shared prefix: the prompt and chosen tokens of the first row
-        length = int((inputs["segment_ids"][0] >= 0).logical_and(inputs["segment_ids"][0] <= 1).sum())
-    elif "position_ids" in inputs:
-        restarts = (inputs["position_ids"][0, 1:] == 0).nonzero()
-        length = int(restarts[0]) + 1 if len(restarts) else inputs["input_ids"].shape[1]
-    else:
-        length = int(inputs["attention_mask"][0].sum())
-    ids = inputs["input_ids"][:1, : min(length, max_tokens)]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
 @dataclass
 class HeadSettings:
     """What the trainer tells the head runner about the run."""
@@ -179,14 +169,14 @@ class HeadRunner:
     applied to the final hidden states at the scored positions only, a chunk at a time. Before the first
     batch is scored, :meth:`resolve` finds the head (:func:`head_plan_for`) and checks it against the
     model's own logits on the batch's first sequence; a head it cannot separate, or one that disagrees,
-    falls back to the model's full logits with a warning. ``model_kwargs(model, inputs)`` turns a
-    collated batch into forward arguments (the batch layout's, :mod:`orpo.layouts`)."""
+    falls back to the model's full logits with a warning. A collated batch becomes forward arguments by its
+    layout's rules (:func:`orpo.layouts.model_inputs`)."""
 
-    def __init__(self, accelerator, settings: HeadSettings, model_kwargs: Callable[[nn.Module, dict], dict]):
+    def __init__(self, accelerator, settings: HeadSettings):
         self.accelerator = accelerator
         self.settings = settings
-        self.model_kwargs = model_kwargs
         self.resolved = False
+        self._config_of: tuple[nn.Module, object] | None = None  # (model, its config), see model_config
         self.plan: HeadPlan | None = None  # once resolved: None = the model's own full logits
         self._capture: HeadInputCapture | None = None
 
@@ -213,9 +203,24 @@ class HeadRunner:
         # out_features, not weight.shape: a ZeRO-3 weight is an empty placeholder between uses
         return self.settings.chunk_size or chunk_size_for(plan.head.out_features)
 
-    def resolve(self, model: nn.Module, inputs: dict, check_mode) -> None:
-        """Find the separable head once and check it on a few tokens of the first batch (``check_mode``:
-        the context that makes the model deterministic for the comparison)."""
+    def model_config(self, model):
+        """The config of the model under any wrapper, found once per model: accelerate's
+        ``unwrap_model`` looks up installed packages on every call (~2.5 ms, as long as a tiny model's
+        forward), which per micro-batch would be host time a GPU waits for."""
+        if self._config_of is None or self._config_of[0] is not model:
+            self._config_of = (model, self.accelerator.unwrap_model(model).config)
+        return self._config_of[1]
+
+    def model_kwargs(self, model, inputs: dict) -> dict:
+        """The forward arguments of a collated batch (:func:`orpo.layouts.model_inputs`)."""
+        try:
+            return model_inputs(inputs, self.model_config(model), next(model.parameters()).dtype)
+        except ValueError as err:
+            raise OrpoError(f"{err}; set prefix_sharing: false or attn_implementation: sdpa") from err
+
+    def resolve(self, model: nn.Module, inputs: dict) -> None:
+        """Find the separable head once and check it on a few tokens of the first batch (in
+        :func:`orpo.layout_proof.check_mode`, which makes the model deterministic for the comparison)."""
         self.resolved = True
         self.plan = None
         if self.settings.weight_partitioned:

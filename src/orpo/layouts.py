@@ -1,36 +1,17 @@
-"""Which batch layout a model can run exactly, the model inputs of each layout, and the check that
-proves it on the model itself.
+"""What a batch layout is: the layouts (:class:`Layout`), how a shared-prefix row numbers its segments, which
+attention backends take which layout, the masks and model inputs of each, and how many tokens a batch
+takes in it.
 
-The collators (:mod:`orpo.data.collator`) lay tokens out; this module decides which of them a model and
-attention backend support and turns a collated batch into forward arguments (the shared-prefix
-layouts need a mask of their own). A layout is never trusted on the backend's name alone:
-:func:`layout_error` runs one preference row laid out both ways and compares the log-probs, so a
-model that ignores restarting ``position_ids`` or our mask is caught before it trains on a wrong loss.
+The collators (:mod:`orpo.data.collator`) lay tokens out by these definitions; :mod:`orpo.layout_proof`
+proves on the model itself that a layout is exact before the model trains on it; the head runner
+(:mod:`orpo.head`) turns a collated batch into forward arguments with :func:`model_inputs`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from orpo.data.collator import (
-    CHOSEN,
-    REJECTED,
-    PackedPairCollator,
-    PaddedPairCollator,
-    SharedPrefixCollator,
-    first_fit_decreasing,
-)
-from orpo.errors import OrpoError
-from orpo.logprobs import rounding_tolerance
-from orpo.models import is_quantized
-
-logger = logging.getLogger("orpo")
 
 # Backends that take our shared-prefix mask as it is: a 4D tensor, or flex attention's block mask (flash
 # attention takes no mask at all).
@@ -39,8 +20,51 @@ PREFIX_SHARING_BACKENDS = ("eager", "sdpa", "flex_attention")
 # position_ids (block-causal masks for eager / sdpa / flex, variable-length kernels for flash).
 PACKING_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
-# Tokens of the probe row's prompt (its end) and responses (their start) the layout check uses.
-_PROBE_TOKENS = 32
+# ---- the shared-prefix segments: one code per token, ``3 * unit + kind`` (``unit`` numbers the pairs laid out
+# in one row), NO_SEGMENT for padding. Written and read only through these functions.
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+NO_SEGMENT = -1
+
+
+def segment_code(unit, kind):
+    """The segment code of a token of pair ``unit`` of its row, part ``kind`` (PROMPT, CHOSEN, REJECTED)."""
+    return 3 * unit + kind
+
+
+def segment_unit(code):
+    """The unit (pair within its row) of segment codes (ints or tensors); meaningless for NO_SEGMENT."""
+    return code // 3
+
+
+def segment_kind(code):
+    """PROMPT, CHOSEN or REJECTED of segment codes (ints or tensors); meaningless for NO_SEGMENT."""
+    return code % 3
+
+
+def shared_prefix_unit(prompt: list[int], chosen: list[int], rejected: list[int], unit: int):
+    """One pair as a shared-prefix unit: ``(input_ids, position_ids, segment_ids)`` of ``[prompt][chosen]
+    [rejected]``, the rejected positions continuing from the prompt as if chosen were not there."""
+    p, c, r = len(prompt), len(chosen), len(rejected)
+    ids = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
+    positions = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+    kinds = torch.tensor([PROMPT] * p + [CHOSEN] * c + [REJECTED] * r, dtype=torch.long)
+    return ids, positions, segment_code(unit, kinds)
+
+
+def first_fit_decreasing(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into bins of at most ``width`` tokens, longest first, each into
+    the first bin with room: few bins, and none longer than ``width``."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for item in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        target = next((b for b, free in enumerate(room) if free >= lengths[item]), None)
+        if target is None:
+            bins.append([])
+            room.append(width)
+            target = len(bins) - 1
+        bins[target].append(item)
+        room[target] -= lengths[item]
+    return bins
 
 
 @dataclass(frozen=True)
@@ -74,13 +98,6 @@ class Layout:
         rows = len(first_fit_decreasing(units, width)) if self.packed else len(units)
         return rows * width
 
-    def collator(self, pad_token_id: int, nll_include_prompt: bool):
-        if self.shared:
-            return SharedPrefixCollator(pad_token_id, nll_include_prompt, pack=self.packed)
-        if self.packed:
-            return PackedPairCollator(pad_token_id, nll_include_prompt)
-        return PaddedPairCollator(pad_token_id, nll_include_prompt)
-
 
 PADDED = Layout()
 
@@ -113,14 +130,14 @@ def candidate_layouts(padding_free: bool | None, prefix_sharing: bool | None) ->
 
 
 def _attends(query, key, query_segment, key_segment):
-    """Whether a query token may attend to a key token of a :class:`~orpo.data.collator.SharedPrefixCollator`
-    row (broadcasting indices and segment ids): causal within each unit (pair), never a padding key,
-    rejected tokens never see chosen ones; every token sees itself, so padding rows are not empty."""
+    """Whether a query token may attend to a key token of a shared-prefix row (broadcasting indices and
+    segment codes): causal within each unit (pair), never a padding key, rejected tokens never see chosen
+    ones; every token sees itself, so padding rows are not empty."""
     allowed = (
         (query >= key)
-        & (key_segment >= 0)
-        & (query_segment // 3 == key_segment // 3)  # same unit
-        & ~((query_segment % 3 == REJECTED) & (key_segment % 3 == CHOSEN))
+        & (key_segment != NO_SEGMENT)
+        & (segment_unit(query_segment) == segment_unit(key_segment))
+        & ~((segment_kind(query_segment) == REJECTED) & (segment_kind(key_segment) == CHOSEN))
     )
     return allowed | (query == key)
 
@@ -163,250 +180,16 @@ def model_inputs(batch: dict, config, dtype: torch.dtype) -> dict:
     return kwargs
 
 
-@contextlib.contextmanager
-def check_mode(model):
-    """Eval mode without gradients, for the one-off checks that run the model beside training.
-
-    Except for bitsandbytes-quantized models on CPU: their first eval-mode forward without gradients
-    repacks the 4-bit weights for a CPU inference kernel, after which (bitsandbytes 0.50) no gradient
-    reaches the LoRA adapters any more. Those keep training mode (dropout is off by default)."""
-    parameter = next(model.parameters())
-    quantized_on_cpu = is_quantized(model) and parameter.device.type == "cpu"
-    was_training = model.training
-    model.train(quantized_on_cpu)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _probe_feature(feature: dict) -> dict:
-    """A short copy of a tokenized pair: the prompt's end, the responses' start."""
-    return {
-        "prompt_input_ids": list(feature["prompt_input_ids"])[-_PROBE_TOKENS:],
-        "chosen_input_ids": list(feature["chosen_input_ids"])[:_PROBE_TOKENS],
-        "rejected_input_ids": list(feature["rejected_input_ids"])[:_PROBE_TOKENS],
-    }
-
-
-def _probe_batch(layout: Layout, feature: dict) -> dict:
-    """Two copies of one pair in one row of ``layout`` (the second copy is the one compared, so
-    leaks between sequences or units, as well as the chosen-hiding mask, show up)."""
-    features = [feature, feature]
-    if layout.shared:
-        width = 2 * sum(
-            len(feature[k]) for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-        )
-        bins = [[0, 1]] if layout.packed else [[0], [1]]
-        return SharedPrefixCollator(0, nll_include_prompt=True).lay_out(features, bins, width)
-    if layout.packed:
-        # Force the pair's chosen and rejected sequences into one row: pack into twice the width.
-        prompt, chosen, rejected = (
-            feature[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-        )
-        ids = [*prompt, *chosen, *prompt, *rejected]
-        positions = [*range(len(prompt) + len(chosen)), *range(len(prompt) + len(rejected))]
-        return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions])}
-    return PaddedPairCollator(0, nll_include_prompt=True)(features)
-
-
-def _compared_positions(layout: Layout, p: int, c: int, r: int, width: int) -> dict[str, torch.Tensor]:
-    """Flat positions, in :func:`_probe_batch`'s rows, of the second copy's ``prompt + chosen`` and
-    ``prompt + rejected`` tokens (packed only: of the rejected sequence that follows the chosen one)."""
-    if not layout.shared:
-        return {"rejected": torch.arange(p + c, p + c + p + r)}
-    start = p + c + r if layout.packed else width  # after the first unit, or the second row
-    prompt = torch.arange(start, start + p)
-    return {
-        "chosen": torch.cat([prompt, torch.arange(start + p, start + p + c)]),
-        "rejected": torch.cat([prompt, torch.arange(start + p + c, start + p + c + r)]),
-    }
-
-
-def layout_error(model, config, layout: Layout, feature: dict) -> float:
-    """max |Δ log p| between a pair's tokens laid out in ``layout`` (beside another copy of the pair)
-    and the same sequences run alone, in eval mode without gradients: rounding only when the model
-    honours the layout, far more when attention leaks between sequences, units or chosen and rejected."""
-    if layout == PADDED:
-        return 0.0
-    feature = _probe_feature(feature)
-    prompt, chosen, rejected = (
-        feature[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-    )
-    parameter = next(model.parameters())
-    batch = {
-        k: v.to(parameter.device) for k, v in _probe_batch(layout, feature).items() if torch.is_tensor(v)
-    }
-    compared = _compared_positions(
-        layout, len(prompt), len(chosen), len(rejected), batch["input_ids"].shape[1]
-    )
-    error = 0.0
-    with check_mode(model):
-        logits = model(**model_inputs(batch, config, parameter.dtype), use_cache=False).logits
-        laid_out = logits.reshape(-1, logits.shape[-1]).float().log_softmax(-1)
-        for side, positions in compared.items():
-            ids = torch.tensor([prompt + (chosen if side == "chosen" else rejected)], device=parameter.device)
-            alone = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-            difference = laid_out[positions.to(parameter.device)] - alone[0].float().log_softmax(-1)
-            error = max(error, difference.abs().max().item())
-    return error
-
-
-def probe_ready(model) -> bool:
-    """Whether the model can run the layout check here: no parameter is on the meta device (as an
-    engine's rank-0-only loading leaves the other processes' models). ZeRO-3 partitions are gathered
-    for the check (:func:`whole_parameters`)."""
-    return not any(p.is_meta for p in model.parameters())
-
-
-def whole_parameters(model):
-    """A context in which the model's parameters are whole: ZeRO-3 partitions (a model initialised or
-    loaded under ``zero.Init``) are gathered, on every process together; anything else is left as is."""
-    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
-
-
-@contextlib.contextmanager
-def first_layers(model, keep: int = 2):
-    """While active, the model runs only its first ``keep`` decoder layers (and the first layer of each
-    attention type its config lists, e.g. a sliding-window one and a full one). The layout check tests
-    how the model family builds masks and positions, which those layers show as well as all of them:
-    so it can run on the CPU, before an engine (FSDP, DeepSpeed) places the model, in a fraction of
-    the time. The whole model is checked again on the first batch."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    count = getattr(config, "num_hidden_layers", None)
-    found = next(
-        (
-            (module, name, child)
-            for module in model.modules()
-            for name, child in module.named_children()
-            if isinstance(child, torch.nn.ModuleList) and len(child) == count
-        ),
-        None,
-    )
-    if found is None or count <= keep:
-        yield
-        return
-    parent, name, layers = found
-    types = list(getattr(config, "layer_types", None) or [])
-    kept = sorted({*range(keep), *(types.index(kind) for kind in set(types))})
-    setattr(parent, name, torch.nn.ModuleList([layers[i] for i in kept]))
-    config.num_hidden_layers = len(kept)
-    if len(types) == count:
-        config.layer_types = [types[i] for i in kept]
-    try:
-        yield
-    finally:
-        setattr(parent, name, layers)
-        config.num_hidden_layers = count
-        if len(types) == count:
-            config.layer_types = types
-
-
-def leak_message(config, layout: Layout, error: float) -> str:
-    leak = (
-        "rejected tokens see chosen ones or pairs see each other"
-        if layout.shared
-        else "packed sequences attend to each other"
-    )
-    return (
-        f"{layout.options}: {config.model_type} with attn_implementation="
-        f"{attn_implementation(config)!r} does not keep this layout exact ({leak}; "
-        f"max |Δ log p| = {error:.3g} against the sequences alone)"
-    )
-
-
-def first_exact_layout(model, candidates: list[Layout], row: dict | None, low_precision: bool) -> Layout:
-    """The first candidate the backend supports and, given a data ``row``, the model keeps exact. An
-    unsupported or inexact candidate falls through to the next with a warning; the last one raises."""
-    config = model.config
-    for index, layout in enumerate(candidates):
-        last = index == len(candidates) - 1
-        reason = unsupported_reason(layout, config)
-        if reason is not None:
-            if last:
-                option = "prefix_sharing" if layout.shared else "padding_free"
-                raise OrpoError(f"{reason}; set {option}: false or attn_implementation: sdpa")
-            continue
-        if layout == PADDED or row is None:
-            return layout
-        error = layout_error(model, config, layout, row)
-        if error <= rounding_tolerance(low_precision):
-            return layout
-        problem = leak_message(config, layout, error)
-        if last:
-            raise OrpoError(problem)
-        warnings.warn(f"{problem}; trying the next layout", stacklevel=4)
-    raise AssertionError("unreachable: the last candidate either returns or raises")
-
-
-@dataclass(frozen=True)
-class LayoutChoice:
-    layout: Layout
-    unverified: bool  # to be checked on the whole prepared model at the first batch (verify_layout)
-
-
-def choose_layout(
-    model,
-    row: dict | None,
-    *,
-    padding_free: bool | None,
-    prefix_sharing: bool | None,
-    engine: bool,
-    low_precision: bool,
-    agree: Callable[[Layout], Layout],
-) -> LayoutChoice:
-    """The first of the candidate layouts (``padding_free`` / ``prefix_sharing``: True, False or None
-    = auto; fastest first) that the attention backend supports and the (unwrapped) model honours
-    exactly, checked on the first data ``row``. An auto choice that fails falls back to the next one
-    with a warning; a layout asked for that fails is an error.
-
-    A model an ``engine`` prepares later (FSDP, DeepSpeed, model parallel) is checked here on its first
-    decoder layers, where it is (usually the CPU; ZeRO-3 partitions gathered); all processes then take
-    the most conservative of their choices (``agree``, see :func:`agreed_layout`), and the whole prepared
-    model is checked again on the first batch, where a failure can only be an error. A model not at hand
-    here (meta parameters), or no data row yet: only layouts asked for explicitly, checked on the first
-    batch; auto means padded rows."""
-    explicit = candidate_layouts(bool(padding_free), bool(prefix_sharing))
-    layout = None
-    if row is not None and (not engine or probe_ready(model)):
-        candidates = candidate_layouts(padding_free, prefix_sharing)
-        if not engine:
-            return LayoutChoice(first_exact_layout(model, candidates, row, low_precision), unverified=False)
-        try:
-            with first_layers(model), whole_parameters(model):
-                layout = first_exact_layout(model, candidates, row, low_precision)
-        except OrpoError:
-            raise
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:  # a model the cut breaks
-            logger.info(f"batch layout: not checked before the engine prepares the model ({err})")
-    if layout is None:
-        layout = first_exact_layout(model, explicit, None, low_precision)
-    if engine:
-        layout = agree(layout)
-    return LayoutChoice(layout, unverified=layout != PADDED and (engine or row is None))
-
-
-def agreed_layout(layout: Layout, accelerator) -> Layout:
-    """One layout for all processes (their collators and token budgets must match): the latest in
-    the fastest-first order of any process's choice, e.g. padded rows where one process could not
-    check its model."""
-    if accelerator.num_processes == 1:
-        return layout
-    order = candidate_layouts(None, None)
-    index = torch.tensor([order.index(layout)], device=accelerator.device)
-    return order[int(accelerator.gather(index).max())]
-
-
-def verify_layout(model, config, layout: Layout, row: dict, low_precision: bool) -> None:
-    """The first-batch check of a layout chosen before an engine prepared the model, on the whole model."""
-    error = layout_error(model, config, layout, row)
-    if not error <= rounding_tolerance(low_precision):
-        raise OrpoError(
-            leak_message(config, layout, error) + "; set padding_free: false and prefix_sharing: false"
-        )
+def first_sequence(inputs: dict, max_tokens: int) -> dict:
+    """The first sequence of a collated batch (at most ``max_tokens``), unpadded, as model inputs."""
+    if "segment_ids" in inputs:  # shared prefix: the prompt and chosen tokens of the row's first unit
+        segments = inputs["segment_ids"][0]
+        first_unit = (segments != NO_SEGMENT) & (segment_unit(segments) == 0)
+        length = int((first_unit & (segment_kind(segments) != REJECTED)).sum())
+    elif "position_ids" in inputs:
+        restarts = (inputs["position_ids"][0, 1:] == 0).nonzero()
+        length = int(restarts[0]) + 1 if len(restarts) else inputs["input_ids"].shape[1]
+    else:
+        length = int(inputs["attention_mask"][0].sum())
+    ids = inputs["input_ids"][:1, : min(length, max_tokens)]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

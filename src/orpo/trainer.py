@@ -25,13 +25,14 @@ from orpo.checkpoints import AtomicCheckpoints
 from orpo.config import ORPOConfig, as_orpo_config
 from orpo.data import load_run_pairs
 from orpo.data.batching import pair_lengths, token_budget_loader
-from orpo.data.collator import check_collator
+from orpo.data.collator import check_collator, collator_for
 from orpo.data.tokenize import ROW_INDEX, TOKENIZED_COLUMNS
 from orpo.errors import OrpoError
 from orpo.generation import eval_samples, publish_generations, record_prompt_format
 from orpo.guards import Divergence, NonFiniteLosses, require_distributed_launch
 from orpo.head import HeadRunner, HeadSettings
-from orpo.layouts import PADDED, Layout, agreed_layout, check_mode, choose_layout, model_inputs, verify_layout
+from orpo.layout_proof import PendingLayoutCheck, agreed_layout, choose_layout, first_batch_checks
+from orpo.layouts import PADDED, Layout
 from orpo.loss import means_from_sums, orpo_loss
 from orpo.model_card import write_model_card
 from orpo.models import prepare_model, resolve_tokenizer, runs_in_low_precision
@@ -120,12 +121,11 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         self._non_finite = NonFiniteLosses(args.nan_policy, args.world_size)
         self._divergence = Divergence(args.divergence_factor)
         self._eval_prefix = "eval"
-        self._config_of: tuple[nn.Module, object] | None = None  # (model, its config), see _model_config
         try:
             super().__init__(
                 model=model,
                 args=args,
-                data_collator=data_collator or PADDED.collator(self._pad_id, args.nll_include_prompt),
+                data_collator=data_collator or collator_for(PADDED, self._pad_id, args.nll_include_prompt),
                 train_dataset=train_dataset,
                 eval_dataset=eval_dataset,
                 processing_class=tokenizer,
@@ -163,14 +163,14 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             check_collator(data_collator, row)
         if hasattr(self.model, "add_model_tags"):  # on the hub's model card
             self.model.add_model_tags(MODEL_TAGS)
-        self.head = HeadRunner(self.accelerator, self._head_settings(), self._forward_kwargs)
+        self.head = HeadRunner(self.accelerator, self._head_settings())
         if self.model is not None:  # hooked before anything can compile the model (torch_compile)
             self.head.register(self.accelerator.unwrap_model(self.model))
         self.layout: Layout | None = None  # the batch layout, when the trainer chooses the collator
-        self._layout_unverified = False
+        self._pending_layout_check: PendingLayoutCheck | None = None  # for the first batch
         if data_collator is None:
             self._choose_layout()
-            self.data_collator = self.layout.collator(self._pad_id, self.args.nll_include_prompt)
+            self.data_collator = collator_for(self.layout, self._pad_id, self.args.nll_include_prompt)
             logger.info(f"batch layout: {self.layout.description}")
 
     def _head_settings(self) -> HeadSettings:
@@ -197,7 +197,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         return not self.place_model_on_device or self.head.settings.zero3 or self._fsdp
 
     def _choose_layout(self) -> None:
-        """The batch layout (:func:`orpo.layouts.choose_layout`), checked on the first data row; under an
+        """The batch layout (:func:`orpo.layout_proof.choose_layout`), checked on the first data row; under an
         engine (FSDP, DeepSpeed, model parallel) on the model's first layers, again at the first batch."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         choice = choose_layout(
@@ -209,7 +209,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             low_precision=self.head.settings.low_precision,
             agree=partial(agreed_layout, accelerator=self.accelerator),
         )
-        self.layout, self._layout_unverified = choice.layout, choice.unverified
+        self.layout, self._pending_layout_check = choice.layout, choice.pending
 
     def _probe_row(self) -> dict | None:
         """The first tokenized pair of the training (else evaluation) data, for the layout check."""
@@ -264,32 +264,12 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
 
     # ---- forward: hidden states -> log-probs of the scored tokens --------------------------------
 
-    def _model_config(self, model):
-        """The config of the model under any wrapper, found once per model: accelerate's
-        ``unwrap_model`` looks up installed packages on every call (~2.5 ms, as long as a tiny model's
-        forward), which per micro-batch would be host time a GPU waits for."""
-        if self._config_of is None or self._config_of[0] is not model:
-            self._config_of = (model, self.accelerator.unwrap_model(model).config)
-        return self._config_of[1]
-
-    def _forward_kwargs(self, model, inputs) -> dict:
-        config = self._model_config(model)
-        try:
-            return model_inputs(inputs, config, next(model.parameters()).dtype)
-        except ValueError as err:
-            raise OrpoError(f"{err}; set prefix_sharing: false or attn_implementation: sdpa") from err
-
     def _first_batch_checks(self, model, inputs) -> None:
-        """Once, on the prepared model: a layout chosen before an engine prepared it, and the LM head."""
-        if self.head.resolved:
-            return
-        row = self._probe_row()
-        if self._layout_unverified and row is not None:
-            verify_layout(
-                model, self._model_config(model), self.layout, row, self.head.settings.low_precision
-            )
-            self._layout_unverified = False
-        self.head.resolve(model, inputs, check_mode)
+        """Once, on the prepared model (:func:`orpo.layout_proof.first_batch_checks`): a layout chosen before an
+        engine prepared it, and the LM head."""
+        if not self.head.resolved:
+            first_batch_checks(model, self.head, inputs, self._pending_layout_check)
+            self._pending_layout_check = None
 
     def scored_logprobs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logps [N], mean_logits [N])`` of the batch's scored tokens (``score_*`` fields)."""

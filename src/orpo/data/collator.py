@@ -20,6 +20,16 @@ from dataclasses import dataclass
 import torch
 
 from orpo.errors import OrpoError
+from orpo.layouts import NO_SEGMENT, Layout, first_fit_decreasing, shared_prefix_unit
+
+__all__ = [
+    "PackedPairCollator",
+    "PaddedPairCollator",
+    "SharedPrefixCollator",
+    "check_collator",
+    "collator_for",
+    "first_fit_decreasing",
+]
 
 
 def _pair_rows(features: list[dict]) -> list[tuple[list[int], list[int], int, bool]]:
@@ -102,22 +112,6 @@ class PaddedPairCollator:
         return _finish(batch, features, sum(len(p) + len(r) for p, r, _, _ in rows))
 
 
-def first_fit_decreasing(lengths: list[int], width: int) -> list[list[int]]:
-    """Indices of ``lengths`` grouped into bins of at most ``width`` tokens, longest first, each into
-    the first bin with room: few bins, and none longer than ``width``."""
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for item in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
-        target = next((b for b, free in enumerate(room) if free >= lengths[item]), None)
-        if target is None:
-            bins.append([])
-            room.append(width)
-            target = len(bins) - 1
-        bins[target].append(item)
-        room[target] -= lengths[item]
-    return bins
-
-
 @dataclass
 class PackedPairCollator:
     """Padding-free: the 2B sequences packed into as few rows as fit, each row no longer than the
@@ -154,17 +148,12 @@ class PackedPairCollator:
         return _finish(batch, features, sum(lengths))
 
 
-# Segment kinds of the shared-prefix layout; ``segment_ids = 3 * unit + kind`` (-1: padding), where
-# ``unit`` numbers the pairs laid out in one row.
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
-
-
 @dataclass
 class SharedPrefixCollator:
     """Prompt prefix sharing: each pair laid out once as ``[prompt][chosen][rejected]``, so each prompt
     is processed once. ``position_ids`` of the rejected tokens continue from the prompt, as if chosen
-    were not there, and ``segment_ids`` (``3 * unit + kind``, -1 padding) let the trainer build the
-    attention mask: causal within a unit, except that rejected tokens do not see chosen ones. The
+    were not there, and ``segment_ids`` (:func:`orpo.layouts.segment_code` of unit and part, NO_SEGMENT padding)
+    let the head runner build the attention mask: causal within a unit, except that rejected tokens do not see chosen ones. The
     first chosen and the first rejected token are both predicted by the last prompt token.
 
     One pair per row, or with ``pack`` the pairs packed first-fit decreasing into rows no longer than
@@ -191,7 +180,7 @@ class SharedPrefixCollator:
         num_pairs = len(features)
         input_ids = torch.full((len(bins), width), self.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros((len(bins), width), dtype=torch.long)
-        segment_ids = torch.full((len(bins), width), -1, dtype=torch.long)
+        segment_ids = torch.full((len(bins), width), NO_SEGMENT, dtype=torch.long)
         # Where each of the 2B sequences' tokens sit in the flat [rows * width] layout, token by token.
         flat_index: list[list[int]] = [[] for _ in rows]
         for row, members in enumerate(bins):
@@ -203,9 +192,9 @@ class SharedPrefixCollator:
                 )
                 p, c, r = len(prompt), len(chosen), len(rejected)
                 span = slice(offset, offset + p + c + r)
-                input_ids[row, span] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
-                position_ids[row, span] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
-                segment_ids[row, span] = 3 * unit + torch.tensor([PROMPT] * p + [CHOSEN] * c + [REJECTED] * r)
+                input_ids[row, span], position_ids[row, span], segment_ids[row, span] = shared_prefix_unit(
+                    prompt, chosen, rejected, unit
+                )
                 base = row * width + offset
                 flat_index[pair] = [base + t for t in range(p + c)]
                 flat_index[num_pairs + pair] = [base + t for t in range(p)] + [
@@ -214,7 +203,16 @@ class SharedPrefixCollator:
                 offset += p + c + r
         batch = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids}
         batch.update(_scored_tokens(rows, None, self.nll_include_prompt, flat_index))
-        return _finish(batch, features, int((segment_ids >= 0).sum()))
+        return _finish(batch, features, int((segment_ids != NO_SEGMENT).sum()))
+
+
+def collator_for(layout: Layout, pad_token_id: int, nll_include_prompt: bool):
+    """The collator that lays batches out in ``layout``."""
+    if layout.shared:
+        return SharedPrefixCollator(pad_token_id, nll_include_prompt, pack=layout.packed)
+    if layout.packed:
+        return PackedPairCollator(pad_token_id, nll_include_prompt)
+    return PaddedPairCollator(pad_token_id, nll_include_prompt)
 
 
 # The batch fields the loss reads (documented at the top of this module).
