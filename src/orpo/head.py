@@ -25,9 +25,9 @@ from orpo.logprobs import (
     full_target_logprobs,
     fused_linear_loss,
     rounding_tolerance,
-    segment_chunk_loss,
     segment_chunks,
 )
+from orpo.scored import ScoredTokens
 
 logger = logging.getLogger("orpo")
 
@@ -265,39 +265,38 @@ class HeadRunner:
             return
         self.plan = plan
 
-    def logprobs(self, model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def logprobs(self, model: nn.Module, inputs: dict, scored: ScoredTokens) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logps [N], mean_logits [N])`` of the batch's scored tokens."""
-        positions, targets = inputs["score_positions"], inputs["score_targets"]
         if self.plan is not None:
-            return self._chunked(model, self.plan, inputs, positions, targets)
+            return self._chunked(model, self.plan, inputs, scored.positions, scored.targets)
         with attention_backends(inputs["input_ids"].device):
             logits = model(**self.model_kwargs(model, inputs), use_cache=False).logits
-        return full_target_logprobs(logits.reshape(-1, logits.shape[-1]).index_select(0, positions), targets)
+        flat = logits.reshape(-1, logits.shape[-1]).index_select(0, scored.positions)
+        return full_target_logprobs(flat, scored.targets)
 
-    def fused_loss(
-        self, model: nn.Module, inputs: dict, pair_loss: Callable, pair_sizes: Callable[[], list[int]]
-    ):
+    def fused_loss(self, model: nn.Module, inputs: dict, scored: ScoredTokens, pair_loss):
         """The loss with the head fused in (:func:`orpo.logprobs.fused_linear_loss`) when it applies:
-        gradients on, a separable head, and every pair's scored tokens (``pair_sizes()``, contiguous) fitting
-        in a chunk of at most :data:`FUSED_MAX_CHUNKS` chunk sizes (chunks are whole pairs, so each chunk's
-        loss and gradient are complete). ``pair_loss(logps, pair, chosen, response, num_pairs)`` is the
-        loss of whole pairs. Returns ``(loss, logps, mean_logits)``, or None for the unfused path."""
+        gradients on, a separable head, and every pair's scored tokens (contiguous) fitting in a chunk of at
+        most :data:`FUSED_MAX_CHUNKS` chunk sizes (chunks are whole pairs, so each chunk's loss and gradient
+        are complete). ``pair_loss.chunk_loss(scored)`` (:class:`orpo.loss.PairLoss`) gives the loss of a
+        range of whole pairs. Returns ``(loss, logps, mean_logits)``, or None for the unfused path."""
         plan = self.plan
         if plan is None or not self.settings.fused or not torch.is_grad_enabled():
             return None
-        chunk_size, pair_sizes = self.chunk_size(plan), pair_sizes()
+        chunk_size = self.chunk_size(plan)
         # A pair larger than a chunk gets a chunk of its own, up to 4 chunks' worth of logits (still
         # less than a one-pair-per-chunk fused loss such as Liger's holds: it scores the prompt too).
-        chunks = segment_chunks(pair_sizes, chunk_size, max_chunk_size=FUSED_MAX_CHUNKS * chunk_size)
+        chunks = segment_chunks(scored.pair_sizes, chunk_size, max_chunk_size=FUSED_MAX_CHUNKS * chunk_size)
         if chunks is None:
             return None
-        fields = (inputs["score_chosen"], inputs["score_response"])
-        chunk_loss = segment_chunk_loss(pair_loss, inputs["score_pair"], pair_sizes, *fields)
         compute = partial_head(
-            fused_linear_loss, targets=inputs["score_targets"], chunks=chunks, loss_fn=chunk_loss, plan=plan
+            fused_linear_loss,
+            targets=scored.targets,
+            chunks=chunks,
+            loss_fn=pair_loss.chunk_loss(scored),
+            plan=plan,
         )
-        hidden = self._hidden(model, plan, inputs, inputs["score_positions"])
-        return self._run(plan, hidden, compute)
+        return self._run(plan, self._hidden(model, plan, inputs, scored.positions), compute)
 
     def _chunked(self, model, plan: HeadPlan, inputs, positions, targets):
         compute = partial_head(

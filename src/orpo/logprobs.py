@@ -51,27 +51,6 @@ def segment_chunks(
     return chunks
 
 
-def segment_chunk_loss(
-    segment_loss: Callable, segment_ids: torch.Tensor, segment_sizes: Sequence[int], *fields
-):
-    """A :data:`ChunkLoss` from a loss over whole segments: ``segment_loss(logps, ids, *fields,
-    num_segments)`` runs on a chunk's tokens, with ``ids`` renumbered from 0 within the chunk and each
-    per-token field in ``fields`` cut to the chunk. Chunks must hold whole segments (from
-    :func:`segment_chunks` over the same ``segment_sizes``); segments are contiguous."""
-    first_segment, offset = {}, 0
-    for index, size in enumerate(segment_sizes):
-        first_segment[offset] = index
-        offset += size
-    first_segment[offset] = len(segment_sizes)
-
-    def chunk_loss(logps: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        s0 = first_segment[start]
-        cut = (field[start:end] for field in fields)
-        return segment_loss(logps, segment_ids[start:end] - s0, *cut, first_segment[end] - s0)
-
-    return chunk_loss
-
-
 def rounding_tolerance(low_precision: bool) -> float:
     """How far two exact computations of the same log-probs may differ by rounding alone (max |Δ log p|):
     a batch layout against the sequences alone, or the separated LM head against the model's own logits.

@@ -16,12 +16,16 @@ For a pair (x, y_w, y_l)::
 
 Nothing here knows about models, chunks or batch layouts: the caller hands in one flat vector of
 log-probs of the scored tokens and says, for each token, which pair it belongs to, whether it is
-part of the chosen or the rejected sequence and whether it is a response token.
+part of the chosen or the rejected sequence and whether it is a response token — as tensors
+(:func:`orpo_loss`), or as the typed :class:`~orpo.scored.ScoredTokens` a collator built
+(:class:`PairLoss`, which also gives the loss of a range of whole pairs, for a head that computes the
+loss chunk by chunk).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 
 from orpo import defaults
 from orpo.errors import OrpoError
+from orpo.scored import ScoredTokens
 
 # ℓ is clamped to at most this before log1mexp: a response whose every token has p ≈ 1 (common in
 # bf16) would otherwise give log(1 - 1) = -inf and a NaN gradient.
@@ -103,24 +108,22 @@ class ORPOStats:
         return means_from_sums(self.metric_sums())
 
 
-def means_from_sums(sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Turn accumulated :meth:`ORPOStats.metric_sums` (and ``logits/*`` sums, divided by the
-    ``*_tokens`` count next to them; ``padding_fraction`` by ``layout_tokens``) into means."""
+# The count each metric sum is divided by, where it is not the number of pairs.
+PER_TOKEN = {"nll_loss": "nll_tokens"}
+
+
+def means_from_sums(sums: dict[str, torch.Tensor], per: dict[str, str] | None = None) -> dict[str, float]:
+    """Turn accumulated :meth:`ORPOStats.metric_sums` into means: each sum divided by the count ``per`` names
+    for it (``nll_loss`` by ``nll_tokens``; callers add their own, e.g. a per-token metric), else by
+    ``pairs``. The counts themselves are not means and are left out."""
+    per = {**PER_TOKEN, **(per or {})}
+    counts = {"pairs", *per.values()}
     pairs = max(float(sums["pairs"]), 1.0)
-    out = {}
-    for name, value in sums.items():
-        if name in ("pairs", "nll_tokens") or name.endswith("_tokens"):
-            continue
-        if name == "nll_loss":
-            denom = max(float(sums["nll_tokens"]), 1.0)
-        elif name.startswith("logits/"):
-            denom = max(float(sums[name + "_tokens"]), 1.0)
-        elif name == "padding_fraction":  # padding tokens over all tokens the batches laid out
-            denom = max(float(sums["layout_tokens"]), 1.0)
-        else:
-            denom = pairs
-        out[name] = float(value) / denom
-    return out
+    return {
+        name: float(value) / (max(float(sums[per[name]]), 1.0) if name in per else pairs)
+        for name, value in sums.items()
+        if name not in counts
+    }
 
 
 def sequence_mean_logps(
@@ -203,3 +206,60 @@ def orpo_loss(
     loss = nll_sum / nll_normalizer + alpha * or_losses.sum() / pair_normalizer
     stats = ORPOStats(chosen_logps, rejected_logps, log_or, or_losses, nll_sum, nll_tokens, alpha)
     return loss, stats
+
+
+@dataclass(frozen=True)
+class PairLoss:
+    """:func:`orpo_loss` with its settings bound, on the typed scored tokens of a batch.
+
+    ``nll_normalizer`` / ``pair_normalizer`` are the counts the summed NLL and odds-ratio losses are divided
+    by: the whole optimizer step's in training (so accumulation and data parallelism never change the
+    objective), the batch's own by default (:meth:`for_batch`).
+    """
+
+    alpha: float
+    beta: float
+    nll_normalizer: torch.Tensor | float
+    pair_normalizer: torch.Tensor | float
+
+    @classmethod
+    def for_batch(
+        cls, scored: ScoredTokens, alpha: float, beta: float, step_nll_tokens=None, step_pairs=None
+    ) -> PairLoss:
+        """Normalised by the step's counts when given, else by this batch's."""
+        return cls(
+            alpha,
+            beta,
+            scored.chosen.sum().clamp(min=1) if step_nll_tokens is None else step_nll_tokens,
+            max(scored.num_pairs, 1) if step_pairs is None else step_pairs,
+        )
+
+    def __call__(self, token_logps: torch.Tensor, scored: ScoredTokens) -> tuple[torch.Tensor, ORPOStats]:
+        """``(loss, stats)`` of the scored tokens from their log-probs ``[N]``."""
+        return orpo_loss(
+            token_logps,
+            scored.pair,
+            scored.chosen,
+            scored.response,
+            scored.num_pairs,
+            alpha=self.alpha,
+            beta=self.beta,
+            nll_normalizer=self.nll_normalizer,
+            pair_normalizer=self.pair_normalizer,
+        )
+
+    def chunk_loss(self, scored: ScoredTokens) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+        """``loss_fn(logps, start, end)``: the loss of scored tokens ``start:end``, a range of whole pairs
+        (``logps`` are theirs), under this batch's normalisers, so the chunks' losses add up to the batch's
+        (:func:`orpo.logprobs.fused_linear_loss`)."""
+        pair_at = {}  # first token of each pair (and the end) -> that pair's index
+        offset = 0
+        for index, size in enumerate(scored.pair_sizes):
+            pair_at[offset] = index
+            offset += size
+        pair_at[offset] = scored.num_pairs
+
+        def loss_fn(token_logps: torch.Tensor, start: int, end: int) -> torch.Tensor:
+            return self(token_logps, scored.of_pairs(pair_at[start], pair_at[end], start, end))[0]
+
+        return loss_fn

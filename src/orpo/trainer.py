@@ -33,11 +33,19 @@ from orpo.guards import Divergence, NonFiniteLosses, require_distributed_launch
 from orpo.head import HeadRunner, HeadSettings
 from orpo.layout_proof import PendingLayoutCheck, agreed_layout, choose_layout, first_batch_checks
 from orpo.layouts import PADDED, Layout
-from orpo.loss import means_from_sums, orpo_loss
+from orpo.loss import PairLoss, means_from_sums
 from orpo.model_card import write_model_card
 from orpo.models import prepare_model, resolve_tokenizer, runs_in_low_precision
+from orpo.scored import ScoredTokens
 
 logger = logging.getLogger("orpo")
+
+# The metrics of the batch layout and the head, and the counts they are means over (the loss's own: orpo.loss).
+PER_LAID_OUT_TOKEN = {
+    "logits/chosen": "logits/chosen_tokens",
+    "logits/rejected": "logits/rejected_tokens",
+    "padding_fraction": "layout_tokens",  # padding tokens over all tokens the batches laid out
+}
 
 MODEL_TAGS = ["trl", "orpo"]  # TRL's tags for ORPO-trained models (orpo is a TRL drop-in)
 
@@ -55,18 +63,6 @@ PRIVATE_TRAINER_API = {
     "_remove_unused_columns": ("c", ("dataset", "description")),
     "_prepare_inputs": ("c", ("inputs",)),
 }
-
-
-def _num_pairs(inputs: dict) -> int:
-    """Pairs in a batch: from the collator's host-side ``pair_sizes`` (no device sync), else the tensor."""
-    return len(inputs["pair_sizes"]) if "pair_sizes" in inputs else int(inputs["num_pairs"])
-
-
-def _pair_sizes(inputs: dict) -> list[int]:
-    """Scored tokens per pair (pairs are contiguous): from the collator, else counted (a host sync)."""
-    if inputs.get("pair_sizes"):
-        return list(inputs["pair_sizes"])
-    return torch.bincount(inputs["score_pair"], minlength=_num_pairs(inputs)).tolist()
 
 
 class ORPOTrainer(AtomicCheckpoints, Trainer):
@@ -272,9 +268,9 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             self._pending_layout_check = None
 
     def scored_logprobs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logps [N], mean_logits [N])`` of the batch's scored tokens (``score_*`` fields)."""
+        """``(logps [N], mean_logits [N])`` of the batch's scored tokens (:class:`orpo.scored.ScoredTokens`)."""
         self._first_batch_checks(model, inputs)
-        return self.head.logprobs(model, inputs)
+        return self.head.logprobs(model, inputs, ScoredTokens.from_batch(inputs))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Trainer's save, without a second copy of a tied weight: the state dict an engine gathers
@@ -309,10 +305,13 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples:
             return batch_samples, None
-        per_batch = [
-            torch.stack([b["score_chosen"].sum(), b["num_pairs"].reshape(())]) for b in batch_samples
-        ]
-        counts = torch.stack(per_batch).sum(0).to(device=device, dtype=torch.float32)
+        scored = [ScoredTokens.from_batch(b) for b in batch_samples]
+        nll_tokens = (
+            torch.stack([s.chosen.sum() for s in scored]).sum().to(device=device, dtype=torch.float32)
+        )
+        counts = torch.stack(
+            [nll_tokens, torch.tensor(float(sum(s.num_pairs for s in scored)), device=device)]
+        )
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.gather(counts).reshape(-1, 2).sum(0)
         batch_samples = [
@@ -322,22 +321,22 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._first_batch_checks(model, inputs)
-        scored = (inputs["score_pair"], inputs["score_chosen"], inputs["score_response"], _num_pairs(inputs))
+        scored = ScoredTokens.from_batch(inputs)
         # Normalised by the whole step's counts in training; a lone micro-batch (evaluation) by its own.
-        pair_loss = partial(
-            orpo_loss,
-            alpha=self.args.orpo_alpha,
-            beta=self.args.orpo_beta,
-            nll_normalizer=inputs.get("step_nll_tokens", scored[1].sum().clamp(min=1)),
-            pair_normalizer=inputs.get("step_pairs", max(scored[3], 1)),
+        pair_loss = PairLoss.for_batch(
+            scored,
+            self.args.orpo_alpha,
+            self.args.orpo_beta,
+            inputs.get("step_nll_tokens"),
+            inputs.get("step_pairs"),
         )
-        fused = self.head.fused_loss(model, inputs, lambda *a: pair_loss(*a)[0], partial(_pair_sizes, inputs))
+        fused = self.head.fused_loss(model, inputs, scored, pair_loss)
         if fused is not None:
             loss, logps, mean_logits = fused
-            _, stats = pair_loss(logps, *scored)  # the metrics; cheap, no head
+            _, stats = pair_loss(logps, scored)  # the metrics; cheap, no head
         else:
-            logps, mean_logits = self.head.logprobs(model, inputs)
-            loss, stats = pair_loss(logps, *scored)
+            logps, mean_logits = self.head.logprobs(model, inputs, scored)
+            loss, stats = pair_loss(logps, scored)
         skipped = False
         if model.training:
             loss, skipped = self._non_finite.check(loss, inputs.get(ROW_INDEX), self.state.global_step + 1)
@@ -345,7 +344,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             # Normalised by global counts, but DDP averages gradients over processes: undo that.
             loss = loss * self.accelerator.num_processes
         if not skipped:
-            self._record_metrics("train" if model.training else "eval", stats, mean_logits, inputs)
+            self._record_metrics("train" if model.training else "eval", stats, mean_logits, scored, inputs)
         if return_outputs:
             return loss, {
                 "chosen_logps": stats.chosen_logps,
@@ -384,14 +383,13 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
 
     # ---- metrics and evaluation ---------------------------------------------------------------------
 
-    def _record_metrics(self, mode, stats, mean_logits, inputs) -> None:
+    def _record_metrics(self, mode, stats, mean_logits, scored: ScoredTokens, inputs) -> None:
         sums = self._metric_sums[mode]
         for name, value in stats.metric_sums().items():
             sums[name] += value
-        response = inputs["score_response"]
         for side, selected in (
-            ("chosen", inputs["score_chosen"] & response),
-            ("rejected", ~inputs["score_chosen"] & response),
+            ("chosen", scored.chosen & scored.response),
+            ("rejected", ~scored.chosen & scored.response),
         ):
             sums[f"logits/{side}"] += mean_logits[selected].sum()
             sums[f"logits/{side}_tokens"] += selected.sum().float()
@@ -409,7 +407,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if prediction_loss_only:
             return loss.detach(), None, None
-        response, chosen = inputs["score_response"], inputs["score_chosen"]
+        scored = ScoredTokens.from_batch(inputs)
+        response, chosen = scored.response, scored.chosen
         mean_logits = outputs["mean_logits"].detach()
         logits = torch.stack([mean_logits[response & chosen].mean(), mean_logits[response & ~chosen].mean()])
         return loss.detach(), logits, torch.zeros(2, device=logits.device)
@@ -452,7 +451,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             if self.accelerator.num_processes > 1:
                 values = self.accelerator.reduce(values, reduction="sum")
             prefix = f"{self._eval_prefix}_" if mode == "eval" else ""
-            for name, mean in means_from_sums(dict(zip(names, values.cpu(), strict=True))).items():
+            sums_here = dict(zip(names, values.cpu(), strict=True))
+            for name, mean in means_from_sums(sums_here, per=PER_LAID_OUT_TOKEN).items():
                 logs[prefix + name] = mean
             sums.clear()
         if mode == "train" and self._non_finite.skipped:

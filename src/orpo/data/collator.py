@@ -1,16 +1,9 @@
 """Batch layouts: turn tokenized pairs into model inputs plus a layout-independent list of scored tokens.
 
-Every layout produces the same description of what to score, so the loss never knows which
-layout made the log-probs:
-
-- ``score_positions [N]``: flat index (``row * seq_len + t``) of the hidden state that predicts
-  the token;
-- ``score_targets [N]``: the token id to predict;
-- ``score_pair [N]``: the pair (row of preference data) in this batch it belongs to; tokens are
-  ordered by pair, so each pair's tokens are contiguous;
-- ``score_chosen [N]``: chosen (True) or rejected (False) sequence;
-- ``score_response [N]``: response token (True) or chosen prompt token (False, scored only for
-  the NLL term when ``nll_include_prompt``).
+Every layout produces the same description of what to score (:class:`orpo.scored.ScoredTokens`: for each
+scored token the hidden state that predicts it, its id, its pair, chosen or rejected, response or prompt),
+so the loss never knows which layout made the log-probs. How each layout places tokens (positions,
+shared-prefix segments, packing) is defined in :mod:`orpo.layouts`.
 """
 
 from __future__ import annotations
@@ -21,6 +14,7 @@ import torch
 
 from orpo.errors import OrpoError
 from orpo.layouts import NO_SEGMENT, Layout, first_fit_decreasing, shared_prefix_unit
+from orpo.scored import FIELDS, ScoredTokens
 
 __all__ = [
     "PackedPairCollator",
@@ -42,14 +36,15 @@ def _pair_rows(features: list[dict]) -> list[tuple[list[int], list[int], int, bo
     return rows
 
 
-def _scored_tokens(rows, starts, nll_include_prompt: bool, flat_index=None) -> dict[str, torch.Tensor]:
-    """The ``score_*`` fields, pair by pair (pair 0 chosen, pair 0 rejected, pair 1 chosen, ...) so
-    each pair's tokens are contiguous and the head can work on chunks of whole pairs. ``starts[r]``
-    is the flat index of sequence ``r``'s first token in ``input_ids`` (contiguous sequences), or
-    ``flat_index[r][t]`` the flat index of its token ``t`` (sequences laid out in pieces)."""
+def _scored_tokens(rows, starts, nll_include_prompt: bool, flat_index=None) -> ScoredTokens:
+    """The scored tokens, pair by pair (pair 0 chosen, pair 0 rejected, pair 1 chosen, ...) so each pair's
+    tokens are contiguous and the head can work on chunks of whole pairs. ``starts[r]`` is the flat index of
+    sequence ``r``'s first token in ``input_ids`` (contiguous sequences), or ``flat_index[r][t]`` the flat
+    index of its token ``t`` (sequences laid out in pieces)."""
     num_pairs = len(rows) // 2
-    positions, targets, pairs, is_chosen, is_response = [], [], [], [], []
+    positions, targets, pairs, is_chosen, is_response, sizes = [], [], [], [], [], []
     for pair in range(num_pairs):
+        sizes.append(0)
         for row in (pair, num_pairs + pair):
             prompt, response, _, chosen = rows[row]
             tokens = torch.tensor(prompt + response, dtype=torch.long)
@@ -64,24 +59,23 @@ def _scored_tokens(rows, starts, nll_include_prompt: bool, flat_index=None) -> d
             pairs.append(torch.full_like(scored, pair))
             is_chosen.append(torch.full(scored.shape, chosen, dtype=torch.bool))
             is_response.append(scored >= len(prompt))
-    return {
-        "score_positions": torch.cat(positions),
-        "score_targets": torch.cat(targets),
-        "score_pair": torch.cat(pairs),
-        "score_chosen": torch.cat(is_chosen),
-        "score_response": torch.cat(is_response),
-    }
+            sizes[-1] += len(scored)
+    return ScoredTokens(
+        positions=torch.cat(positions),
+        targets=torch.cat(targets),
+        pair=torch.cat(pairs),
+        chosen=torch.cat(is_chosen),
+        response=torch.cat(is_response),
+        pair_sizes=tuple(sizes),
+    )
 
 
-def _finish(batch: dict, features: list[dict], real_tokens: int) -> dict:
-    """Counts every layout adds: pairs (the loss normaliser) and the real, non-padding tokens laid out
-    (for the ``padding_fraction`` metric)."""
-    batch["num_pairs"] = torch.tensor(len(features), dtype=torch.long)
+def _finish(batch: dict, scored: ScoredTokens, features: list[dict], real_tokens: int) -> dict:
+    """What every layout adds to its model inputs: the scored tokens, and the real, non-padding tokens laid
+    out (for the ``padding_fraction`` metric); dataset row numbers, for error messages."""
+    batch.update(scored.batch_fields())
     batch["num_tokens"] = torch.tensor(real_tokens, dtype=torch.long)
-    # Scored tokens per pair as plain ints: they stay on the host when the batch moves to the device,
-    # so the trainer can plan head chunks without a device-to-host sync.
-    batch["pair_sizes"] = tuple(torch.bincount(batch["score_pair"], minlength=len(features)).tolist())
-    if all("row_index" in feature for feature in features):  # dataset rows, for error messages
+    if all("row_index" in feature for feature in features):
         batch["row_index"] = torch.tensor([feature["row_index"] for feature in features], dtype=torch.long)
     return batch
 
@@ -108,8 +102,8 @@ class PaddedPairCollator:
             attention_mask[row, : len(prompt) + len(response)] = 1
         starts = [row * seq_len for row in range(len(rows))]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        batch.update(_scored_tokens(rows, starts, self.nll_include_prompt))
-        return _finish(batch, features, sum(len(p) + len(r) for p, r, _, _ in rows))
+        scored = _scored_tokens(rows, starts, self.nll_include_prompt)
+        return _finish(batch, scored, features, sum(len(p) + len(r) for p, r, _, _ in rows))
 
 
 @dataclass
@@ -144,8 +138,7 @@ class PackedPairCollator:
                 offset += lengths[seq]
             position_ids[row, offset:] = torch.arange(width - offset)  # the tail: a dummy sequence
         batch = {"input_ids": input_ids, "position_ids": position_ids}
-        batch.update(_scored_tokens(rows, starts, self.nll_include_prompt))
-        return _finish(batch, features, sum(lengths))
+        return _finish(batch, _scored_tokens(rows, starts, self.nll_include_prompt), features, sum(lengths))
 
 
 @dataclass
@@ -202,8 +195,8 @@ class SharedPrefixCollator:
                 ]
                 offset += p + c + r
         batch = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids}
-        batch.update(_scored_tokens(rows, None, self.nll_include_prompt, flat_index))
-        return _finish(batch, features, int((segment_ids != NO_SEGMENT).sum()))
+        scored = _scored_tokens(rows, None, self.nll_include_prompt, flat_index)
+        return _finish(batch, scored, features, int((segment_ids != NO_SEGMENT).sum()))
 
 
 def collator_for(layout: Layout, pad_token_id: int, nll_include_prompt: bool):
@@ -215,15 +208,8 @@ def collator_for(layout: Layout, pad_token_id: int, nll_include_prompt: bool):
     return PaddedPairCollator(pad_token_id, nll_include_prompt)
 
 
-# The batch fields the loss reads (documented at the top of this module).
-SCORED_FIELDS = {
-    "score_positions",
-    "score_targets",
-    "score_pair",
-    "score_chosen",
-    "score_response",
-    "num_pairs",
-}
+# The batch fields the head and the loss read (orpo.scored).
+SCORED_FIELDS = {*FIELDS.values(), "num_pairs"}
 
 
 def check_collator(collator, row: dict) -> None:
