@@ -234,7 +234,7 @@ def test_generate_prompts_a_model_as_it_was_trained(trained, tmp_path, capsys):
     from conftest import toy_rows
     from orpo import ORPOConfig, ORPOTrainer
     from orpo.demo import demo_tokenizer, tiny_model
-    from orpo.generation import PROMPT_FORMAT_FILE
+    from orpo.run_folder import PROMPT_FORMAT_FILE
 
     assert json.loads((trained / PROMPT_FORMAT_FILE).read_text()) == {"chat_template": False}
     argv = ["generate", "--model", str(trained), "--prompt", "rev abcd=", "--max-new-tokens", "3"]

@@ -403,10 +403,10 @@ def test_disk_full_while_saving_is_one_line_and_leaves_nothing_half_written(tmp_
 def test_resume_refuses_a_run_saved_before_the_objective_default_changed(tmp_path):
     """An orpo_config.yaml written before issue 27 has no nll_include_prompt: that run trained on the response
     only, so resuming it under today's default (the prompt too) changes the objective and is refused."""
-    from orpo.cli.train import _check_resumed_settings
+    from orpo.run_folder import check_resumed_settings as _check_resumed_settings
 
     saved = tmp_path / "orpo_config.yaml"
     saved.write_text("model: demo\norpo_alpha: 0.1\n")
     with pytest.raises(UsageError, match="nll_include_prompt: False -> True"):
-        _check_resumed_settings(saved, "model: demo\norpo_alpha: 0.1\nnll_include_prompt: true\n")
-    _check_resumed_settings(saved, "model: demo\norpo_alpha: 0.1\nnll_include_prompt: false\n")
+        _check_resumed_settings(saved.parent, "model: demo\norpo_alpha: 0.1\nnll_include_prompt: true\n")
+    _check_resumed_settings(saved.parent, "model: demo\norpo_alpha: 0.1\nnll_include_prompt: false\n")

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_model, toy_rows
 from orpo import ORPOConfig, ORPOTrainer
 from orpo.cli import main
-from orpo.generation import trained_with_chat_template
+from orpo.run_folder import trained_with_chat_template
 
 peft = pytest.importorskip("peft")
 

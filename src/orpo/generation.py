@@ -15,25 +15,6 @@ import torch
 from orpo import defaults
 
 TABLE_COLUMNS = ["Prompt", "Policy"]  # TRL's column names for its "game_log" table
-# Saved beside a trained model: whether its training prompts went through the chat template, so that
-# `orpo generate` prompts it the way it learned (a chat template on a model trained on plain text, or the
-# reverse, asks it something it never saw).
-PROMPT_FORMAT_FILE = "orpo_prompt_format.json"
-
-
-def record_prompt_format(folder: str | Path, chat_template: bool) -> None:
-    Path(folder, PROMPT_FORMAT_FILE).write_text(json.dumps({"chat_template": chat_template}) + "\n")
-
-
-def trained_with_chat_template(folder: str | Path) -> bool | None:
-    """What :func:`record_prompt_format` saved in ``folder``; None when nothing was (not an orpo run, a hub
-    name) or the record cannot be read."""
-    path = Path(folder, PROMPT_FORMAT_FILE)
-    try:
-        value = json.loads(path.read_text()).get("chat_template")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, bool) else None
 
 
 def complete(

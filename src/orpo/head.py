@@ -265,7 +265,9 @@ class HeadRunner:
             return
         self.plan = plan
 
-    def logprobs(self, model: nn.Module, inputs: dict, scored: ScoredTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    def logprobs(
+        self, model: nn.Module, inputs: dict, scored: ScoredTokens
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logps [N], mean_logits [N])`` of the batch's scored tokens."""
         if self.plan is not None:
             return self._chunked(model, self.plan, inputs, scored.positions, scored.targets)

@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from functools import partial
+from pathlib import Path
 
 import torch
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from orpo import run_folder
 from orpo.checkpoints import AtomicCheckpoints
 from orpo.config import ORPOConfig, as_orpo_config
 from orpo.data import load_run_pairs
@@ -28,7 +30,7 @@ from orpo.data.batching import pair_lengths, token_budget_loader
 from orpo.data.collator import check_collator, collator_for
 from orpo.data.tokenize import ROW_INDEX, TOKENIZED_COLUMNS
 from orpo.errors import OrpoError
-from orpo.generation import eval_samples, publish_generations, record_prompt_format
+from orpo.generation import eval_samples, publish_generations
 from orpo.guards import Divergence, NonFiniteLosses, require_distributed_launch
 from orpo.head import HeadRunner, HeadSettings
 from orpo.layout_proof import PendingLayoutCheck, agreed_layout, choose_layout, first_batch_checks
@@ -36,6 +38,7 @@ from orpo.layouts import PADDED, Layout
 from orpo.loss import PairLoss, means_from_sums
 from orpo.model_card import write_model_card
 from orpo.models import prepare_model, resolve_tokenizer, runs_in_low_precision
+from orpo.run_folder import record_prompt_format
 from orpo.scored import ScoredTokens
 
 logger = logging.getLogger("orpo")
@@ -142,13 +145,46 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         """The tokenizer under the name scripts for TRL ≤ 0.11 and transformers 4 read (``processing_class`` now)."""
         return self.processing_class
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer's ``train`` inside the run folder's rules (:mod:`orpo.run_folder`): the folder locked for this
+        run, an earlier run there started over (its checkpoints removed, with a warning), a resume from the
+        newest complete checkpoint (``resume_from_checkpoint=True``) with the settings it was started with."""
         # Again here: any TrainingArguments built since __init__ reset accelerate's shared state.
         require_distributed_launch(self.args.world_size)
-        result = super().train(*args, **kwargs)
+        out = Path(self.args.output_dir)
+        took_lock, resume_from_checkpoint = self._enter_run_folder(out, resume_from_checkpoint)
+        try:
+            result = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if took_lock:
+                run_folder.release(out)
         if (problem := self._non_finite.too_many_skipped()) is not None:
             raise OrpoError(problem)
         return result
+
+    def _enter_run_folder(self, out: Path, resume) -> tuple[bool, str | None]:
+        """Lock ``out`` (first process), check what it holds and the resume, record the settings; returns
+        whether the lock was taken here and the checkpoint to resume from."""
+        rank, first = self.args.process_index, self.is_world_process_zero()
+        resuming = resume not in (None, False)
+        took_lock = out.is_dir() and run_folder.lock(out, rank)  # before looking: a live run is the refusal
+        if resume is True:  # the newest complete checkpoint here (a path names one itself)
+            run_folder.check_folder(out, True, self.args.overwrite_output_dir, refuse_earlier_run=False)
+            resume = str(run_folder.checkpoint_to_resume(out))
+        elif not resuming:
+            run_folder.check_folder(out, False, self.args.overwrite_output_dir, refuse_earlier_run=False)
+        settings = run_folder.settings_of(self.args)
+        if resuming:
+            changed = run_folder.check_resumed_settings(Path(resume).parent, settings, only_new_keys=True)
+            if changed:
+                logger.info(f"resuming with {', '.join(changed)} from these arguments")
+        if first:
+            out.mkdir(parents=True, exist_ok=True)
+            took_lock = took_lock or run_folder.lock(out, rank)
+            if not run_folder.settings_written(out):  # orpo train wrote its resolved config already
+                saved = (run_folder.read_settings(out) or {}) if resuming else {}
+                run_folder.write_settings(out, {**saved, **settings})
+        return took_lock, resume
 
     # ---- construction helpers -----------------------------------------------------------------
 

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 def _use_chat_template(args, tokenizer) -> tuple[bool, str]:
     """Whether prompts go through the chat template, and why: a flag decides; else the way the model was
     trained (the record orpo saves beside it); else whether the tokenizer has a template."""
-    from orpo.generation import trained_with_chat_template
+    from orpo.run_folder import trained_with_chat_template
 
     has_template = getattr(tokenizer, "chat_template", None) is not None
     if args.chat_template is False:

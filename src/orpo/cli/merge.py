@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--output {output} is not empty; choose a new directory, or pass --overwrite")
     base_name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     # The base through orpo's loader (a hub name, a folder or a GGUF file), then the adapter on it.
-    from orpo.generation import record_prompt_format, trained_with_chat_template
+    from orpo.run_folder import record_prompt_format, trained_with_chat_template
 
     base = load_causal_lm(base_name, {"trust_remote_code": args.trust_remote_code})
     try:

@@ -6,7 +6,6 @@ import argparse
 import os
 import pickle
 import shlex
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -105,12 +104,20 @@ def _resolve_run(args: argparse.Namespace):
     resolved = to_yaml(run)
     print("resolved config:\n" + "\n".join(f"  {line}" for line in resolved.splitlines()), flush=True)
     out = Path(run.args.output_dir)
+    from orpo import run_folder
+
+    rank = int(os.environ.get("RANK", "0"))
     # An existing directory is locked first: a run in progress there is the reason to refuse, whatever it holds.
     lock_first = out.is_dir() and os.access(out, os.W_OK)
-    args.lock = _lock_output_dir(out) if lock_first else None
-    _check_output_dir(out, args.resume, run.args.overwrite_output_dir)
-    if args.resume:
-        _check_resumed_settings(out / "orpo_config.yaml", resolved)
+    if lock_first:
+        run_folder.lock(out, rank)
+    run_folder.check_folder(
+        out, args.resume, run.args.overwrite_output_dir, refuse_earlier_run=True, asked="--resume"
+    )
+    if args.resume and (changed := run_folder.check_resumed_settings(out, resolved)):
+        print(
+            f"note: resuming with {', '.join(changed)} from this command (the rest from {out / run_folder.SETTINGS_FILE})"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -120,147 +127,18 @@ def _resolve_run(args: argparse.Namespace):
     if not os.access(out, os.W_OK):
         raise OrpoError(f"output_dir {out} is not writable; choose another --output-dir")
     if not lock_first:
-        args.lock = _lock_output_dir(out)
-    if args.lock is not None:  # the only run here: what a killed or failed save left is garbage
-        from orpo.checkpoints import remove_incomplete_checkpoints
-
-        remove_incomplete_checkpoints(out)
-    (out / "orpo_config.yaml").write_text(resolved)
+        run_folder.lock(out, rank)
+    run_folder.write_settings(out, resolved)
     return run
 
 
-LOCK_FILE = ".orpo-train.lock"
-
-
-def _lock_output_dir(out: Path):
-    """An exclusive lock on the output directory for this run (the first process of a multi-process run
-    takes it for all): a second `orpo train` into the same directory is refused instead of mixing its
-    checkpoints and model with this one's. The operating system releases it when the process ends, however
-    it ends, so a crashed run leaves no stale lock. Returns the open lock file (kept for the run)."""
-    import fcntl
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
-    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise UsageError(
-            f"output_dir {out} is in use by another orpo train ({holder}); wait for it, or choose another "
-            "--output-dir"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
-    return handle
-
-
-def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Before anything is written or loaded: a file is no output directory; a directory holding a finished run
-    or checkpoints is only resumed (--resume) or started over (--overwrite_output_dir true, its checkpoints
-    removed first, so a later resume cannot pick up the old run's); --resume needs a checkpoint."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output_dir {out} is a file, not a directory; choose another --output-dir")
-    checkpoints = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
-    if resume:
-        if not checkpoints:
-            raise OrpoError(f"--resume: no checkpoint to resume from in {out}")
-        return
-    finished = any((out / name).exists() for name in ("model.safetensors", "adapter_model.safetensors"))
-    if not (finished or checkpoints):
-        return
-    if not overwrite:
-        what = (
-            "a finished run (its model)"
-            if finished
-            else f"{len(checkpoints)} checkpoint(s) of an earlier run"
-        )
-        raise UsageError(
-            f"output_dir {out} already holds {what}: pass --resume to continue it, --overwrite_output_dir true to "
-            "start over there, or choose another --output-dir"
-        )
-    for checkpoint in checkpoints:
-        shutil.rmtree(checkpoint)
-
-
-# Settings a resumed run must share with the run it continues: the model and data it trains on, how batches
-# are made (the data order replays from the checkpoint), the objective, and the optimizer and schedule (their
-# state comes from the checkpoint, so a new value would be silently ignored).
-FIXED_ON_RESUME = (
-    "model",
-    "tokenizer",
-    "chat_template",
-    "datasets",
-    "peft",
-    "seed",
-    "data_seed",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_tokens_per_batch",
-    "max_length",
-    "max_prompt_length",
-    "max_completion_length",
-    "dataset_format",
-    "dataset_columns",
-    "padding_free",
-    "prefix_sharing",
-    "nll_include_prompt",
-    "orpo_alpha",
-    "orpo_beta",
-    "learning_rate",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "weight_decay",
-    "optim",
-)
-
-
-def _check_resumed_settings(saved_file: Path, resolved: str) -> None:
-    """``--resume`` against the run's saved ``orpo_config.yaml``: a change to a setting in
-    :data:`FIXED_ON_RESUME` is refused, naming the keys; other changes (max_steps, logging, saving, ...) are
-    taken from this command, and said so."""
-    import yaml
-
-    if not saved_file.is_file():
-        return
-    from orpo.cli.run_config import field_defaults
-
-    saved, new = yaml.safe_load(saved_file.read_text()) or {}, yaml.safe_load(resolved) or {}
-    # a run saved before nll_include_prompt's default changed (issue 27) trained without the prompt's NLL
-    saved.setdefault("nll_include_prompt", defaults.NLL_INCLUDE_PROMPT_UNRECORDED)
-    default = field_defaults()  # a key one file leaves out is at its default there
-    changed = sorted(
-        k
-        for k in {*saved, *new} - {"output_dir"}
-        if saved.get(k, default.get(k)) != new.get(k, default.get(k))
-    )
-    fixed = [k for k in changed if k in FIXED_ON_RESUME]
-    if fixed:
-        differences = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in fixed)
-        raise UsageError(
-            f"--resume continues the run in {saved_file.parent} as it was set up, but these settings differ from "
-            f"its {saved_file.name}: {differences}. Resume with the same settings, or start a new run"
-        )
-    if changed:
-        print(f"note: resuming with {', '.join(changed)} from this command (the rest from {saved_file})")
-
-
 def _checkpoint_to_resume(out: Path) -> str:
-    """The newest complete checkpoint; newer incomplete or damaged ones are named and passed over."""
-    from orpo.checkpoints import newest_complete_checkpoint
+    from orpo.run_folder import checkpoint_to_resume
 
-    checkpoint, skipped = newest_complete_checkpoint(out)
-    for problem in skipped:
-        print(f"warning: --resume skips {problem}", file=sys.stderr)
-    if checkpoint is None:
-        raise OrpoError(f"--resume: no complete checkpoint in {out} ({'; '.join(skipped)})")
-    if skipped:
-        print(f"resuming from {checkpoint.name}, the newest complete checkpoint", file=sys.stderr)
-    return str(checkpoint)
+    def warn(message: str) -> None:
+        print(message if message.startswith("resuming") else f"warning: {message}", file=sys.stderr)
+
+    return str(checkpoint_to_resume(out, asked="--resume", warn=warn))
 
 
 def _trainer_for(run):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import yaml
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
+from orpo import run_folder
 from orpo.config import ORPOConfig
 from orpo.errors import UsageError
 from orpo.generation import complete
@@ -66,12 +66,11 @@ def run_options(max_steps, alpha, default_steps: int, default_alpha: float) -> t
 
 
 def save_run_settings(folder: Path, model: str, datasets: list[str], alpha: float, args: ORPOConfig) -> None:
-    """What a demo model was trained with, as ``orpo train`` saves it (``orpo_config.yaml``): ``orpo eval``
-    scores with these by default. ``alpha`` is the run's own (the demos score under the ORPO run's)."""
-    trained = {"model": model, "datasets": datasets, "orpo_alpha": alpha, "orpo_beta": args.orpo_beta}
-    trained["nll_include_prompt"] = args.nll_include_prompt
-    trained.update(max_length=args.max_length, max_prompt_length=args.max_prompt_length, seed=args.seed)
-    (folder / "orpo_config.yaml").write_text(yaml.safe_dump(trained, sort_keys=False))
+    """What a demo model was trained with, as ``orpo train`` saves it (:mod:`orpo.run_folder`), with the names of
+    its model and data: ``orpo eval`` scores with these by default. ``alpha`` is the run's own (the demos
+    score every model under the ORPO run's)."""
+    settings = {"model": model, "datasets": datasets, **run_folder.settings_of(args), "orpo_alpha": alpha}
+    run_folder.write_settings(folder, settings)
 
 
 def demo_config(output_dir: Path, *, alpha: float, max_steps: int, seed: int, **settings) -> ORPOConfig:

@@ -1,0 +1,280 @@
+"""The run folder (``output_dir``) and its one owner: what orpo keeps there, who may write there, and what a
+new or a resumed run may find there. ``ORPOTrainer.train`` (the Python API) and ``orpo train`` both go
+through here, so a notebook gets the command line's guarantees:
+
+- one run at a time: an exclusive lock (:data:`LOCK_FILE`, released by the operating system however the
+  process ends), taken by the first process of a run for all of them; a second run into the same folder is
+  refused while the first one lives;
+- a new run into a folder that holds an earlier one (its model, or checkpoints): ``orpo train`` refuses
+  unless ``--overwrite_output_dir true`` (a mistyped command costs no run); ``trainer.train()`` starts over
+  there, as re-running a notebook cell means, and removes the earlier run's checkpoints with a warning, so
+  that a later resume cannot continue the wrong run; ``.incomplete/`` leftovers are removed by whoever holds
+  the lock;
+- the settings file (:data:`SETTINGS_FILE`): what the run was set up with, written once per run (the
+  command line's resolved config, else the trainer's own settings); ``orpo eval`` scores with it;
+- a resume: the newest complete checkpoint (damaged or partial ones named and passed over), and a refusal
+  of any change to a setting in :data:`FIXED_ON_RESUME` against the settings file;
+- :data:`PROMPT_FORMAT_FILE` beside every saved model: whether its prompts went through the chat template.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from orpo import defaults
+from orpo.checkpoints import newest_complete_checkpoint, remove_incomplete_checkpoints
+from orpo.errors import OrpoError, UsageError
+
+logger = logging.getLogger("orpo")
+
+SETTINGS_FILE = "orpo_config.yaml"
+LOCK_FILE = ".orpo-train.lock"
+# Saved beside a trained model: whether its training prompts went through the chat template, so that
+# `orpo generate` prompts it the way it learned (a chat template on a model trained on plain text, or the
+# reverse, asks it something it never saw).
+PROMPT_FORMAT_FILE = "orpo_prompt_format.json"
+RESUME_ASKED = "resume_from_checkpoint=True"  # how the Python API asks for a resume (the CLI: --resume)
+MODEL_FILES = ("model.safetensors", "adapter_model.safetensors")  # a finished run's model
+
+# Settings a resumed run must share with the run it continues: the model and data it trains on, how batches
+# are made (the data order replays from the checkpoint), the objective, and the optimizer and schedule (their
+# state comes from the checkpoint, so a new value would be silently ignored).
+FIXED_ON_RESUME = (
+    "model",
+    "tokenizer",
+    "chat_template",
+    "datasets",
+    "peft",
+    "seed",
+    "data_seed",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_tokens_per_batch",
+    "max_length",
+    "max_prompt_length",
+    "max_completion_length",
+    "dataset_format",
+    "dataset_columns",
+    "padding_free",
+    "prefix_sharing",
+    "nll_include_prompt",
+    "orpo_alpha",
+    "orpo_beta",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+)
+# Recorded by the trainer besides those (the command line records its whole resolved config).
+ALSO_RECORDED = ("max_steps", "num_train_epochs")
+
+_locks: dict[Path, object] = {}  # folders this process holds the lock of -> the open lock file
+_settings_written: set[Path] = set()  # folders this process wrote this run's settings file in
+
+
+def _key(out: str | Path) -> Path:
+    return Path(out).resolve()
+
+
+def lock(out: str | Path, rank: int = 0) -> bool:
+    """Take the folder's exclusive lock for this process; True if taken now, False if this process already
+    holds it or is not the first process (``rank``) of its run. Another process holding it is a UsageError
+    naming it."""
+    import fcntl
+
+    key = _key(out)
+    if rank != 0 or key in _locks:
+        return False
+    handle = open(key / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(
+            f"output_dir {out} is in use by another orpo train ({holder}); wait for it, or choose another "
+            "output_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _locks[key] = handle
+    remove_incomplete_checkpoints(key)  # the only run here: what a killed or failed save left is garbage
+    return True
+
+
+def release(out: str | Path) -> None:
+    """Give the folder's lock back (a later run, of this process or another, may use the folder)."""
+    key = _key(out)
+    handle = _locks.pop(key, None)
+    _settings_written.discard(key)
+    if handle is not None:
+        handle.close()
+
+
+def earlier_run(out: Path) -> str | None:
+    """What of an earlier run the folder holds (its model, its checkpoints), or None."""
+    checkpoints = checkpoints_in(out)
+    if any((out / name).exists() for name in MODEL_FILES):
+        return "a finished run (its model)"
+    return f"{len(checkpoints)} checkpoint(s) of an earlier run" if checkpoints else None
+
+
+def checkpoints_in(out: Path) -> list[Path]:
+    return sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+
+
+def check_folder(
+    out: str | Path, resume: bool, overwrite: bool, refuse_earlier_run: bool, asked: str = RESUME_ASKED
+) -> None:
+    """Before anything is written or loaded: a file is no output directory; a resume needs a checkpoint; a new
+    run into a folder holding an earlier one is refused (``refuse_earlier_run`` and not ``overwrite``: the
+    command line) or starts over there, the earlier run's checkpoints removed first (with a warning where
+    nobody asked to overwrite: the Python API). Checkpoints are only removed by the first process."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output_dir {out} is a file, not a directory; choose another output_dir")
+    if resume:
+        if not checkpoints_in(out):
+            raise OrpoError(f"{asked}: no checkpoint to resume from in {out}")
+        return
+    what = earlier_run(out)
+    if what is None:
+        return
+    if refuse_earlier_run and not overwrite:
+        raise UsageError(
+            f"output_dir {out} already holds {what}: pass --resume to continue it, --overwrite_output_dir true to "
+            "start over there, or choose another --output-dir"
+        )
+    checkpoints = checkpoints_in(out)
+    if not overwrite:
+        removed = f"; its {len(checkpoints)} checkpoint(s) are removed" if checkpoints else ""
+        logger.warning(
+            f"output_dir {out} holds {what}: this run starts over there{removed} (resume_from_checkpoint=True "
+            "continues a run instead; overwrite_output_dir=True says this on purpose)"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint)
+
+
+def checkpoint_to_resume(out: str | Path, asked: str = RESUME_ASKED, warn=logger.warning) -> Path:
+    """The newest complete checkpoint in ``out``; newer incomplete or damaged ones are named (``warn``) and
+    passed over. ``asked``: how the resume was asked for, for messages."""
+    checkpoint, skipped = newest_complete_checkpoint(out)
+    for problem in skipped:
+        warn(f"{asked} skips {problem}")
+    if checkpoint is None:
+        raise OrpoError(f"{asked}: no complete checkpoint in {out} ({'; '.join(skipped)})")
+    if skipped:
+        warn(f"resuming from {checkpoint.name}, the newest complete checkpoint")
+    return checkpoint
+
+
+# ---- the settings file -------------------------------------------------------------------------------------
+
+
+def settings_of(args) -> dict:
+    """What a trainer records of its ``ORPOConfig`` (:data:`FIXED_ON_RESUME` and :data:`ALSO_RECORDED` fields), as
+    plain YAML values."""
+    names = {f.name for f in dataclasses.fields(args)}
+    recorded = {}
+    for name in (*FIXED_ON_RESUME, *ALSO_RECORDED):
+        if name in names:
+            value = getattr(args, name)
+            recorded[name] = value.value if hasattr(value, "value") else value
+    return json.loads(json.dumps(recorded, default=str))
+
+
+def write_settings(out: str | Path, settings: dict | str) -> None:
+    """The run's settings file: ``settings`` as YAML (a dict) or the YAML text itself."""
+    text = settings if isinstance(settings, str) else yaml.safe_dump(settings, sort_keys=False)
+    Path(out, SETTINGS_FILE).write_text(text)
+    _settings_written.add(_key(out))
+
+
+def settings_written(out: str | Path) -> bool:
+    """Whether this process wrote this run's settings file already (``orpo train`` writes its resolved config
+    before the trainer starts)."""
+    return _key(out) in _settings_written
+
+
+def read_settings(folder: str | Path) -> dict | None:
+    """The settings file in ``folder``, or None when there is none."""
+    path = Path(folder, SETTINGS_FILE)
+    if not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _field_defaults() -> dict:
+    """Each ORPOConfig field's dataclass default: a key one settings file leaves out is at its default there."""
+    from orpo.config import ORPOConfig
+
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(ORPOConfig)
+        if f.init and f.default is not dataclasses.MISSING
+    }
+
+
+def _effective(settings: dict, keys: set[str]) -> dict:
+    """``settings`` as the run resolves them: a key left out at its default, ``max_prompt_length`` unset at
+    what ORPOConfig makes of it (a trainer records the resolved value, a config file what was written)."""
+    default = _field_defaults()
+    values = {k: settings.get(k, default.get(k)) for k in {*keys, "max_length", "max_prompt_length"}}
+    values["max_prompt_length"] = defaults.prompt_limit(values["max_length"], values["max_prompt_length"])
+    return values
+
+
+def check_resumed_settings(folder: str | Path, new: dict | str, only_new_keys: bool = False) -> list[str]:
+    """A resume against the settings file in ``folder`` (none: nothing to check): a change to a setting in
+    :data:`FIXED_ON_RESUME` is refused, naming the keys. Returns the other settings that changed (max_steps,
+    logging, saving, ...: taken from the new run). Every key either side records is compared (one side leaving
+    it out: its default there), or with ``only_new_keys`` those ``new`` records: the trainer's settings (its
+    ORPOConfig's) know nothing of the model or data names a command line's settings file holds."""
+    saved = read_settings(folder)
+    if saved is None:
+        return []
+    new = (yaml.safe_load(new) or {}) if isinstance(new, str) else new
+    # a run saved before nll_include_prompt's default changed (issue 27) trained without the prompt's NLL
+    saved.setdefault("nll_include_prompt", defaults.NLL_INCLUDE_PROMPT_UNRECORDED)
+    keys = ({*new} if only_new_keys else {*saved, *new}) - {"output_dir"}
+    before, after = _effective(saved, keys), _effective(new, keys)
+    changed = sorted(k for k in keys if before.get(k) != after.get(k))
+    fixed = [k for k in changed if k in FIXED_ON_RESUME]
+    if fixed:
+        differences = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in fixed)
+        raise UsageError(
+            f"resuming continues the run in {folder} as it was set up, but these settings differ from its "
+            f"{SETTINGS_FILE}: {differences}. Resume with the same settings, or start a new run"
+        )
+    return changed
+
+
+# ---- the prompt format beside a saved model ----------------------------------------------------------------
+
+
+def record_prompt_format(folder: str | Path, chat_template: bool) -> None:
+    Path(folder, PROMPT_FORMAT_FILE).write_text(json.dumps({"chat_template": chat_template}) + "\n")
+
+
+def trained_with_chat_template(folder: str | Path) -> bool | None:
+    """What :func:`record_prompt_format` saved in ``folder``; None when nothing was (not an orpo run, a hub
+    name) or the record cannot be read."""
+    path = Path(folder, PROMPT_FORMAT_FILE)
+    try:
+        value = json.loads(path.read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, bool) else None

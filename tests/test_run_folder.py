@@ -1,0 +1,122 @@
+"""orpo.run_folder from Python: ``ORPOTrainer.train`` gets the command line's guarantees — the folder locked
+against a second run, a resume from the newest complete checkpoint with the settings it started with — and a
+new run into a folder that holds an earlier one starts over there (as re-running a notebook cell means)
+without leaving the earlier run's checkpoints for a later resume to pick up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+from conftest import make_model, orpo_args
+
+from orpo import ORPOTrainer, run_folder
+from orpo.errors import OrpoError, UsageError
+
+
+def _trainer(tmp_path, tokenizer, dataset, **options):
+    args = orpo_args(tmp_path, max_steps=2, per_device_train_batch_size=4, seed=0, **options)
+    return ORPOTrainer(model=make_model(), args=args, train_dataset=dataset, tokenizer=tokenizer)
+
+
+def _hold_lock(folder):
+    """Another process holding ``folder``'s lock (a run in progress there) until its stdin closes."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from orpo import run_folder
+        run_folder.lock({str(folder)!r})
+        print("locked", flush=True)
+        sys.stdin.read()
+        """
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, tokenizer, toy_dataset):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = _hold_lock(out)
+    try:
+        trainer = _trainer(tmp_path, tokenizer, toy_dataset)
+        with pytest.raises(
+            UsageError, match=f"output_dir {out} is in use by another orpo train \\(pid {holder.pid}\\)"
+        ):
+            trainer.train()
+        assert not (out / run_folder.SETTINGS_FILE).exists()  # refused before anything was written
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    trainer.train()  # the other run ended: the folder is free
+    holder = _hold_lock(out)  # and train() gave the lock back when it ended
+    holder.stdin.close()
+    holder.wait(timeout=60)
+
+
+def test_a_resume_with_another_learning_rate_is_refused(tmp_path, tokenizer, toy_dataset):
+    out = tmp_path / "out"
+    saving = dict(save_strategy="steps", save_steps=2, learning_rate=1e-3)
+    _trainer(tmp_path, tokenizer, toy_dataset, **saving).train()
+    saved = yaml.safe_load((out / run_folder.SETTINGS_FILE).read_text())
+    assert saved["learning_rate"] == 1e-3 and saved["seed"] == 0 and saved["max_steps"] == 2
+    changed = _trainer(tmp_path, tokenizer, toy_dataset, **{**saving, "learning_rate": 5e-4})
+    with pytest.raises(UsageError, match="learning_rate: 0.001 -> 0.0005"):
+        changed.train(resume_from_checkpoint=True)
+    with pytest.raises(UsageError, match="learning_rate: 0.001 -> 0.0005"):  # a path is checked the same way
+        changed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    # the same settings resume; a later max_steps is no change to the run itself
+    longer = orpo_args(tmp_path, max_steps=3, per_device_train_batch_size=4, seed=0, **saving)
+    resumed = ORPOTrainer(model=make_model(), args=longer, train_dataset=toy_dataset, tokenizer=tokenizer)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 3
+    assert yaml.safe_load((out / run_folder.SETTINGS_FILE).read_text())["max_steps"] == 3
+
+
+def test_resume_true_takes_the_newest_complete_checkpoint(tmp_path, tokenizer, toy_dataset, caplog):
+    out = tmp_path / "out"
+    saving = dict(save_strategy="steps", save_steps=1)
+    _trainer(tmp_path, tokenizer, toy_dataset, **saving).train()
+    (out / "checkpoint-2" / "optimizer.pt").unlink()  # a newest checkpoint Trainer's own choice would take
+    resumed = _trainer(tmp_path, tokenizer, toy_dataset, **saving)
+    with caplog.at_level("WARNING", logger="orpo"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "resume_from_checkpoint=True skips checkpoint-2: optimizer.pt is missing" in caplog.text
+    assert "resuming from checkpoint-1" in caplog.text
+    assert resumed.state.global_step == 2
+
+
+def test_resume_true_without_a_checkpoint_says_so(tmp_path, tokenizer, toy_dataset):
+    with pytest.raises(OrpoError, match="resume_from_checkpoint=True: no checkpoint to resume from"):
+        _trainer(tmp_path, tokenizer, toy_dataset).train(resume_from_checkpoint=True)
+
+
+def test_a_new_run_over_an_earlier_one_starts_over_without_its_checkpoints(
+    tmp_path, tokenizer, toy_dataset, caplog
+):
+    """Re-running a notebook's training cell: the run starts over, and the earlier run's checkpoints go, with
+    a warning saying so (left, a later resume_from_checkpoint=True would continue the earlier run from its
+    checkpoint-4 instead of this run's checkpoint-2)."""
+    out = tmp_path / "out"
+    earlier = orpo_args(
+        tmp_path, max_steps=4, per_device_train_batch_size=4, save_strategy="steps", save_steps=2
+    )
+    first = ORPOTrainer(model=make_model(), args=earlier, train_dataset=toy_dataset, tokenizer=tokenizer)
+    first.train()
+    first.save_model()
+    assert (out / "checkpoint-4").is_dir()
+    again = _trainer(tmp_path, tokenizer, toy_dataset, save_strategy="steps", save_steps=2)
+    with caplog.at_level("WARNING", logger="orpo"):
+        again.train()
+    assert (
+        f"output_dir {out} holds a finished run (its model): this run starts over there; its 2 checkpoint(s)"
+        in caplog.text
+    )
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert yaml.safe_load((out / run_folder.SETTINGS_FILE).read_text())["max_steps"] == 2
