@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 import yaml
-from conftest import make_model, orpo_args
 
+from conftest import make_model, orpo_args
 from orpo import ORPOTrainer, run_folder
 from orpo.errors import OrpoError, UsageError
 
