@@ -263,6 +263,19 @@ def test_a_csv_field_over_the_csv_modules_default_limit_loads(tmp_path):
     assert len(load_source(path).rows[0]["chosen"]) == 200_000
 
 
+def test_reading_a_csv_leaves_the_csv_modules_limit_as_it_was(tmp_path):
+    """The csv module's field limit is global to the process: the loader raises it for its read only."""
+    import csv
+
+    from orpo.data.sources import load_source
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\np,a,b\n")
+    before = csv.field_size_limit()
+    load_source(path)
+    assert csv.field_size_limit() == before
+
+
 def test_a_run_that_skipped_most_batches_fails(tmp_path, capsys, monkeypatch):
     """With nan_policy skip and every loss non-finite, the run used to exit 0 with train_loss 0.0 and the
     untrained weights saved as the model. (orpo_alpha NaN, the reported case, is now refused up front, so the

@@ -139,6 +139,34 @@ def test_bad_configs_are_clear_errors(config, message):
         resolve(config)
 
 
+def test_a_config_file_gets_every_problem_at_once(tmp_path):
+    """The run keys, the data and the ORPOConfig values are checked together: one error lists them all."""
+    with pytest.raises(UsageError) as raised:
+        resolve(
+            {
+                "model": "demo",
+                "datasets": [{"path": "a.jsonl", "weight": 0}],
+                "tokenizer": 5,
+                "orpo_beta": 0.0,
+                "max_length": 0,
+                "output_dir": str(tmp_path),
+            }
+        )
+    message = str(raised.value)
+    assert message.startswith("4 problems with the settings:")
+    for problem in (
+        "dataset a.jsonl: weight must be a number above 0",
+        "'tokenizer' must be a name or path, got int 5",
+        "orpo_beta must be > 0, got 0.0",
+        "max_length must be a positive number of tokens, got 0",
+    ):
+        assert problem in message
+    with pytest.raises(
+        UsageError, match="2 problems(.|\n)*needs 'datasets'(.|\n)*config key 'max_steps' must be int"
+    ):
+        resolve({"model": "demo", "max_steps": 1.5})
+
+
 def test_cli_errors_exit_non_zero_without_traceback(tmp_path, capsys):
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "config file" in capsys.readouterr().err

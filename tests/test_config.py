@@ -72,6 +72,24 @@ def test_numbers_of_the_wrong_type_are_errors_from_python_too(tmp_path):
     assert ORPOConfig(output_dir=str(tmp_path), learning_rate=1).learning_rate == 1  # an int is a float
 
 
+def test_every_problem_is_reported_at_once(tmp_path):
+    """One checker of every value: all problems in one error (one edit fixes them), a mistyped field's own rules
+    not evaluated on the wrong type."""
+    from orpo.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        ORPOConfig(
+            output_dir=str(tmp_path), orpo_alpha=-1.0, learning_rate="fast", max_length="long", nan_policy="x"
+        )
+    assert raised.value.problems == [
+        "learning_rate must be float, got str 'fast'",
+        "max_length must be int | None, got str 'long'",
+        "orpo_alpha must be >= 0, got -1.0",
+        "nan_policy must be 'error' or 'skip', got 'x'",
+    ]
+    assert str(raised.value).startswith("4 problems with the settings:\n  - learning_rate must be float")
+
+
 def test_dataset_columns_must_map_roles_to_column_names(tmp_path):
     """dataset_columns as a bare string (or with other keys) failed at load time with AttributeError; a JSON
     string, as TrainingArguments takes dict fields from the command line, is still fine."""

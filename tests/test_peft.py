@@ -225,3 +225,22 @@ def test_a_peft_model_passed_in_trains_its_adapter_with_the_chunked_head(tmp_pat
                 assert not torch.equal(param, before[name]), name
         else:
             assert torch.equal(param, before[name]), name
+
+
+def test_the_adapter_is_seeded_without_touching_the_global_generator(tmp_path):
+    """The adapter's initial weights come from args.seed, whatever state the caller's generator is in, and the
+    caller's generator is left where it was (no global set_seed inside a loader)."""
+    from peft import LoraConfig
+
+    from orpo.models import wrap_peft
+
+    args = ORPOConfig(output_dir=str(tmp_path), seed=3, report_to="none")
+    adapters = []
+    for caller_seed in (0, 1):
+        model = make_model()
+        torch.manual_seed(caller_seed)
+        before = torch.random.get_rng_state()
+        wrapped = wrap_peft(model, LoraConfig(r=4, task_type="CAUSAL_LM"), args)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        adapters.append({n: p.detach().clone() for n, p in wrapped.named_parameters() if "lora_A" in n})
+    assert adapters[0] and all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])

@@ -16,7 +16,7 @@ import torch
 from transformers import TrainingArguments
 
 from orpo import defaults
-from orpo.errors import OrpoError
+from orpo.errors import ConfigError, OrpoError
 from orpo.guards import launched_processes
 from orpo.legacy_args import flag_aliases
 from orpo.legacy_args import translate as translate_legacy_args
@@ -325,7 +325,11 @@ class ORPOConfig(TrainingArguments):
         if self.orpo_alpha is None:
             self.orpo_alpha = defaults.ALPHA if self.beta is None else self.beta
         self.beta = self.orpo_alpha  # TRL's code reads args.beta: the same value under both names
-        self.max_prompt_length = defaults.prompt_limit(self.max_length, self.max_prompt_length)
+        lengths = {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
+        if not type_problems(lengths) and (
+            self.max_length is None or self.max_length >= 1
+        ):  # else: checked below
+            self.max_prompt_length = defaults.prompt_limit(self.max_length, self.max_prompt_length)
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             # TRL's ORPOConfig default (gradient_checkpointing=True): a script ported from TRL keeps its memory
             # footprint. Measured on CPU (8-layer Llama, 8 pairs of ~700 tokens): off is 1.11-1.30x faster and
@@ -345,8 +349,8 @@ class ORPOConfig(TrainingArguments):
             self.bf16 = bf16_supported() and not self.fp16 and not self.use_cpu
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
-        self._check_types()
-        self._validate_orpo_fields()
+        if problems := config_problems(self):
+            raise ConfigError(problems)
         super().__post_init__()
         self._check_dataset_columns()  # after TrainingArguments parsed a JSON string into a dict
         self._fold_trust_remote_code()
@@ -376,71 +380,90 @@ class ORPOConfig(TrainingArguments):
             self.model_init_kwargs = init_kwargs
         self.trust_remote_code = bool(init_kwargs.get("trust_remote_code", False))
 
-    def _check_types(self) -> None:
-        """Numbers and booleans of the wrong type (``learning_rate="fast"``) are errors here, as they are in a
-        config file, instead of failing later, somewhere else, or not at all."""
-        for name, hint in field_types().items():
-            if (problem := scalar_type_problem(hint, name, getattr(self, name))) is not None:
-                raise OrpoError(problem)
 
-    def _validate_orpo_fields(self) -> None:
-        for name in ("orpo_alpha", "orpo_beta", "learning_rate"):
-            if not math.isfinite(getattr(self, name)):
-                raise OrpoError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.orpo_alpha < 0:
-            raise OrpoError(f"orpo_alpha must be >= 0, got {self.orpo_alpha}")
-        if self.orpo_beta <= 0:
-            raise OrpoError(f"orpo_beta must be > 0, got {self.orpo_beta}")
-        if self.learning_rate < 0:
-            raise OrpoError(f"learning_rate must be >= 0, got {self.learning_rate}")
-        for name in (
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-        ):
-            if getattr(self, name) < 1:
-                raise OrpoError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < -1:  # -1 (the default) means: train by epochs
-            raise OrpoError(
-                f"max_steps must be a number of steps, or -1 to train by epochs; got {self.max_steps}"
-            )
-        for name in ("max_length", "max_prompt_length", "max_completion_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise OrpoError(f"{name} must be a positive number of tokens, got {value}")
-        if (
-            self.max_length is not None
-            and self.max_prompt_length is not None
-            and self.max_prompt_length >= self.max_length
-        ):
-            raise OrpoError(
-                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
-                f"({self.max_length}), or no response token would fit"
-            )
-        for name in ("padding_free", "prefix_sharing"):
-            if getattr(self, name) not in (None, True, False):
-                raise OrpoError(f"{name} must be true, false or unset (auto), got {getattr(self, name)!r}")
-        if self.divergence_factor is not None and not (
-            math.isfinite(self.divergence_factor) and self.divergence_factor > 1
-        ):
-            raise OrpoError(
-                f"divergence_factor must be a number above 1, or null for no check; got {self.divergence_factor}"
-            )
-        if self.nan_policy not in ("error", "skip"):
-            raise OrpoError(f"nan_policy must be 'error' or 'skip', got {self.nan_policy!r}")
-        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
-            raise OrpoError(f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch}")
-        if self.val_set_size < 0:
-            raise OrpoError(
-                f"val_set_size must be >= 0 (a fraction below 1 or a number of pairs), got {self.val_set_size}"
-            )
-        if self.is_encoder_decoder:
-            raise OrpoError(
-                "is_encoder_decoder=True: orpo trains decoder-only causal language models (the paper's setting); "
-                "encoder-decoder models such as T5 are not supported"
-            )
-        if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
-            raise OrpoError(f"logprob_chunk_size must be >= 1, got {self.logprob_chunk_size}")
+def type_problems(values: dict[str, Any], named: str = "{}") -> list[str]:
+    """Numbers and booleans of the wrong type among ``values`` (ORPOConfig fields: ``learning_rate="fast"``),
+    each naming the key as ``named`` formats it (a config file says ``config key 'learning_rate'``)."""
+    hints = field_types()
+    problems = []
+    for name, value in values.items():
+        if name in hints and (problem := scalar_type_problem(hints[name], name, value)) is not None:
+            problems.append(named.format(name) + problem[len(name) :])
+    return problems
+
+
+def config_problems(c) -> list[str]:
+    """Every problem with a config's values at once: wrong types (:func:`type_problems`), then every value rule
+    broken by a field of the right type (a rule on a mistyped field is not evaluated: its type is the problem).
+    ``ORPOConfig`` raises them together (:class:`~orpo.errors.ConfigError`); ``orpo train`` reports them with
+    the config file's other problems."""
+    problems = type_problems({name: getattr(c, name) for name in field_types()})
+    mistyped = {problem.split(" ", 1)[0] for problem in problems}
+
+    def rule(names: str, holds, problem: str) -> None:
+        if mistyped.isdisjoint(names.split()) and not holds():
+            problems.append(problem)
+
+    for name in ("orpo_alpha", "orpo_beta", "learning_rate"):
+        value = getattr(c, name)
+        rule(name, lambda v=value: math.isfinite(v), f"{name} must be a finite number, got {value}")
+    rule("orpo_alpha", lambda: not c.orpo_alpha < 0, f"orpo_alpha must be >= 0, got {c.orpo_alpha}")
+    rule("orpo_beta", lambda: not c.orpo_beta <= 0, f"orpo_beta must be > 0, got {c.orpo_beta}")
+    rule(
+        "learning_rate", lambda: not c.learning_rate < 0, f"learning_rate must be >= 0, got {c.learning_rate}"
+    )
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(c, name)
+        rule(name, lambda v=value: v >= 1, f"{name} must be >= 1, got {value}")
+    rule(  # -1 (the default) means: train by epochs
+        "max_steps",
+        lambda: c.max_steps >= -1,
+        f"max_steps must be a number of steps, or -1 to train by epochs; got {c.max_steps}",
+    )
+    for name in ("max_length", "max_prompt_length", "max_completion_length", "max_tokens_per_batch"):
+        value = getattr(c, name)
+        what = "a positive number of tokens" if name != "max_tokens_per_batch" else ">= 1"
+        rule(name, lambda v=value: v is None or v >= 1, f"{name} must be {what}, got {value}")
+    if (
+        c.max_length is not None
+        and c.max_prompt_length is not None
+        and min(c.max_length, c.max_prompt_length) >= 1
+    ):
+        rule(
+            "max_length max_prompt_length",
+            lambda: c.max_prompt_length < c.max_length,
+            f"max_prompt_length ({c.max_prompt_length}) must be smaller than max_length ({c.max_length}), "
+            "or no response token would fit",
+        )
+    factor = c.divergence_factor
+    rule(
+        "divergence_factor",
+        lambda: factor is None or (math.isfinite(factor) and factor > 1),
+        f"divergence_factor must be a number above 1, or null for no check; got {factor}",
+    )
+    rule(
+        "nan_policy",
+        lambda: c.nan_policy in ("error", "skip"),
+        f"nan_policy must be 'error' or 'skip', got {c.nan_policy!r}",
+    )
+    rule(
+        "val_set_size",
+        lambda: c.val_set_size >= 0,
+        f"val_set_size must be >= 0 (a fraction below 1 or a number of pairs), got {c.val_set_size}",
+    )
+    rule(
+        "is_encoder_decoder",
+        lambda: not c.is_encoder_decoder,
+        "is_encoder_decoder=True: orpo trains decoder-only causal language models (the paper's setting); "
+        "encoder-decoder models such as T5 are not supported",
+    )
+    chunk = c.logprob_chunk_size
+    rule(
+        "logprob_chunk_size",
+        lambda: chunk is None or chunk >= 1,
+        f"logprob_chunk_size must be >= 1, got {chunk}",
+    )
+    return problems
 
 
 _parser_metadata(ORPOConfig)

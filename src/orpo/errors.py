@@ -11,3 +11,18 @@ class OrpoError(ValueError):
 class UsageError(OrpoError):
     """The command line or config file itself is wrong (unknown key or flag, wrong type, missing
     argument, config file not found): the CLI exits with status 2, like argparse."""
+
+
+class ConfigError(OrpoError):
+    """Every problem found in a set of settings at once (so one edit fixes them all), in ``problems``; the
+    message is the one problem, or all of them, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{len(self.problems)} problems with the settings:\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(message)

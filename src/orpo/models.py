@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from orpo import defaults
 from orpo.config import bf16_supported
@@ -359,5 +359,8 @@ def wrap_peft(model, peft_config, args):
             use_gradient_checkpointing=bool(args.activation_checkpointing),
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    set_seed(args.seed)
-    return get_peft_model(model, peft_config)
+    with (
+        torch.random.fork_rng()
+    ):  # the adapter's initial weights from the run's seed; the global RNG untouched
+        torch.manual_seed(args.seed)
+        return get_peft_model(model, peft_config)

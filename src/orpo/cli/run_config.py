@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import functools
 import importlib.util
 import json
 import os
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orpo.cli.axolotl import translate
-from orpo.errors import OrpoError, UsageError
+from orpo.errors import ConfigError, OrpoError, UsageError
 from orpo.legacy_args import translate as translate_legacy_args
 
 if TYPE_CHECKING:
@@ -90,6 +89,7 @@ class RunConfig:
     datasets: list = field(default_factory=list)
     eval_datasets: list = field(default_factory=list)
     peft: dict | None = None
+    lora: Any = None  # the peft block as a peft.LoraConfig, built once while checking the config
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     given: tuple[str, ...] = ()  # the ORPOConfig fields the config set (after renames)
@@ -227,14 +227,31 @@ def _expand_variables(key: str, value):
 
 
 def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Merge file keys and overrides (overrides win), map foreign names, validate, build the config."""
-    notes, values, unknown = [], {}, []
-    axolotl = translate({**raw, **(overrides or {})}, notes)
+    """A config file's keys and the command line's overrides (which win) as the run, in named steps: other
+    tools' names mapped (:func:`_foreign_names`), our aliases and method switches read (:func:`_our_names`),
+    the run keys taken out (:func:`_run_keys`), then every value checked and the config built
+    (:func:`_build`), all problems of the last two steps reported together."""
+    notes: list[str] = []
+    merged, foreign = _foreign_names({**raw, **(overrides or {})}, notes)
+    values = _our_names(merged, notes)
+    problems: list[str] = []
+    run = _run_keys(values, foreign.model_options, notes, problems)
+    given = tuple(values)
+    args = _build(values, run, problems)
+    if problems:
+        raise UsageError(str(ConfigError(problems)))
+    return RunConfig(args=args, notes=notes, raw=merged, given=given, env=foreign.env, **run)
+
+
+def _foreign_names(merged: dict[str, Any], notes: list[str]):
+    """Axolotl's structural keys (:mod:`orpo.cli.axolotl`), ``$VARIABLES`` in paths, and the names older
+    transformers and TRL releases had (:mod:`orpo.legacy_args`, the table ORPOConfig reads too)."""
+    foreign = translate(merged, notes)
     merged = {
         key: _expand_variables(key, value) if key in PATH_KEYS else value
-        for key, value in axolotl.values.items()
+        for key, value in foreign.values.items()
     }
-    try:  # names older transformers and TRL releases had (orpo.legacy_args: the table ORPOConfig reads too)
+    try:
         merged, legacy_notes = translate_legacy_args(merged)
     except OrpoError as err:
         raise UsageError(f"config key {err}") from None
@@ -243,14 +260,21 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
         raise UsageError(
             "'stage: dpo' without 'pref_loss: orpo' is DPO in LLaMA-Factory; orpo trains ORPO only"
         )
-    # Names first, from the source (fast): a mistyped key needs no torch or transformers loaded.
+    return merged, foreign
+
+
+def _our_names(merged: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Keys as ORPOConfig fields and run keys: aliases renamed, method switches that ask for ORPO dropped,
+    YAML's exponent strings read as numbers. Unknown keys are refused here, all at once, by name alone (a
+    mistyped key needs no torch or transformers loaded)."""
     named = [ALIASES[key][0] if key in ALIASES else key for key in merged if key not in METHOD_SWITCHES]
-    unknown_first = [key for key in named if key not in known_field_names() and key not in RUN_KEYS]
-    if unknown_first:
-        raise UsageError(_unknown_keys_message(unknown_first, known_field_names()))
-    from orpo.config import ORPOConfig, accepts, field_types, type_name
+    unknown = [key for key in named if key not in known_field_names() and key not in RUN_KEYS]
+    if unknown:
+        raise UsageError(_unknown_keys_message(unknown, known_field_names()))
+    from orpo.config import accepts, field_types
 
     fields = field_types()
+    values = {}
     for key, value in merged.items():
         if key in METHOD_SWITCHES:
             what, orpo_values = METHOD_SWITCHES[key]
@@ -264,82 +288,90 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
             if target in merged and merged[target] != value:
                 raise UsageError(f"config gives both '{key}' and '{target}' with different values; keep one")
             key = target
-        if key not in fields and key not in RUN_KEYS:
-            unknown.append(key)
-            continue
         if key in fields and not accepts(fields[key], value) and accepts(fields[key], _as_number(value)):
             value = _as_number(value)
-        if key in fields and not accepts(fields[key], value):
-            raise UsageError(
-                f"config key '{key}' must be {type_name(fields[key])}, got {type(value).__name__} {value!r}"
-            )
         values[key] = value
-    if unknown:
-        raise UsageError(_unknown_keys_message(unknown, fields))
+    return values
 
+
+def _run_keys(values: dict[str, Any], model_options: dict, notes: list[str], problems: list[str]) -> dict:
+    """The keys that are not ORPOConfig fields, taken out of ``values`` and checked (their problems added to
+    ``problems``): the model (and its ``from_pretrained`` options), data, tokenizer, template, special tokens
+    and the LoRA block (built once here)."""
     model = values.pop("model", None)
-    if model is None:
-        raise UsageError("the config needs 'model' (a hub name or a local directory)")
     if isinstance(model, str):
         model = {"name": model}
-    if not isinstance(model, dict) or "name" not in model:
-        raise UsageError(
+    if model is None:
+        problems.append("the config needs 'model' (a hub name or a local directory)")
+    elif not isinstance(model, dict) or "name" not in model:
+        problems.append(
             "'model' must be a name/path or a mapping with 'name' (and dtype, attn_implementation, ...)"
         )
-    for key, value in axolotl.model_options.items():
-        if key in model and model[key] != value:
-            raise UsageError(f"'{key}' is given both in 'model' and at the top level, differently; keep one")
-        model[key] = value
-    unknown_model_keys = set(model) - {"name", *MODEL_INIT_KEYS}
-    if unknown_model_keys:
-        raise UsageError(f"unknown keys under 'model': {sorted(unknown_model_keys)}")
+        model = None
+    else:
+        for key, value in model_options.items():
+            if key in model and model[key] != value:
+                problems.append(
+                    f"'{key}' is given both in 'model' and at the top level, differently; keep one"
+                )
+            model[key] = value
+        if unknown := set(model) - {"name", *MODEL_INIT_KEYS}:
+            problems.append(f"unknown keys under 'model': {sorted(unknown)}")
     datasets = values.pop("datasets", None)
     if not datasets:
-        raise UsageError("the config needs 'datasets' (a path, hub name, or a list of them)")
-    datasets = _dataset_specs(datasets, notes)
-    eval_datasets = _dataset_specs(values.pop("eval_datasets", None) or [], notes)
-    run = {key: values.pop(key, None) for key in ("tokenizer", "chat_template", "special_tokens", "peft")}
+        problems.append("the config needs 'datasets' (a path, hub name, or a list of them)")
+    run = {
+        "model": model or {},
+        "datasets": _dataset_specs(datasets, notes, problems) if datasets else [],
+        "eval_datasets": _dataset_specs(values.pop("eval_datasets", None) or [], notes, problems),
+        **{key: values.pop(key, None) for key in ("tokenizer", "chat_template", "special_tokens", "peft")},
+    }
     for key, what in (
         ("tokenizer", "a name or path"),
         ("chat_template", "a built-in name, a file or Jinja text"),
     ):
         if run[key] is not None and not isinstance(run[key], str):
-            raise UsageError(f"'{key}' must be {what}, got {type(run[key]).__name__} {run[key]!r}")
+            problems.append(f"'{key}' must be {what}, got {type(run[key]).__name__} {run[key]!r}")
     tokens = run["special_tokens"]
     if tokens is not None and not (
         isinstance(tokens, dict) and all(isinstance(v, str) for v in tokens.values())
     ):
-        raise UsageError("'special_tokens' must map token names to tokens, e.g. {pad_token: '<|pad|>'}")
+        problems.append("'special_tokens' must map token names to tokens, e.g. {pad_token: '<|pad|>'}")
+    run["lora"] = None
     if run["peft"] is not None:
-        lora_config(run["peft"])  # its keys and values checked now, before anything loads
-    given = tuple(values)
+        try:
+            run["lora"] = lora_config(run["peft"])
+        except UsageError as err:
+            problems.append(str(err))
+    return run
+
+
+def _build(values: dict[str, Any], run: dict, problems: list[str]):
+    """The ORPOConfig of the run (None when a value is wrong), its problems added to ``problems``: the types of
+    the keys as the config file names them, then every value rule (:func:`orpo.config.config_problems`)."""
+    from orpo.config import ORPOConfig, type_problems
+
+    if mistyped := type_problems(values, named="config key '{}'"):
+        problems.extend(mistyped)
+        return None
     values.setdefault("output_dir", "orpo-output")
     values.setdefault("report_to", "none")
     init_kwargs = dict(values.pop("model_init_kwargs", None) or {})
     for key in MODEL_INIT_KEYS:
-        if key in model:
-            init_kwargs[key] = model[key]
+        if key in run["model"]:
+            init_kwargs[key] = run["model"][key]
     values["model_init_kwargs"] = init_kwargs or None
     try:
-        args = ORPOConfig(**values)
+        return ORPOConfig(**values)
+    except ConfigError as err:
+        problems.extend(err.problems)
     except OrpoError as err:
-        raise UsageError(str(err)) from err
+        problems.append(str(err))
     except (ValueError, TypeError) as err:
-        raise UsageError(f"invalid training settings: {err}") from err
-    return RunConfig(
-        args=args,
-        model=model,
-        datasets=datasets,
-        eval_datasets=eval_datasets,
-        notes=notes,
-        raw=merged,
-        given=given,
-        env=axolotl.env,
-        **run,
-    )
+        problems.append(f"invalid training settings: {err}")
+    return None
 
 
-@functools.cache
 def known_field_names() -> frozenset[str]:
     """ORPOConfig's field names (TrainingArguments' included), read from the two modules' source without
     importing them: a mistyped key is then reported in a fraction of a second instead of after loading
@@ -374,8 +406,9 @@ def _unknown_keys_message(unknown: list[str], fields) -> str:
     return f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(parts)}"
 
 
-def _dataset_specs(value, notes: list[str]) -> list:
-    """Sources as :func:`orpo.data.formats.load_preference_data` takes them; Axolotl's ``type`` noted."""
+def _dataset_specs(value, notes: list[str], problems: list[str]) -> list:
+    """Sources as :func:`orpo.data.read_pairs` takes them (each weight checked here, once); Axolotl's ``type``
+    noted; what is wrong added to ``problems``."""
     items = value if isinstance(value, list) else [value]
     specs = []
     for item in items:
@@ -383,12 +416,14 @@ def _dataset_specs(value, notes: list[str]) -> list:
             specs.append(item)
             continue
         if not isinstance(item, dict) or "path" not in item:
-            raise UsageError(f"each dataset needs a 'path' (file, directory or hub name), got {item!r}")
+            problems.append(f"each dataset needs a 'path' (file, directory or hub name), got {item!r}")
+            continue
         unknown = set(item) - {"path", "weight", "type", "split", "ds_type", "data_files"}
         if unknown:
-            raise UsageError(
+            problems.append(
                 f"unknown keys {sorted(unknown)} in dataset {item['path']} (use path, weight, split)"
             )
+            continue
         for key, why in (("type", "formats are detected"), ("ds_type", "file types are detected")):
             if key in item:
                 notes.append(f"dataset {item['path']}: ignoring Axolotl '{key}: {item[key]}' ({why})")
@@ -399,7 +434,8 @@ def _dataset_specs(value, notes: list[str]) -> list:
             try:
                 spec = {"path": path, "weight": check_weight(path, _as_number(item.get("weight", 1.0)))}
             except OrpoError as err:
-                raise UsageError(str(err)) from err
+                problems.append(str(err))
+                continue
             if item.get("split"):
                 spec["split"] = item["split"]
             specs.append(spec)

@@ -99,8 +99,6 @@ def _resolve_run(args: argparse.Namespace):
         run.chat_template = relative_to(base, run.chat_template)
     for note in run.notes:
         print(f"note: {note}")
-    for variable, value in run.env.items():  # W&B's settings from an Axolotl config
-        os.environ.setdefault(variable, value)
     resolved = to_yaml(run)
     print("resolved config:\n" + "\n".join(f"  {line}" for line in resolved.splitlines()), flush=True)
     out = Path(run.args.output_dir)
@@ -144,7 +142,7 @@ def _checkpoint_to_resume(out: Path) -> str:
 def _trainer_for(run):
     """The model and tokenizer as the config says (orpo.models: the same path as the Python API), and the
     trainer."""
-    from orpo.cli.run_config import chat_template_text, lora_config
+    from orpo.cli.run_config import chat_template_text
     from orpo.models import add_special_tokens, load_model_and_tokenizer
     from orpo.trainer import ORPOTrainer
 
@@ -158,14 +156,13 @@ def _trainer_for(run):
         print(
             f"note: special_tokens added {added} new token(s); the embeddings now have {len(tokenizer)} rows"
         )
-    peft_config = lora_config(run.peft) if run.peft else None
     return ORPOTrainer(
         model=model,
         args=run.args,
         train_dataset=run.datasets,
         eval_dataset=run.eval_datasets or None,
         tokenizer=tokenizer,
-        peft_config=peft_config,
+        peft_config=run.lora,
     )
 
 
@@ -174,6 +171,8 @@ def _run_training(args: argparse.Namespace) -> int:
     from orpo.guards import StopOnSignal
 
     out = Path(run.args.output_dir)
+    for variable, value in run.env.items():  # W&B's settings from an Axolotl config, for this run's trackers
+        os.environ.setdefault(variable, value)
     trainer = _trainer_for(run)
     print(f"batch layout: {trainer.layout.description}", flush=True)
     again = _train_command(args)

@@ -61,9 +61,9 @@ def check_weight(source, value) -> float:
 def _source_weight_split(spec) -> tuple[object, float, str | None]:
     """A source, its weight and its own split (None: the caller's), from any way of writing one."""
     if isinstance(spec, dict) and "path" in spec:
-        return spec["path"], check_weight(spec["path"], spec.get("weight", 1.0)), spec.get("split")
+        return spec["path"], spec.get("weight", 1.0), spec.get("split")
     if isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], int | float):
-        return spec[0], float(spec[1]), None
+        return spec[0], spec[1], None
     return spec, 1.0, None
 
 
@@ -100,7 +100,7 @@ def read_pairs(
     parts, formats, names, skipped, splits = [], set(), [], [], Counter()
     for k, item in enumerate(specs):
         source, weight, own_split = _source_weight_split(item)
-        check_weight(source, weight)
+        weight = check_weight(source, weight)
         loaded = load_source(source, split=own_split or split, subset=subset)
         dataset, detected, problems = normalize_source(
             loaded, fmt=fmt, columns=columns, skip_invalid=skip_invalid, splits=splits

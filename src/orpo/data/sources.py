@@ -101,7 +101,8 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
 
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
     rows, origins = [], []
-    csv.field_size_limit(2**31 - 1)  # long answers are normal; the csv module's default stops at 128 KiB
+    # Long answers are normal; the csv module's default stops at 128 KiB. Its limit is global: restored after.
+    limit = csv.field_size_limit(2**31 - 1)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # Excel starts its CSV with a byte-order mark
             reader = csv.DictReader(f)
@@ -114,6 +115,8 @@ def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
                 start = reader.line_num
     except UnicodeDecodeError as err:
         raise OrpoError(f"{path}: not UTF-8 (byte offset {err.start})") from err
+    finally:
+        csv.field_size_limit(limit)
     return rows, origins
 
 
