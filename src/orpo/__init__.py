@@ -1,22 +1,30 @@
 """ORPO — Odds Ratio Preference Optimization (Hong, Lee, Thorne 2024) on the Hugging Face stack.
 
-Where things live (each module imports only from rows above it or its own room):
+Where things live, room by room; a module imports only from the rooms above it or its own room (no circles:
+tests/test_import_map.py reads this list and checks every import of the package against it):
 
-- base: ``errors`` (OrpoError / UsageError), ``defaults`` (every default, importing nothing), ``legacy_args``
-  (the argument names older transformers and TRL releases had, and what each is now), ``config`` (ORPOConfig),
-  ``guards`` (the launch guard, the non-finite loss policy, stop signals, the clean exit);
-- math: ``loss`` (the ORPO objective from per-token log-probs), ``logprobs`` (the chunked / fused LM head);
-- model: ``hub`` (one reachability probe before the first hub name), ``models`` (load, tokenizer, PEFT, dropout),
-  ``chat_format`` (TRL's setup_chat_format / clone_chat_template), ``head`` (the head run outside the model), ``layouts``
-  (batch layouts, their masks and the proof that a model keeps them exact);
-- data: ``data`` (``load_pairs``: sources -> formats -> tokenize), ``data.collator``, ``data.batching``;
-- training: ``trainer`` (ORPOTrainer: Trainer overrides only), ``checkpoints``, ``generation``, ``model_card``
-  (the README.md beside every saved model);
-- command line: ``cli`` (one module per command, ``run_config``, ``axolotl``), ``quickstart`` (the tiny demo),
-  ``exercise`` (SmolLM2 learns one-sentence answers; the rule in ``one_sentence``), ``plot``, ``demo``.
+- base: ``errors`` (OrpoError, UsageError, ConfigError), ``defaults`` (every default, importing nothing of
+  orpo's), ``legacy_args`` (the argument names older transformers and TRL releases had, and what each is now),
+  ``private_api`` (the private transformers names orpo relies on), ``guards`` (the launch guard, a step's
+  health: non-finite losses, divergence; stop signals, the clean exit), ``config`` (ORPOConfig, and the one
+  checker of its values);
+- math: ``scored`` (the typed batch of scored tokens a collator builds), ``loss`` (the ORPO objective from
+  per-token log-probs), ``logprobs`` (the chunked / fused LM head);
+- model: ``hub`` (one reachability probe before the first hub name), ``models`` (load a model and tokenizer by
+  hub name, folder, GGUF file or the names demo / smollm2; PEFT), ``chat_format`` (TRL's setup_chat_format /
+  clone_chat_template), ``layouts`` (what a batch layout is: segments, support, masks, model inputs),
+  ``layout_proof`` (proving a layout exact on the model; the first-batch checks), ``head`` (the head run
+  outside the model);
+- data: ``data`` (``load_pairs``: sources -> formats -> tokenize; the collators, token-budget batching);
+- training: ``checkpoints`` (atomic checkpoints), ``run_folder`` (the output folder's one owner: lock, the
+  earlier-run rule, settings file, resume check), ``generation``, ``model_card`` (the README.md beside every
+  saved model), ``plot``, ``trainer`` (ORPOTrainer: Trainer overrides only);
+- demos: ``demo`` (the shipped tiny model, tokenizer and data; ``orpo quickstart`` and its SmolLM2 exercise with
+  their shared helpers);
+- command line: ``cli`` (one module per command, ``run_config``, ``axolotl``), ``__main__``.
 
 ``trainer.train()`` -> ``ORPOTrainer.compute_loss`` -> ``HeadRunner`` (body, then the head at the scored
-positions) -> ``orpo_loss``.
+positions of the batch's ``ScoredTokens``) -> ``PairLoss`` (``orpo_loss``).
 """
 
 from __future__ import annotations

@@ -199,3 +199,39 @@ class Divergence:
             f"the loss diverged: {loss:.4g} at step {step}, {loss / self.start:.0f}x the first step's "
             f"({self.start:.4g})"
         )
+
+
+class StepHealth:
+    """What is checked between an optimizer step's backward passes and its update, where a bad step can still be
+    left out: a non-finite micro-batch loss (:class:`NonFiniteLosses`), a diverged loss (:class:`Divergence`),
+    a non-finite gradient norm. Trainer has no hook there; the trainer asks from its ``_get_grad_norm``
+    override, which Trainer calls right before ``optimizer.step()``. Each check returns what to stop with,
+    ``(problem, advice)`` (the caller saves the weights from before the step and says where), or None."""
+
+    def __init__(self, nan_policy: str, num_processes: int, divergence_factor: float | None):
+        self.policy = nan_policy
+        self.losses = NonFiniteLosses(nan_policy, num_processes)
+        self.divergence = Divergence(divergence_factor)
+
+    def before_update(self, accelerator, step: int) -> tuple[str, str] | None:
+        problem, step_loss = self.losses.step_problem(accelerator, step)
+        if problem is not None:
+            return (
+                problem,
+                "Check those rows and the learning rate, or pass --nan-policy skip to leave such batches out",
+            )
+        diverged = self.divergence.observe(step_loss, step)
+        if diverged is None:
+            return None
+        if self.policy == "error":
+            return diverged, "Lower the learning rate, or set divergence_factor: null"
+        logger.warning(f"{diverged}; training on (nan_policy: skip)")
+        return None
+
+    @staticmethod
+    def gradient_problem(grad_norm, step: int) -> tuple[str, str] | None:
+        """A finite loss with a non-finite gradient cannot be left out of an update already accumulated, so
+        both policies stop on it."""
+        if grad_norm is not None and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
+            return f"non-finite gradient norm ({float(grad_norm)}) at step {step}", ""
+        return None

@@ -27,6 +27,7 @@ from orpo.logprobs import (
     rounding_tolerance,
     segment_chunks,
 )
+from orpo.models import runs_in_low_precision
 from orpo.scored import ScoredTokens
 
 logger = logging.getLogger("orpo")
@@ -160,6 +161,24 @@ class HeadSettings:
     low_precision: bool  # bf16/fp16 training or a half-precision model: rounding-level tolerances
     zero3: bool  # DeepSpeed ZeRO-3: the head's weight is whole only inside its module's call
     weight_partitioned: bool  # FSDP1: the head's weight is a shard outside the forward; use the model's
+
+    @classmethod
+    def for_trainer(cls, trainer) -> HeadSettings:
+        """From an ``ORPOTrainer`` after Trainer's set-up (its args, model and engine)."""
+        accelerator = trainer.accelerator
+        zero3 = (
+            trainer.is_deepspeed_enabled and getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+        )
+        return cls(
+            chunk_size=trainer.args.logprob_chunk_size,
+            fused=trainer.args.fused_head_loss,
+            low_precision=trainer.model is not None and runs_in_low_precision(trainer.model, trainer.args),
+            zero3=zero3,
+            # FSDP2 as accelerate applies it keeps the head unsharded from the forward to the backward;
+            # FSDP1's flat parameters do not (tests: 2 processes == 1 process for FSDP2 and ZeRO-3).
+            weight_partitioned=getattr(trainer, "is_fsdp_enabled", False)
+            and not getattr(accelerator, "is_fsdp2", False),
+        )
 
 
 class HeadRunner:

@@ -181,6 +181,29 @@ def checkpoint_to_resume(out: str | Path, asked: str = RESUME_ASKED, warn=logger
     return checkpoint
 
 
+def enter(out: Path, args, resume, first: bool) -> tuple[bool, str | None]:
+    """A trainer's start in ``out`` (``ORPOTrainer.train``): lock it (the ``first`` process), check what it holds
+    and the resume, record the settings. Returns whether the lock was taken here (to release when training
+    ends) and the checkpoint to resume from (``resume``: None / False, True, or a checkpoint's path)."""
+    resuming = resume not in (None, False)
+    took_lock = out.is_dir() and lock(out, args.process_index)  # before looking: a live run is the refusal
+    if resume is True:  # the newest complete checkpoint here (a path names one itself)
+        check_folder(out, True, args.overwrite_output_dir, refuse_earlier_run=False)
+        resume = str(checkpoint_to_resume(out))
+    elif not resuming:
+        check_folder(out, False, args.overwrite_output_dir, refuse_earlier_run=False)
+    settings = settings_of(args)
+    if resuming and (changed := check_resumed_settings(Path(resume).parent, settings, only_new_keys=True)):
+        logger.info(f"resuming with {', '.join(changed)} from these arguments")
+    if first:
+        out.mkdir(parents=True, exist_ok=True)
+        took_lock = took_lock or lock(out, args.process_index)
+        if not settings_written(out):  # orpo train wrote its resolved config already
+            saved = (read_settings(out) or {}) if resuming else {}
+            write_settings(out, {**saved, **settings})
+    return took_lock, resume
+
+
 # ---- the settings file -------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ forward over chosen and rejected rows together, scores only the positions the lo
 ``get_batch_samples`` counts the tokens and pairs of the whole optimizer step so gradient accumulation and
 data parallelism never change the objective; ``log`` turns accumulated metric sums into TRL-named means.
 Every method here is a ``Trainer`` override or a short helper of one; the private ``Trainer`` methods it
-relies on are listed in :data:`PRIVATE_TRAINER_API` (a test checks the installed transformers has them).
+relies on are listed in :mod:`orpo.private_api` (a test checks the installed transformers has them).
 """
 
 from __future__ import annotations
@@ -26,18 +26,19 @@ from orpo import run_folder
 from orpo.checkpoints import AtomicCheckpoints
 from orpo.config import ORPOConfig, as_orpo_config
 from orpo.data import load_run_pairs
-from orpo.data.batching import pair_lengths, token_budget_loader
+from orpo.data.batching import token_budget_loader, with_pair_lengths
 from orpo.data.collator import check_collator, collator_for
 from orpo.data.tokenize import ROW_INDEX, TOKENIZED_COLUMNS
 from orpo.errors import OrpoError
 from orpo.generation import eval_samples, publish_generations
-from orpo.guards import Divergence, NonFiniteLosses, require_distributed_launch
+from orpo.guards import StepHealth, require_distributed_launch
 from orpo.head import HeadRunner, HeadSettings
 from orpo.layout_proof import PendingLayoutCheck, agreed_layout, choose_layout, first_batch_checks
 from orpo.layouts import PADDED, Layout
 from orpo.loss import PairLoss, means_from_sums
 from orpo.model_card import write_model_card
-from orpo.models import prepare_model, resolve_tokenizer, runs_in_low_precision
+from orpo.models import prepare_model, resolve_tokenizer
+from orpo.private_api import PRIVATE_TRAINER_API  # noqa: F401 - read here by tests and readers
 from orpo.run_folder import record_prompt_format
 from orpo.scored import ScoredTokens
 
@@ -52,20 +53,6 @@ PER_LAID_OUT_TOKEN = {
 
 MODEL_TAGS = ["trl", "orpo"]  # TRL's tags for ORPO-trained models (orpo is a TRL drop-in)
 
-# Private Trainer methods this package overrides (o) or calls (c), with the parameters it uses: an upgrade of
-# transformers that renames or reshapes one fails tests/test_trainer_api.py instead of silently changing
-# behaviour. _get_output_dir and _save_checkpoint are overridden in orpo.checkpoints.
-PRIVATE_TRAINER_API = {
-    "_get_train_sampler": ("o", ("train_dataset",)),
-    "_track_num_input_tokens": ("o", ("inputs",)),
-    "_set_signature_columns_if_needed": ("o", ()),
-    "_save": ("o", ("output_dir", "state_dict")),
-    "_get_grad_norm": ("o", ("model", "grad_norm")),
-    "_get_output_dir": ("o", ("trial",)),
-    "_save_checkpoint": ("o+c", ("model", "trial")),
-    "_remove_unused_columns": ("c", ("dataset", "description")),
-    "_prepare_inputs": ("c", ("inputs",)),
-}
 
 
 class ORPOTrainer(AtomicCheckpoints, Trainer):
@@ -117,8 +104,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             train_dataset, eval_dataset, tokenizer, args
         )
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._non_finite = NonFiniteLosses(args.nan_policy, args.world_size)
-        self._divergence = Divergence(args.divergence_factor)
+        self._health = StepHealth(args.nan_policy, args.world_size, args.divergence_factor)
         self._eval_prefix = "eval"
         try:
             super().__init__(
@@ -152,39 +138,17 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         # Again here: any TrainingArguments built since __init__ reset accelerate's shared state.
         require_distributed_launch(self.args.world_size)
         out = Path(self.args.output_dir)
-        took_lock, resume_from_checkpoint = self._enter_run_folder(out, resume_from_checkpoint)
+        took_lock, resume_from_checkpoint = run_folder.enter(
+            out, self.args, resume_from_checkpoint, first=self.is_world_process_zero()
+        )
         try:
             result = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if took_lock:
                 run_folder.release(out)
-        if (problem := self._non_finite.too_many_skipped()) is not None:
+        if (problem := self._health.losses.too_many_skipped()) is not None:
             raise OrpoError(problem)
         return result
-
-    def _enter_run_folder(self, out: Path, resume) -> tuple[bool, str | None]:
-        """Lock ``out`` (first process), check what it holds and the resume, record the settings; returns
-        whether the lock was taken here and the checkpoint to resume from."""
-        rank, first = self.args.process_index, self.is_world_process_zero()
-        resuming = resume not in (None, False)
-        took_lock = out.is_dir() and run_folder.lock(out, rank)  # before looking: a live run is the refusal
-        if resume is True:  # the newest complete checkpoint here (a path names one itself)
-            run_folder.check_folder(out, True, self.args.overwrite_output_dir, refuse_earlier_run=False)
-            resume = str(run_folder.checkpoint_to_resume(out))
-        elif not resuming:
-            run_folder.check_folder(out, False, self.args.overwrite_output_dir, refuse_earlier_run=False)
-        settings = run_folder.settings_of(self.args)
-        if resuming:
-            changed = run_folder.check_resumed_settings(Path(resume).parent, settings, only_new_keys=True)
-            if changed:
-                logger.info(f"resuming with {', '.join(changed)} from these arguments")
-        if first:
-            out.mkdir(parents=True, exist_ok=True)
-            took_lock = took_lock or run_folder.lock(out, rank)
-            if not run_folder.settings_written(out):  # orpo train wrote its resolved config already
-                saved = (run_folder.read_settings(out) or {}) if resuming else {}
-                run_folder.write_settings(out, {**saved, **settings})
-        return took_lock, resume
 
     # ---- construction helpers -----------------------------------------------------------------
 
@@ -195,7 +159,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             check_collator(data_collator, row)
         if hasattr(self.model, "add_model_tags"):  # on the hub's model card
             self.model.add_model_tags(MODEL_TAGS)
-        self.head = HeadRunner(self.accelerator, self._head_settings())
+        self.head = HeadRunner(self.accelerator, HeadSettings.for_trainer(self))
         if self.model is not None:  # hooked before anything can compile the model (torch_compile)
             self.head.register(self.accelerator.unwrap_model(self.model))
         self.layout: Layout | None = None  # the batch layout, when the trainer chooses the collator
@@ -204,21 +168,6 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             self._choose_layout()
             self.data_collator = collator_for(self.layout, self._pad_id, self.args.nll_include_prompt)
             logger.info(f"batch layout: {self.layout.description}")
-
-    def _head_settings(self) -> HeadSettings:
-        zero3 = (
-            self.is_deepspeed_enabled
-            and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
-        )
-        return HeadSettings(
-            chunk_size=self.args.logprob_chunk_size,
-            fused=self.args.fused_head_loss,
-            low_precision=self.model is not None and runs_in_low_precision(self.model, self.args),
-            zero3=zero3,
-            # FSDP2 as accelerate applies it keeps the head unsharded from the forward to the backward;
-            # FSDP1's flat parameters do not (tests: 2 processes == 1 process for FSDP2 and ZeRO-3).
-            weight_partitioned=self._fsdp and not getattr(self.accelerator, "is_fsdp2", False),
-        )
 
     @property
     def _fsdp(self) -> bool:
@@ -259,13 +208,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         per-row lengths, which Trainer would look for under ``input_ids``: give it the pair's tokens
         (prompt + chosen + rejected) as the length column."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        column = self.args.length_column_name
-        if (
-            getattr(self.args, "train_sampling_strategy", "random") in ("group_by_length", "batch_rebalance")
-            and isinstance(dataset, Dataset)
-            and column not in dataset.column_names
-        ):
-            dataset = dataset.add_column(column, [sum(pair) for pair in pair_lengths(dataset)])
+        if getattr(self.args, "train_sampling_strategy", "random") in ("group_by_length", "batch_rebalance"):
+            dataset = with_pair_lengths(dataset, self.args.length_column_name)
         return super()._get_train_sampler(dataset)
 
     def get_train_dataloader(self):
@@ -375,7 +319,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             loss, stats = pair_loss(logps, scored)
         skipped = False
         if model.training:
-            loss, skipped = self._non_finite.check(loss, inputs.get(ROW_INDEX), self.state.global_step + 1)
+            loss, skipped = self._health.losses.check(loss, inputs.get(ROW_INDEX), self.state.global_step + 1)
         if "step_pairs" in inputs and self.accelerator.num_processes > 1:
             # Normalised by global counts, but DDP averages gradients over processes: undo that.
             loss = loss * self.accelerator.num_processes
@@ -390,31 +334,23 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
+        """Trainer computes the gradient norm right before the optimizer step: there the step's health is checked
+        (:class:`orpo.guards.StepHealth`), and a bad step stops with the weights from before it saved."""
         step = self.state.global_step + 1
-        problem, step_loss = self._non_finite.step_problem(self.accelerator, step)
-        if problem is not None:
-            advice = ". Check those rows and the learning rate, or pass --nan-policy skip to leave such batches out"
-            self._stop_before_step(model, problem, advice)
-        if (diverged := self._divergence.observe(step_loss, step)) is not None:
-            if self.args.nan_policy == "error":
-                self._stop_before_step(
-                    model, diverged, ". Lower the learning rate, or set divergence_factor: null"
-                )
-            logger.warning(f"{diverged}; training on (nan_policy: skip)")
+        if (stop := self._health.before_update(self.accelerator, step)) is not None:
+            self._stop_before_step(model, *stop)
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if grad_norm is not None and not bool(torch.isfinite(torch.as_tensor(grad_norm))):
-            # A finite loss with a non-finite gradient cannot be left out of an update already
-            # accumulated, so both policies stop here, before the optimizer applies it.
-            self._stop_before_step(model, f"non-finite gradient norm ({float(grad_norm)}) at step {step}")
+        if (stop := self._health.gradient_problem(grad_norm, step)) is not None:
+            self._stop_before_step(model, *stop)
         return grad_norm
 
-    def _stop_before_step(self, model, problem: str, advice: str = "") -> None:
-        """Checkpoint the last good state (the weights before this step: the optimizer has not run)
-        and stop with ``problem``, where it was saved, and ``advice``."""
+    def _stop_before_step(self, model, problem: str, advice: str) -> None:
+        """Checkpoint the last good state (the weights before this step: the optimizer has not run) and stop
+        with ``problem``, where it was saved, and ``advice``."""
         self._save_checkpoint(model, trial=None)
         raise OrpoError(
             f"{problem}; the weights before this step are saved in "
-            f"{self.args.output_dir}/checkpoint-{self.state.global_step}{advice}"
+            f"{self.args.output_dir}/checkpoint-{self.state.global_step}" + (f". {advice}" if advice else "")
         )
 
     # ---- metrics and evaluation ---------------------------------------------------------------------
@@ -491,6 +427,6 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             for name, mean in means_from_sums(sums_here, per=PER_LAID_OUT_TOKEN).items():
                 logs[prefix + name] = mean
             sums.clear()
-        if mode == "train" and self._non_finite.skipped:
-            logs["nan_skipped_batches"] = self._non_finite.skipped  # since the start of training
+        if mode == "train" and self._health.losses.skipped:
+            logs["nan_skipped_batches"] = self._health.losses.skipped  # since the start of training
         super().log(logs, start_time)

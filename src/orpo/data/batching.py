@@ -32,6 +32,15 @@ def pair_lengths(dataset: Dataset) -> list[PairLengths]:
     return list(zip(*columns, strict=True))
 
 
+def with_pair_lengths(dataset, column: str):
+    """``dataset`` with each pair's tokens (prompt + chosen + rejected) in ``column``, where Trainer's
+    length-grouped samplers look for a row's length (they would measure ``input_ids``, which pairs have not);
+    anything else, or a dataset that has the column, as it is."""
+    if not isinstance(dataset, Dataset) or column in dataset.column_names:
+        return dataset
+    return dataset.add_column(column, [sum(pair) for pair in pair_lengths(dataset)])
+
+
 class _EpochSeed:
     """The epoch the order is drawn for. Kept as ``.sampler`` because that is where accelerate's
     data loader looks for ``set_epoch`` behind its per-process wrapper."""
