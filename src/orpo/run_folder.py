@@ -222,7 +222,10 @@ def settings_of(args) -> dict:
 def write_settings(out: str | Path, settings: dict | str) -> None:
     """The run's settings file: ``settings`` as YAML (a dict) or the YAML text itself."""
     text = settings if isinstance(settings, str) else yaml.safe_dump(settings, sort_keys=False)
-    Path(out, SETTINGS_FILE).write_text(text)
+    path = Path(out, SETTINGS_FILE)
+    partial = path.with_name(f".{SETTINGS_FILE}.{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, path)  # whole or not there: the other processes of a run read it meanwhile
     _settings_written.add(_key(out))
 
 
