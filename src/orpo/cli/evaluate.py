@@ -107,10 +107,10 @@ def _settings(args: argparse.Namespace) -> tuple[dict, str]:
     orpo train and the quickstart save beside the model), else the default; and where alpha came from."""
     from pathlib import Path
 
-    import yaml
+    from orpo.run_folder import SETTINGS_FILE, read_settings
 
-    saved_file = Path(args.model) / "orpo_config.yaml"
-    saved = yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else {}
+    saved_file = Path(args.model) / SETTINGS_FILE
+    saved = read_settings(args.model) or {}
     settings = {
         "orpo_alpha": defaults.ALPHA,
         "orpo_beta": defaults.BETA,

@@ -223,7 +223,9 @@ def _finish(trainer, run, result) -> None:
                 if k.startswith("eval_") and not any(h in k for h in hidden)
             }
         )
-    print(f"model saved to {out}/ (safetensors + tokenizer); resolved config in {out}/orpo_config.yaml")
+    from orpo.run_folder import SETTINGS_FILE
+
+    print(f"model saved to {out}/ (safetensors + tokenizer); resolved config in {out}/{SETTINGS_FILE}")
     print("final metrics: " + ", ".join(f"{k}={v}" for k, v in final.items()))
 
 
