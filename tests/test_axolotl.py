@@ -253,3 +253,28 @@ def test_val_set_size_holds_out_seeded_training_pairs_for_evaluation(tmp_path, t
 def test_axolotl_val_set_size_with_evals_per_epoch(tmp_path):
     run = resolve({"base_model": "m", "datasets": "d.jsonl", "val_set_size": 0.05, "evals_per_epoch": 1})
     assert run.args.val_set_size == 0.05 and run.args.eval_strategy.value == "epoch"
+
+
+def test_wandb_variables_are_set_when_the_run_starts_not_while_reading_the_config(
+    tmp_path, monkeypatch, capsys
+):
+    """An Axolotl config's W&B settings become environment variables for the run's trackers; a config refused
+    before the run starts (here: its output_dir is a file) leaves the process environment as it was."""
+    import os
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    (tmp_path / "taken").write_text("a file")
+    config = tmp_path / "axolotl.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": "demo",
+                "datasets": [{"path": "demo:test"}],
+                "wandb_project": "prefs",
+                "output_dir": str(tmp_path / "taken"),
+            }
+        )
+    )
+    assert main(["train", str(config)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert "WANDB_PROJECT" not in os.environ
