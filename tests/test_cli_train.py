@@ -127,6 +127,7 @@ def test_model_aliases_and_axolotl_dataset_type(tmp_path):
         ({**BASE, "orpo_alpah": 0.1}, "did you mean 'orpo_alpha'"),
         ({**BASE, "learning_rate": "fast"}, "config key 'learning_rate' must be float, got str 'fast'"),
         ({**BASE, "max_steps": 1.5}, "config key 'max_steps' must be int"),
+        ({**BASE, "report_to": 5}, "config key 'report_to' must be None | str | list.str., got int 5"),
         ({"datasets": "d.jsonl"}, "the config needs 'model'"),
         ({"model": "demo"}, "the config needs 'datasets'"),
         ({**BASE, "beta": 0.1, "orpo_alpha": 0.2}, "both 'beta' and 'orpo_alpha'"),

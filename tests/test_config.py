@@ -88,6 +88,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "nan_policy must be 'error' or 'skip', got 'x'",
     ]
     assert str(raised.value).startswith("4 problems with the settings:\n  - learning_rate must be float")
+    with pytest.raises(ConfigError, match="max_length must be int | None, got str '512'"):  # not a TypeError
+        ORPOConfig(output_dir=str(tmp_path), max_length="512", max_prompt_length=128)
 
 
 def test_dataset_columns_must_map_roles_to_column_names(tmp_path):

@@ -120,3 +120,50 @@ def test_a_new_run_over_an_earlier_one_starts_over_without_its_checkpoints(
     )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert yaml.safe_load((out / run_folder.SETTINGS_FILE).read_text())["max_steps"] == 2
+
+
+def test_a_refused_resume_leaves_the_folder_unlocked(tmp_path, tokenizer, toy_dataset):
+    """A notebook whose resume was refused (a changed setting) must not keep the folder from other runs."""
+    out = tmp_path / "out"
+    saving = dict(save_strategy="steps", save_steps=2, learning_rate=1e-3)
+    _trainer(tmp_path, tokenizer, toy_dataset, **saving).train()
+    changed = _trainer(tmp_path, tokenizer, toy_dataset, **{**saving, "learning_rate": 5e-4})
+    with pytest.raises(UsageError):
+        changed.train(resume_from_checkpoint=True)
+    holder = _hold_lock(out)  # another process takes the folder: nothing here holds it
+    holder.stdin.close()
+    holder.wait(timeout=60)
+
+
+def test_orpo_train_gives_the_folder_back_when_it_returns(tmp_path):
+    """main() called from Python (a notebook, a test) releases its lock when the command ends."""
+    from conftest import demo_train_argv
+    from orpo.cli import main
+
+    out = tmp_path / "cli"
+    assert main(demo_train_argv(out, max_steps=1, per_device_train_batch_size=2, report_to="none")) == 0
+    holder = _hold_lock(out)
+    holder.stdin.close()
+    holder.wait(timeout=60)
+
+
+def test_resuming_a_checkpoint_of_another_folder_records_that_runs_settings(tmp_path, tokenizer, toy_dataset):
+    """A run continued into a new output_dir: its settings file starts from the resumed run's, not from whatever
+    the new folder held."""
+    saving = dict(save_strategy="steps", save_steps=2, learning_rate=1e-3)
+    _trainer(tmp_path, tokenizer, toy_dataset, **saving).train()
+    (tmp_path / "out" / run_folder.SETTINGS_FILE).write_text(
+        (tmp_path / "out" / run_folder.SETTINGS_FILE).read_text() + "recorded_by: the first run\n"
+    )
+    elsewhere = orpo_args(
+        tmp_path,
+        output_dir=str(tmp_path / "next"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        seed=0,
+        **saving,
+    )
+    resumed = ORPOTrainer(model=make_model(), args=elsewhere, train_dataset=toy_dataset, tokenizer=tokenizer)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    settings = yaml.safe_load((tmp_path / "next" / run_folder.SETTINGS_FILE).read_text())
+    assert settings["recorded_by"] == "the first run" and settings["max_steps"] == 3

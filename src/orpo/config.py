@@ -381,13 +381,21 @@ class ORPOConfig(TrainingArguments):
         self.trust_remote_code = bool(init_kwargs.get("trust_remote_code", False))
 
 
-def type_problems(values: dict[str, Any], named: str = "{}") -> list[str]:
-    """Numbers and booleans of the wrong type among ``values`` (ORPOConfig fields: ``learning_rate="fast"``),
-    each naming the key as ``named`` formats it (a config file says ``config key 'learning_rate'``)."""
+def type_problems(values: dict[str, Any], named: str = "{}", every_field: bool = False) -> list[str]:
+    """Values of the wrong type among ``values`` (ORPOConfig fields: ``learning_rate="fast"``), each naming the
+    key as ``named`` formats it (a config file says ``config key 'learning_rate'``): fields of numbers and
+    booleans, or with ``every_field`` every field (a config file's strings, lists and mappings too; from
+    Python, Trainer takes objects of its own in some of those)."""
     hints = field_types()
     problems = []
     for name, value in values.items():
-        if name in hints and (problem := scalar_type_problem(hints[name], name, value)) is not None:
+        if name not in hints:
+            continue
+        if every_field and not accepts(hints[name], value):
+            problems.append(
+                f"{named.format(name)} must be {type_name(hints[name])}, got {type(value).__name__} {value!r}"
+            )
+        elif not every_field and (problem := scalar_type_problem(hints[name], name, value)) is not None:
             problems.append(named.format(name) + problem[len(name) :])
     return problems
 
@@ -424,11 +432,9 @@ def config_problems(c) -> list[str]:
         value = getattr(c, name)
         what = "a positive number of tokens" if name != "max_tokens_per_batch" else ">= 1"
         rule(name, lambda v=value: v is None or v >= 1, f"{name} must be {what}, got {value}")
-    if (
-        c.max_length is not None
-        and c.max_prompt_length is not None
-        and min(c.max_length, c.max_prompt_length) >= 1
-    ):
+    if all(
+        isinstance(n, int) and n >= 1 for n in (c.max_length, c.max_prompt_length)
+    ):  # both set, each valid
         rule(
             "max_length max_prompt_length",
             lambda: c.max_prompt_length < c.max_length,

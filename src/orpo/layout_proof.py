@@ -121,9 +121,7 @@ def layout_error(model, config, layout: Layout, feature: dict) -> float:
         feature[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
     )
     parameter = next(model.parameters())
-    batch = {
-        k: v.to(parameter.device) for k, v in _probe_batch(layout, feature).items() if torch.is_tensor(v)
-    }
+    batch = {k: v.to(parameter.device) for k, v in _probe_batch(layout, feature).items()}
     compared = _compared_positions(
         layout, len(prompt), len(chosen), len(rejected), batch["input_ids"].shape[1]
     )
@@ -276,7 +274,7 @@ def choose_layout(
     if engine:
         layout = agree(layout)
     unverified = layout != PADDED and (engine or row is None)
-    return LayoutChoice(layout, PendingLayoutCheck(layout, row, low_precision) if unverified else None)
+    return LayoutChoice(layout, PendingLayoutCheck(layout, low_precision) if unverified else None)
 
 
 def agreed_layout(layout: Layout, accelerator) -> Layout:
@@ -301,16 +299,19 @@ def verify_layout(model, config, layout: Layout, row: dict, low_precision: bool)
 
 @dataclass
 class PendingLayoutCheck:
-    """A layout chosen before an engine prepared the model, or without a data row: what the first batch checks."""
+    """A layout chosen before an engine prepared the model, or without a data row: what the first batch checks
+    (on the first data row there is then)."""
 
     layout: Layout
-    row: dict | None
     low_precision: bool
 
 
-def first_batch_checks(model, head, inputs: dict, pending: PendingLayoutCheck | None) -> None:
-    """The one first-batch step, on the prepared model: a ``pending`` layout check on the whole model, then the
-    separated LM head against the model's own logits (:meth:`orpo.head.HeadRunner.resolve`)."""
-    if pending is not None and pending.row is not None:
-        verify_layout(model, head.model_config(model), pending.layout, pending.row, pending.low_precision)
+def first_batch_checks(
+    model, head, inputs: dict, pending: PendingLayoutCheck | None, row: dict | None
+) -> None:
+    """The one first-batch step, on the prepared model: a ``pending`` layout check on the whole model with the
+    first data ``row``, then the separated LM head against the model's own logits
+    (:meth:`orpo.head.HeadRunner.resolve`)."""
+    if pending is not None and row is not None:
+        verify_layout(model, head.model_config(model), pending.layout, row, pending.low_precision)
     head.resolve(model, inputs)

@@ -359,8 +359,7 @@ def wrap_peft(model, peft_config, args):
             use_gradient_checkpointing=bool(args.activation_checkpointing),
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    with (
-        torch.random.fork_rng()
-    ):  # the adapter's initial weights from the run's seed; the global RNG untouched
+    # The adapter's initial weights come from the run's seed; the caller's generators are left as they were.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(args.seed)
         return get_peft_model(model, peft_config)

@@ -93,7 +93,12 @@ def lock(out: str | Path, rank: int = 0) -> bool:
     key = _key(out)
     if rank != 0 or key in _locks:
         return False
-    handle = open(key / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        handle = open(key / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
+    except OSError as err:
+        raise OrpoError(
+            f"output_dir {out} is not writable ({err.strerror}); choose another output_dir"
+        ) from err
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -102,7 +107,7 @@ def lock(out: str | Path, rank: int = 0) -> bool:
         handle.close()
         raise UsageError(
             f"output_dir {out} is in use by another orpo train ({holder}); wait for it, or choose another "
-            "output_dir"
+            "output_dir (--output-dir)"
         ) from None
     handle.seek(0)
     handle.truncate()
@@ -135,15 +140,22 @@ def checkpoints_in(out: Path) -> list[Path]:
 
 
 def check_folder(
-    out: str | Path, resume: bool, overwrite: bool, refuse_earlier_run: bool, asked: str = RESUME_ASKED
+    out: str | Path,
+    resume: bool,
+    overwrite: bool,
+    refuse_earlier_run: bool,
+    first: bool = True,
+    asked: str = RESUME_ASKED,
 ) -> None:
     """Before anything is written or loaded: a file is no output directory; a resume needs a checkpoint; a new
     run into a folder holding an earlier one is refused (``refuse_earlier_run`` and not ``overwrite``: the
     command line) or starts over there, the earlier run's checkpoints removed first (with a warning where
-    nobody asked to overwrite: the Python API). Checkpoints are only removed by the first process."""
+    nobody asked to overwrite: the Python API) by the ``first`` process of the run."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"output_dir {out} is a file, not a directory; choose another output_dir")
+        raise UsageError(
+            f"output_dir {out} is a file, not a directory; choose another output_dir (--output-dir)"
+        )
     if resume:
         if not checkpoints_in(out):
             raise OrpoError(f"{asked}: no checkpoint to resume from in {out}")
@@ -156,6 +168,8 @@ def check_folder(
             f"output_dir {out} already holds {what}: pass --resume to continue it, --overwrite_output_dir true to "
             "start over there, or choose another --output-dir"
         )
+    if not first:
+        return
     checkpoints = checkpoints_in(out)
     if not overwrite:
         removed = f"; its {len(checkpoints)} checkpoint(s) are removed" if checkpoints else ""
@@ -163,9 +177,8 @@ def check_folder(
             f"output_dir {out} holds {what}: this run starts over there{removed} (resume_from_checkpoint=True "
             "continues a run instead; overwrite_output_dir=True says this on purpose)"
         )
-    if int(os.environ.get("RANK", "0")) == 0:
-        for checkpoint in checkpoints:
-            shutil.rmtree(checkpoint)
+    for checkpoint in checkpoints:
+        shutil.rmtree(checkpoint)
 
 
 def checkpoint_to_resume(out: str | Path, asked: str = RESUME_ASKED, warn=logger.warning) -> Path:
@@ -184,24 +197,37 @@ def checkpoint_to_resume(out: str | Path, asked: str = RESUME_ASKED, warn=logger
 def enter(out: Path, args, resume, first: bool) -> tuple[bool, str | None]:
     """A trainer's start in ``out`` (``ORPOTrainer.train``): lock it (the ``first`` process), check what it holds
     and the resume, record the settings. Returns whether the lock was taken here (to release when training
-    ends) and the checkpoint to resume from (``resume``: None / False, True, or a checkpoint's path)."""
-    resuming = resume not in (None, False)
+    ends) and the checkpoint to resume from (``resume``: None / False, True, or a checkpoint's path). Nothing
+    stays locked when a check refuses."""
     took_lock = out.is_dir() and lock(out, args.process_index)  # before looking: a live run is the refusal
+    try:
+        resume = _enter(out, args, resume, first)
+        if first:
+            took_lock = lock(out, args.process_index) or took_lock  # a folder made just now
+    except BaseException:
+        if took_lock:
+            release(out)
+        raise
+    return took_lock, resume
+
+
+def _enter(out: Path, args, resume, first: bool) -> str | None:
+    overwrite, resuming = args.overwrite_output_dir, resume not in (None, False)
     if resume is True:  # the newest complete checkpoint here (a path names one itself)
-        check_folder(out, True, args.overwrite_output_dir, refuse_earlier_run=False)
+        check_folder(out, True, overwrite, refuse_earlier_run=False, first=first)
         resume = str(checkpoint_to_resume(out))
-    elif not resuming:
-        check_folder(out, False, args.overwrite_output_dir, refuse_earlier_run=False)
+    run_dir = Path(resume).parent if resuming else out  # the run continued: its settings file
+    if not resuming or run_dir.resolve() != out.resolve():  # a new run here (resumed from elsewhere or not)
+        check_folder(out, False, overwrite, refuse_earlier_run=False, first=first)
     settings = settings_of(args)
-    if resuming and (changed := check_resumed_settings(Path(resume).parent, settings, only_new_keys=True)):
+    if resuming and (changed := check_resumed_settings(run_dir, settings, only_new_keys=True)):
         logger.info(f"resuming with {', '.join(changed)} from these arguments")
     if first:
         out.mkdir(parents=True, exist_ok=True)
-        took_lock = took_lock or lock(out, args.process_index)
         if not settings_written(out):  # orpo train wrote its resolved config already
-            saved = (read_settings(out) or {}) if resuming else {}
+            saved = (read_settings(run_dir) or {}) if resuming else {}
             write_settings(out, {**saved, **settings})
-    return took_lock, resume
+    return resume
 
 
 # ---- the settings file -------------------------------------------------------------------------------------
@@ -263,7 +289,9 @@ def _effective(settings: dict, keys: set[str]) -> dict:
     return values
 
 
-def check_resumed_settings(folder: str | Path, new: dict | str, only_new_keys: bool = False) -> list[str]:
+def check_resumed_settings(
+    folder: str | Path, new: dict | str, only_new_keys: bool = False, asked: str = "resuming"
+) -> list[str]:
     """A resume against the settings file in ``folder`` (none: nothing to check): a change to a setting in
     :data:`FIXED_ON_RESUME` is refused, naming the keys. Returns the other settings that changed (max_steps,
     logging, saving, ...: taken from the new run). Every key either side records is compared (one side leaving
@@ -282,7 +310,7 @@ def check_resumed_settings(folder: str | Path, new: dict | str, only_new_keys: b
     if fixed:
         differences = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in fixed)
         raise UsageError(
-            f"resuming continues the run in {folder} as it was set up, but these settings differ from its "
+            f"{asked} continues the run in {folder} as it was set up, but these settings differ from its "
             f"{SETTINGS_FILE}: {differences}. Resume with the same settings, or start a new run"
         )
     return changed

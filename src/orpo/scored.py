@@ -53,9 +53,18 @@ class ScoredTokens:
         """The scored tokens of a collated batch; ``pair_sizes`` counted (a host sync) if the batch lacks them."""
         fields = {name: batch[key] for name, key in FIELDS.items()}
         sizes = batch.get("pair_sizes")
-        if not sizes:
-            sizes = torch.bincount(fields["pair"], minlength=int(batch["num_pairs"])).tolist()
+        if not sizes:  # another collator: counted, in one host sync
+            num_pairs = batch["num_pairs"].reshape(1).to(fields["pair"].device)
+            counted = torch.cat([num_pairs, torch.bincount(fields["pair"])]).tolist()
+            sizes = (counted[1:] + [0] * counted[0])[: counted[0]]
         return cls(**fields, pair_sizes=tuple(sizes))
+
+    @staticmethod
+    def step_counts(batch: dict) -> torch.Tensor:
+        """``[chosen tokens (the NLL's), pairs]`` of a collated batch, as a tensor where the batch is (no host
+        sync): what the trainer sums over an optimizer step's micro-batches to normalise the loss."""
+        chosen = batch[FIELDS["chosen"]]
+        return torch.stack([chosen.sum(), batch["num_pairs"].reshape(()).to(chosen.device)])
 
     def batch_fields(self) -> dict:
         """The fields a collator puts in its batch."""

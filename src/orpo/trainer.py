@@ -54,7 +54,6 @@ PER_LAID_OUT_TOKEN = {
 MODEL_TAGS = ["trl", "orpo"]  # TRL's tags for ORPO-trained models (orpo is a TRL drop-in)
 
 
-
 class ORPOTrainer(AtomicCheckpoints, Trainer):
     """Odds Ratio Preference Optimization on ``transformers.Trainer``.
 
@@ -244,7 +243,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         """Once, on the prepared model (:func:`orpo.layout_proof.first_batch_checks`): a layout chosen before an
         engine prepared it, and the LM head."""
         if not self.head.resolved:
-            first_batch_checks(model, self.head, inputs, self._pending_layout_check)
+            pending = self._pending_layout_check
+            first_batch_checks(model, self.head, inputs, pending, self._probe_row() if pending else None)
             self._pending_layout_check = None
 
     def scored_logprobs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,13 +285,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples:
             return batch_samples, None
-        scored = [ScoredTokens.from_batch(b) for b in batch_samples]
-        nll_tokens = (
-            torch.stack([s.chosen.sum() for s in scored]).sum().to(device=device, dtype=torch.float32)
-        )
-        counts = torch.stack(
-            [nll_tokens, torch.tensor(float(sum(s.num_pairs for s in scored)), device=device)]
-        )
+        per_batch = [ScoredTokens.step_counts(b) for b in batch_samples]
+        counts = torch.stack(per_batch).sum(0).to(device=device, dtype=torch.float32)
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.gather(counts).reshape(-1, 2).sum(0)
         batch_samples = [

@@ -348,12 +348,13 @@ def _run_keys(values: dict[str, Any], model_options: dict, notes: list[str], pro
 
 def _build(values: dict[str, Any], run: dict, problems: list[str]):
     """The ORPOConfig of the run (None when a value is wrong), its problems added to ``problems``: the types of
-    the keys as the config file names them, then every value rule (:func:`orpo.config.config_problems`)."""
+    the keys as the config file names them, then every value rule (:func:`orpo.config.config_problems`) on the
+    keys of the right type, so one error lists them all."""
     from orpo.config import ORPOConfig, type_problems
 
-    if mistyped := type_problems(values, named="config key '{}'"):
-        problems.extend(mistyped)
-        return None
+    problems.extend(type_problems(values, named="config key '{}'", every_field=True))
+    mistyped = {key for key in values if type_problems({key: values[key]}, every_field=True)}
+    values = {key: value for key, value in values.items() if key not in mistyped}  # the rest still checked
     values.setdefault("output_dir", "orpo-output")
     values.setdefault("report_to", "none")
     init_kwargs = dict(values.pop("model_init_kwargs", None) or {})
@@ -362,13 +363,15 @@ def _build(values: dict[str, Any], run: dict, problems: list[str]):
             init_kwargs[key] = run["model"][key]
     values["model_init_kwargs"] = init_kwargs or None
     try:
-        return ORPOConfig(**values)
+        args = ORPOConfig(**values)
     except ConfigError as err:
         problems.extend(err.problems)
     except OrpoError as err:
         problems.append(str(err))
     except (ValueError, TypeError) as err:
         problems.append(f"invalid training settings: {err}")
+    else:
+        return None if mistyped else args
     return None
 
 

@@ -41,7 +41,15 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    code = _run_training(args)  # its frame, which held the trainer and the model, is gone now
+    try:
+        code = _run_training(args)  # its frame, which held the trainer and the model, is gone now
+    finally:
+        if (
+            out := getattr(args, "locked_dir", None)
+        ) is not None:  # main() may be called again in this process
+            from orpo.run_folder import release
+
+            release(out)
     from orpo.guards import finish_processes  # here: a config error is reported before torch is loaded
 
     finish_processes()
@@ -107,12 +115,18 @@ def _resolve_run(args: argparse.Namespace):
     rank = int(os.environ.get("RANK", "0"))
     # An existing directory is locked first: a run in progress there is the reason to refuse, whatever it holds.
     lock_first = out.is_dir() and os.access(out, os.W_OK)
+    args.locked_dir = out  # released when the command ends (run)
     if lock_first:
         run_folder.lock(out, rank)
     run_folder.check_folder(
-        out, args.resume, run.args.overwrite_output_dir, refuse_earlier_run=True, asked="--resume"
+        out,
+        args.resume,
+        run.args.overwrite_output_dir,
+        refuse_earlier_run=True,
+        first=rank == 0,
+        asked="--resume",
     )
-    if args.resume and (changed := run_folder.check_resumed_settings(out, resolved)):
+    if args.resume and (changed := run_folder.check_resumed_settings(out, resolved, asked="--resume")):
         print(
             f"note: resuming with {', '.join(changed)} from this command (the rest from {out / run_folder.SETTINGS_FILE})"
         )
