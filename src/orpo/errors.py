@@ -13,16 +13,17 @@ class UsageError(OrpoError):
     argument, config file not found): the CLI exits with status 2, like argparse."""
 
 
+def describe_problems(problems: list[str]) -> str:
+    """The one problem, or all of them, one per line."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems with the settings:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
 class ConfigError(OrpoError):
     """Every problem found in a set of settings at once (so one edit fixes them all), in ``problems``; the
-    message is the one problem, or all of them, one per line."""
+    message is :func:`describe_problems`'s."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        if len(self.problems) == 1:
-            message = self.problems[0]
-        else:
-            message = f"{len(self.problems)} problems with the settings:\n" + "\n".join(
-                f"  - {p}" for p in self.problems
-            )
-        super().__init__(message)
+        super().__init__(describe_problems(self.problems))

@@ -182,7 +182,7 @@ class HeadSettings:
 
 
 class HeadRunner:
-    """Log-probs of a batch's scored tokens (``score_positions`` / ``score_targets``, from the collators).
+    """Log-probs of a batch's scored tokens (the positions and targets of its :class:`~orpo.scored.ScoredTokens`).
 
     The model body runs with its LM head fed zero positions (:class:`HeadInputCapture`); the head is then
     applied to the final hidden states at the scored positions only, a chunk at a time. Before the first

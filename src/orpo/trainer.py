@@ -1,9 +1,10 @@
 """``ORPOTrainer``: a thin ``transformers.Trainer`` that wires model -> hidden states -> log-probs -> loss.
 
 Read top to bottom: ``__init__`` resolves the model, tokenizer and datasets (:mod:`orpo.models`,
-:func:`orpo.data.load_pairs`) and picks the batch layout (:mod:`orpo.layouts`); ``compute_loss`` runs one
-forward over chosen and rejected rows together, scores only the positions the loss needs
-(:class:`orpo.head.HeadRunner`), and hands the flat log-probs to :func:`orpo.loss.orpo_loss`;
+:func:`orpo.data.load_pairs`) and picks the batch layout (:func:`orpo.layout_proof.choose_layout`);
+``compute_loss`` reads the batch's :class:`~orpo.scored.ScoredTokens`, runs one forward over chosen and
+rejected rows together, scores only those tokens (:class:`orpo.head.HeadRunner`), and hands their log-probs
+to :class:`orpo.loss.PairLoss`;
 ``get_batch_samples`` counts the tokens and pairs of the whole optimizer step so gradient accumulation and
 data parallelism never change the objective; ``log`` turns accumulated metric sums into TRL-named means.
 Every method here is a ``Trainer`` override or a short helper of one; the private ``Trainer`` methods it

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import json
 import os
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orpo.cli.axolotl import translate
-from orpo.errors import ConfigError, OrpoError, UsageError
+from orpo.errors import ConfigError, OrpoError, UsageError, describe_problems
 from orpo.legacy_args import translate as translate_legacy_args
 
 if TYPE_CHECKING:
@@ -239,7 +240,7 @@ def resolve(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Run
     given = tuple(values)
     args = _build(values, run, problems)
     if problems:
-        raise UsageError(str(ConfigError(problems)))
+        raise UsageError(describe_problems(problems))
     return RunConfig(args=args, notes=notes, raw=merged, given=given, env=foreign.env, **run)
 
 
@@ -352,8 +353,11 @@ def _build(values: dict[str, Any], run: dict, problems: list[str]):
     keys of the right type, so one error lists them all."""
     from orpo.config import ORPOConfig, type_problems
 
-    problems.extend(type_problems(values, named="config key '{}'", every_field=True))
-    mistyped = {key for key in values if type_problems({key: values[key]}, every_field=True)}
+    mistyped = set()
+    for key in list(values):
+        if wrong := type_problems({key: values[key]}, named="config key '{}'", every_field=True):
+            problems.extend(wrong)
+            mistyped.add(key)
     values = {key: value for key, value in values.items() if key not in mistyped}  # the rest still checked
     values.setdefault("output_dir", "orpo-output")
     values.setdefault("report_to", "none")
@@ -375,6 +379,7 @@ def _build(values: dict[str, Any], run: dict, problems: list[str]):
     return None
 
 
+@functools.cache
 def known_field_names() -> frozenset[str]:
     """ORPOConfig's field names (TrainingArguments' included), read from the two modules' source without
     importing them: a mistyped key is then reported in a fraction of a second instead of after loading
@@ -486,17 +491,6 @@ def chat_template_text(value: str | None) -> str | None:
             f"chat_template '{value}' is neither a built-in ({', '.join(BUILTIN_CHAT_TEMPLATES)}), a file, nor Jinja"
         )
     return value
-
-
-def field_defaults() -> dict[str, Any]:
-    """Each ORPOConfig field's dataclass default (before ``__post_init__``)."""
-    from orpo.config import ORPOConfig
-
-    out = {}
-    for f in dataclasses.fields(ORPOConfig):
-        if f.init and f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-    return out
 
 
 # Shown in every resolved config, set or not: what a reader looks for first.

@@ -16,15 +16,6 @@ from orpo.errors import OrpoError
 from orpo.layouts import NO_SEGMENT, Layout, first_fit_decreasing, shared_prefix_unit
 from orpo.scored import FIELDS, ScoredTokens
 
-__all__ = [
-    "PackedPairCollator",
-    "PaddedPairCollator",
-    "SharedPrefixCollator",
-    "check_collator",
-    "collator_for",
-    "first_fit_decreasing",
-]
-
 
 def _pair_rows(features: list[dict]) -> list[tuple[list[int], list[int], int, bool]]:
     """``(prompt ids, response ids, pair, chosen)`` for the 2B sequences: chosen ones first."""
@@ -145,9 +136,10 @@ class PackedPairCollator:
 class SharedPrefixCollator:
     """Prompt prefix sharing: each pair laid out once as ``[prompt][chosen][rejected]``, so each prompt
     is processed once. ``position_ids`` of the rejected tokens continue from the prompt, as if chosen
-    were not there, and ``segment_ids`` (:func:`orpo.layouts.segment_code` of unit and part, NO_SEGMENT padding)
-    let the head runner build the attention mask: causal within a unit, except that rejected tokens do not see chosen ones. The
-    first chosen and the first rejected token are both predicted by the last prompt token.
+    were not there, and ``segment_ids`` (:func:`orpo.layouts.segment_code` of unit and part, NO_SEGMENT
+    padding) let the head runner build the attention mask: causal within a unit, except that rejected tokens
+    do not see chosen ones. The first chosen and the first rejected token are both predicted by the last
+    prompt token.
 
     One pair per row, or with ``pack`` the pairs packed first-fit decreasing into rows no longer than
     the longest pair (units never see each other: the mask is per unit)."""
