@@ -56,10 +56,12 @@ def _deterministic():
 
 def orpo_args(tmp_path, **kwargs):
     """An ORPOConfig for a test run: output under ``tmp_path``, no reporting, saving or progress bar, a log
-    every step; ``kwargs`` override."""
+    every step, fp32 (the exactness checks compare with the model's own fp32 forward; on a CPU with native
+    bf16 the default would be bf16 autocast: tests/test_precision.py covers that); ``kwargs`` override."""
     from orpo import ORPOConfig
 
     base = dict(
+        bf16=False,
         output_dir=str(tmp_path / "out"),
         report_to="none",
         save_strategy="no",

@@ -10,6 +10,7 @@ import yaml
 from conftest import demo_train_argv
 from orpo.cli import main
 from orpo.cli.run_config import read_config_file, resolve
+from orpo.config import cpu_bf16_native
 from orpo.errors import OrpoError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,8 @@ def test_saving_the_resolved_config_builds_no_second_orpo_config(monkeypatch):
     assert built == []
     # what the config set, and the always-shown fields; nothing the config left at its default
     assert saved["use_cpu"] is True and saved["max_steps"] == 3 and saved["orpo_alpha"] == 0.1
-    assert "warmup_steps" not in saved and "bf16" not in saved
+    assert "warmup_steps" not in saved
+    assert saved["bf16"] is (cpu_bf16_native() is not None)  # the resolved choice, always recorded
 
 
 @pytest.mark.parametrize(

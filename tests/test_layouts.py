@@ -29,7 +29,14 @@ def tiny(family, attn, seed=0):
 
 def trainer_for(tmp_path, model, tokenizer, dataset, **kwargs):
     args = ORPOConfig(
-        output_dir=str(tmp_path / "out"), report_to="none", save_strategy="no", disable_tqdm=True, **kwargs
+        **{
+            "output_dir": str(tmp_path / "out"),
+            "report_to": "none",
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "bf16": False,  # exactness at fp32 (bf16 is the default on a CPU with native bf16)
+            **kwargs,
+        }
     )
     return ORPOTrainer(model=model, args=args, train_dataset=dataset, tokenizer=tokenizer)
 

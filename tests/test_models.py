@@ -40,7 +40,7 @@ def test_dropout_is_disabled_and_low_precision_is_seen(tmp_path):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.3
-    args = ORPOConfig(output_dir=str(tmp_path))
+    args = ORPOConfig(output_dir=str(tmp_path), bf16=False)
     prepared = prepare_model(model, args)
     assert all(m.p == 0.0 for m in prepared.modules() if isinstance(m, torch.nn.Dropout))
     assert not runs_in_low_precision(prepared, args)

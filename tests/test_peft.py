@@ -21,6 +21,7 @@ def _args(tmp_path, **kwargs):
         save_strategy="no",
         disable_tqdm=True,
         logging_steps=1,
+        bf16=False,  # merge exactness at fp32 (bf16 is the default on a CPU with native bf16)
     )
     return ORPOConfig(**{**base, **kwargs})
 

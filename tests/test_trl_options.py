@@ -39,7 +39,9 @@ FIELD_DEFAULT_DIFFERENCES = {
     "gradient_checkpointing": "unset in the field, resolved to on (as TRL's) without transformers' deprecation warning",
 }
 RESOLVED_DIFFERENCES = {
-    "bf16": "on only where the hardware supports it (TRL's is on, which fails on a CPU)",
+    "bf16": "on where the device computes bf16 natively, a CPU with AVX512-BF16 or AMX included (TRL's is on, "
+    "which fails on a CPU)",
+    "use_cpu": "on when bf16 trains on a machine without an accelerator (transformers' CPU autocast needs it)",
     "dataloader_pin_memory": "off without CUDA: nothing to pin to",
 }
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -61,7 +63,8 @@ def test_defaults_are_trls_except_the_listed_differences(tmp_path):
     trl_config = trl_orpo.ORPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False)
     config = ORPOConfig(output_dir=str(tmp_path), report_to="none")
     resolved = {name for name in theirs if getattr(trl_config, name) != getattr(config, name)}
-    assert resolved <= {"bf16", *RESOLVED_DIFFERENCES} and "dataloader_pin_memory" in resolved
+    assert resolved <= set(RESOLVED_DIFFERENCES) and "dataloader_pin_memory" in resolved
+    assert ("use_cpu" in resolved) is (config.bf16 and not config.fp16)  # bf16 on a CPU-only machine
     assert config.learning_rate == 1e-6 and config.logging_steps == 10 and config.remove_unused_columns
     assert config.activation_checkpointing and config.gradient_checkpointing
 

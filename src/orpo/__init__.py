@@ -16,7 +16,7 @@ tests/test_import_map.py reads this list and checks every import of the package 
   ``layout_proof`` (proving a layout exact on the model; the first-batch checks), ``head`` (the head run
   outside the model);
 - data: ``data`` (``load_pairs``: sources -> formats -> tokenize; the collators, token-budget batching);
-- training: ``checkpoints`` (atomic checkpoints), ``run_folder`` (the output folder's one owner: lock, the
+- training: ``cpu_heap`` (malloc's heap kept warm while a run trains on the CPU), ``checkpoints`` (atomic checkpoints), ``run_folder`` (the output folder's one owner: lock, the
   earlier-run rule, settings file, resume check), ``generation``, ``model_card`` (the README.md beside every
   saved model), ``plot``, ``trainer`` (ORPOTrainer: Trainer overrides only);
 - demos: ``demo`` (the shipped tiny model, tokenizer and data; ``orpo quickstart`` and its SmolLM2 exercise with

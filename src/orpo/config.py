@@ -32,10 +32,71 @@ def accelerator_present() -> bool:
 
 
 def bf16_supported() -> bool:
-    """True on hardware where bf16 training is fast and supported (CUDA with bf16, or XPU)."""
+    """True on an accelerator where bf16 training is fast and supported (CUDA with bf16, or XPU)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return bool(getattr(torch, "xpu", None) and torch.xpu.is_available())
+
+
+def cpu_bf16_native() -> str | None:
+    """The CPU's native bf16 instructions (``"AMX"`` or ``"avx512_bf16"``), or None where bf16 would be
+    emulated. Measured on a 2-core AVX-512 EPYC with avx512_bf16 (benchmarks/RESULTS.md): bf16 GEMMs at
+    SmolLM2's shapes run 2-5x faster than fp32 and a SmolLM2 training step 1.8-2.1x faster; without those
+    instructions oneDNN converts in software and bf16 buys nothing."""
+    cpu = getattr(torch, "cpu", None)
+    for name, check in (("AMX", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        if getattr(cpu, check, lambda: False)():
+            return name
+    return None
+
+
+def default_bf16(fp16: bool, use_cpu: bool) -> bool:
+    """bf16's default: on where the device that trains computes bf16 natively (an accelerator, or the CPU
+    with :func:`cpu_bf16_native` when there is no accelerator or ``use_cpu``), never beside fp16."""
+    if fp16:
+        return False
+    if use_cpu or not accelerator_present():
+        return cpu_bf16_native() is not None
+    return bf16_supported()
+
+
+# Narrower models train in fp32 by default on the CPU: their matmuls are too small for bf16 to pay for autocast's
+# casts. Measured (benchmarks/RESULTS.md): the quickstart's demo model (hidden 64, one thread) trained 1.6x
+# slower in bf16; SmolLM2-135M (hidden 576) 1.8-2.1x faster.
+CPU_BF16_MIN_HIDDEN = 256
+
+
+def settle_default_bf16(args, model) -> None:
+    """The CPU's bf16 default, settled once the model is known: off for models narrower than
+    :data:`CPU_BF16_MIN_HIDDEN` (an explicit ``bf16=True`` is kept)."""
+    if not (args.bf16 and getattr(args, "bf16_by_default", False)):
+        return
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    if not isinstance(hidden, int) or hidden >= CPU_BF16_MIN_HIDDEN:
+        return
+    args.bf16, args.mixed_precision, args.bf16_by_default = False, "no", False
+    args.fp32_because = (
+        f"the CPU's bf16 default is off for this model: hidden size {hidden} < {CPU_BF16_MIN_HIDDEN}, matmuls too "
+        "small for bf16 to pay; bf16: true turns it on"
+    )
+    logger.info(f"precision: fp32 ({args.fp32_because})")
+
+
+def precision_description(args) -> str:
+    """One line on what a run computes in, for the log."""
+    on_cpu = args.use_cpu or not accelerator_present()
+    if args.bf16 and on_cpu:
+        return (
+            f"bf16 autocast on the CPU ({cpu_bf16_native()}); fp32 weights, "
+            "optimizer states and loss math; bf16: false trains in fp32"
+        )
+    if args.bf16 or args.fp16:
+        return f"{'bf16' if args.bf16 else 'fp16'} autocast; fp32 weights, optimizer states and loss math"
+    if getattr(args, "fp32_because", None):
+        return f"fp32 ({args.fp32_because})"
+    return "fp32" + ("" if not on_cpu or cpu_bf16_native() is None else " (bf16: true would be faster here)")
 
 
 @functools.cache
@@ -142,8 +203,9 @@ class ORPOConfig(TrainingArguments):
 
     Everything ``transformers.TrainingArguments`` takes, plus the fields below. ``orpo_alpha`` and
     ``orpo_beta`` are the canonical names; TRL's ``beta`` (which is ORPO's λ, i.e. our alpha) is
-    accepted as an alias of ``orpo_alpha``. ``bf16`` defaults to on only where the hardware
-    supports it, so the defaults run on a CPU-only machine.
+    accepted as an alias of ``orpo_alpha``. ``bf16`` defaults to on where the device that trains
+    computes bf16 natively (a CPU with AVX512-BF16 or AMX included), so the defaults run fast and
+    everywhere; ``bf16=True`` on a machine without an accelerator trains on the CPU.
     """
 
     orpo_alpha: float | None = field(
@@ -301,7 +363,10 @@ class ORPOConfig(TrainingArguments):
     )
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 mixed precision; default: on where the hardware supports it (not on CPU)."},
+        metadata={
+            "help": "bf16 mixed precision (fp32 weights and optimizer states); default: on where the device computes "
+            "bf16 natively: a bf16 GPU, or a CPU with AVX512-BF16 or AMX."
+        },
     )
     # TRL's ORPOConfig defaults where they differ from Trainer's.
     learning_rate: float = field(
@@ -340,13 +405,22 @@ class ORPOConfig(TrainingArguments):
             # Under torchrun / accelerate launch on a machine without accelerators, accelerate chooses its
             # multi-CPU (gloo) mode only when asked for the CPU; otherwise every process would train alone.
             self.use_cpu = True
-        if self.bf16 is True and not self.use_cpu and not accelerator_present():
-            # TRL 0.8's documented commands pass --bf16; on a machine without an accelerator that can only mean
-            # the CPU's bf16 autocast, which transformers runs only when told use_cpu
-            logger.warning("bf16=True without an accelerator: training on the CPU in bf16 (use_cpu)")
-            self.use_cpu = True
+        # Whether bf16 was chosen here for a CPU (settle_default_bf16 may turn it off once the model is known)
+        self.bf16_by_default = self.bf16 is None and (self.use_cpu or not accelerator_present())
         if self.bf16 is None:
-            self.bf16 = bf16_supported() and not self.fp16 and not self.use_cpu
+            self.bf16 = default_bf16(self.fp16, self.use_cpu)
+        elif self.bf16 and (self.use_cpu or not accelerator_present()) and cpu_bf16_native() is None:
+            # TRL's default and TRL 0.8's documented commands (--bf16): on a CPU without bf16 instructions
+            # every bf16 matmul would be converted in software, slower than fp32 and less exact
+            logger.warning(
+                "bf16=True: this CPU has no native bf16 (no AVX512-BF16 or AMX), so bf16 would be emulated; "
+                "training in fp32 instead"
+            )
+            self.bf16 = False
+        if self.bf16 and not self.use_cpu and not accelerator_present():
+            # transformers runs the CPU's bf16 autocast only when told use_cpu (else "You need to assign
+            # use_cpu"); without an accelerator the CPU is where the run trains anyway
+            self.use_cpu = True
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
         if problems := config_problems(self):

@@ -334,8 +334,9 @@ class HeadRunner:
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
 
     def _run(self, plan: HeadPlan, hidden: torch.Tensor, compute):
-        """``compute(hidden, weight, bias)`` with the head's operands in the dtype the model's own head
-        would compute in (and the head's logit scale applied).
+        """``compute(hidden, weight, bias, compute_dtype)`` with the matmuls in the dtype the model's own head
+        would compute in (``compute_dtype``: the autocast dtype under mixed precision, else None: the
+        weight's) and the head's logit scale applied.
 
         Under ZeRO-3 a parameter is whole only during the forward and backward of the module that owns
         it, so ``compute`` then runs as a call of the head module: DeepSpeed's own hooks gather the
@@ -345,16 +346,15 @@ class HeadRunner:
 
         def forward(hidden):
             weight, bias = plan.head.weight, plan.head.bias
+            compute_dtype = None
             with accelerator.autocast():  # mixed precision autocasts the model's forward, not our code
                 if torch.is_autocast_enabled(hidden.device.type):
-                    # The model's own head would run in the autocast dtype; so does ours (and its backward).
-                    dtype = torch.get_autocast_dtype(hidden.device.type)
-                    weight = weight.to(dtype)
-                    bias = bias.to(dtype) if bias is not None else None
-            hidden = hidden.to(weight.dtype)
+                    # The model's own head would run in the autocast dtype; so do our matmuls (and their
+                    # backward), with the weight cast once per call and its gradient kept in fp32.
+                    compute_dtype = torch.get_autocast_dtype(hidden.device.type)
             if plan.scale != 1.0:
                 hidden = hidden * plan.scale
-            return compute(hidden, weight, bias)
+            return compute(hidden, weight, bias, compute_dtype)
 
         if not self.settings.zero3:
             return forward(hidden)
@@ -363,10 +363,12 @@ class HeadRunner:
 
 
 def partial_head(head_function: Callable, *, targets, plan: HeadPlan, **options) -> Callable:
-    """``compute(hidden, weight, bias)`` for :meth:`HeadRunner._run`: ``head_function`` of
+    """``compute(hidden, weight, bias, compute_dtype)`` for :meth:`HeadRunner._run`: ``head_function`` of
     :mod:`orpo.logprobs` with the targets, the plan's soft-cap and its own options bound."""
 
-    def compute(hidden, weight, bias):
-        return head_function(hidden, weight, targets, bias, softcap=plan.softcap, **options)
+    def compute(hidden, weight, bias, compute_dtype):
+        return head_function(
+            hidden, weight, targets, bias, softcap=plan.softcap, compute_dtype=compute_dtype, **options
+        )
 
     return compute

@@ -92,6 +92,13 @@ def _mean_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return mean + bias.to(dtype).mean() if bias is not None else mean
 
 
+def _in_compute_dtype(weight, hidden, compute_dtype):
+    """The head's weight and hidden states in the matmuls' dtype (cast once, outside the chunk loop)."""
+    if compute_dtype is None or compute_dtype == weight.dtype:
+        return weight, hidden.to(weight.dtype)
+    return weight.detach().to(compute_dtype), hidden.to(compute_dtype)
+
+
 def _backprop_chunk(grad_logits, g, targets, capped, h, weight, start, grads) -> None:
     """Finish ``grad_logits`` (given as ``-g · softmax``: add ``g`` at the targets, the soft-cap
     factor) and push it into the hidden-state rows ``start:`` and the head's gradient accumulators
@@ -113,13 +120,15 @@ def _backprop_chunk(grad_logits, g, targets, capped, h, weight, start, grads) ->
 
 class _ChunkedTargetLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, compute_dtype):
         n = hidden.shape[0]
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         logps = torch.empty(n, dtype=dtype, device=hidden.device)
         # Kept for the backward, so that it needs one exp pass over each chunk's logits, not three.
         lse = torch.empty(n, dtype=dtype, device=hidden.device)
         mean_logits = _mean_logits(hidden, weight, bias) if softcap is None else torch.empty_like(lse)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        weight, hidden = _in_compute_dtype(weight, hidden, compute_dtype)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             logits, _ = _chunk_logits(hidden[start:end], weight, bias, softcap)
@@ -157,10 +166,12 @@ class _ChunkedTargetLogProbs(torch.autograd.Function):
             _backprop_chunk(grad_logits, g, targets[start:end], capped, h, weight, start, grads)
             del logits, grad_logits, capped  # one chunk alive at a time
         if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = grad_weight.to(ctx.dtypes[1])
         if need_bias:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        if need_hidden:
+            grad_hidden = grad_hidden.to(ctx.dtypes[0])
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def chunked_target_logprobs(
@@ -171,6 +182,7 @@ def chunked_target_logprobs(
     *,
     chunk_size: int,
     softcap: float | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log softmax(hidden @ weight.T + bias)[i, targets[i]]`` without materialising ``[N, V]``.
 
@@ -181,6 +193,9 @@ def chunked_target_logprobs(
         bias: optional ``[V]`` LM-head bias.
         chunk_size: tokens per chunk; peak extra memory is about ``3 × chunk_size × V × 4`` bytes.
         softcap: Gemma-2-style final logit soft-capping ``cap · tanh(z / cap)``, or None.
+        compute_dtype: the matmuls' dtype (mixed precision: bf16 for fp32 weights), if not the weight's. The
+            weight is cast once per call, not per chunk, and its gradient accumulates in fp32 and is returned
+            in the weight's own dtype (no round trip through bf16, as autocast's cast of the weight would do).
 
     Returns:
         ``(logps [N], mean_logits [N])`` in fp32 (fp64 for fp64 inputs); the mean logit over the vocabulary (for the
@@ -188,7 +203,9 @@ def chunked_target_logprobs(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedTargetLogProbs.apply(hidden, weight, bias, targets.long(), chunk_size, softcap)
+    return _ChunkedTargetLogProbs.apply(
+        hidden, weight, bias, targets.long(), chunk_size, softcap, compute_dtype
+    )
 
 
 def full_target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,9 +223,10 @@ segments) from their log-probs; the total loss must be the sum of these."""
 
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunks, loss_fn, softcap):
+    def forward(ctx, hidden, weight, bias, targets, chunks, loss_fn, softcap, compute_dtype):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         dtype = torch.promote_types(hidden.dtype, torch.float32)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         logps = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=dtype) if need_weight else None
@@ -216,6 +234,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=dtype, device=hidden.device)
         grads = (grad_hidden, grad_weight, grad_bias)
         mean_logits = _mean_logits(hidden, weight, bias) if softcap is None else torch.empty_like(logps)
+        weight, hidden = _in_compute_dtype(weight, hidden, compute_dtype)
         for start, end in chunks:
             h = hidden[start:end]
             logits, capped = _chunk_logits(h, weight, bias, softcap)
@@ -235,21 +254,20 @@ class _FusedLinearLoss(torch.autograd.Function):
             _backprop_chunk(grad_logits, g, targets[start:end], capped, h, weight, start, grads)
             del logits, exps, grad_logits, capped  # one chunk alive at a time
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(logps, mean_logits)
         return total, logps, mean_logits
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps, _grad_mean_logits):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        weight_dtype, bias_dtype = ctx.dtypes
+        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_hidden = (grad_hidden * grad_loss.to(grad_hidden.dtype)).to(hidden_dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(weight_dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_loss).to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def fused_linear_loss(
@@ -261,6 +279,7 @@ def fused_linear_loss(
     chunks: Sequence[tuple[int, int]],
     loss_fn: ChunkLoss,
     softcap: float | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A loss that is a sum over chunks of scored tokens, with the LM head fused in.
 
@@ -272,4 +291,6 @@ def fused_linear_loss(
     Returns:
         ``(loss, logps [N], mean_logits [N])``; only ``loss`` carries a gradient.
     """
-    return _FusedLinearLoss.apply(hidden, weight, bias, targets.long(), list(chunks), loss_fn, softcap)
+    return _FusedLinearLoss.apply(
+        hidden, weight, bias, targets.long(), list(chunks), loss_fn, softcap, compute_dtype
+    )

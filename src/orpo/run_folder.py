@@ -74,7 +74,7 @@ FIXED_ON_RESUME = (
     "optim",
 )
 # Recorded by the trainer besides those (the command line records its whole resolved config).
-ALSO_RECORDED = ("max_steps", "num_train_epochs")
+ALSO_RECORDED = ("max_steps", "num_train_epochs", "bf16", "fp16")
 
 _locks: dict[Path, object] = {}  # folders this process holds the lock of -> the open lock file
 _settings_written: set[Path] = set()  # folders this process wrote this run's settings file in

@@ -25,7 +25,8 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from orpo import run_folder
 from orpo.checkpoints import AtomicCheckpoints
-from orpo.config import ORPOConfig, as_orpo_config
+from orpo.config import ORPOConfig, as_orpo_config, precision_description, settle_default_bf16
+from orpo.cpu_heap import heap_kept
 from orpo.data import load_run_pairs
 from orpo.data.batching import token_budget_loader, with_pair_lengths
 from orpo.data.collator import check_collator, collator_for
@@ -99,6 +100,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             raise OrpoError("ORPOTrainer needs a model (a model object or a name/path)")
         tokenizer = resolve_tokenizer(tokenizer, processing_class, model, args)
         model = prepare_model(model, args, peft_config)
+        settle_default_bf16(args, model)  # before Trainer builds the accelerator from args.mixed_precision
         self._pad_id = tokenizer.pad_token_id if args.padding_value is None else args.padding_value
         train_dataset, eval_dataset, self.tokenize_reports = load_run_pairs(
             train_dataset, eval_dataset, tokenizer, args
@@ -142,7 +144,8 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             out, self.args, resume_from_checkpoint, first=self.is_world_process_zero()
         )
         try:
-            result = super().train(resume_from_checkpoint, *args, **kwargs)
+            with heap_kept(active=self.args.device.type == "cpu"):
+                result = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if took_lock:
                 run_folder.release(out)
@@ -168,6 +171,7 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
             self._choose_layout()
             self.data_collator = collator_for(self.layout, self._pad_id, self.args.nll_include_prompt)
             logger.info(f"batch layout: {self.layout.description}")
+        logger.info(f"precision: {precision_description(self.args)}")
 
     @property
     def _fsdp(self) -> bool:

@@ -494,7 +494,7 @@ def chat_template_text(value: str | None) -> str | None:
 
 
 # Shown in every resolved config, set or not: what a reader looks for first.
-ALWAYS_SHOWN = ("output_dir", "orpo_alpha", "orpo_beta", "nll_include_prompt", "learning_rate")
+ALWAYS_SHOWN = ("output_dir", "orpo_alpha", "orpo_beta", "nll_include_prompt", "learning_rate", "bf16")
 
 
 def to_yaml(run: RunConfig) -> str:

@@ -189,6 +189,13 @@ def _run_training(args: argparse.Namespace) -> int:
         os.environ.setdefault(variable, value)
     trainer = _trainer_for(run)
     print(f"batch layout: {trainer.layout.description}", flush=True)
+    from orpo import run_folder
+    from orpo.cli.run_config import to_yaml
+    from orpo.config import precision_description
+
+    print(f"precision: {precision_description(trainer.args)}", flush=True)
+    if (settled := to_yaml(run)) != (out / run_folder.SETTINGS_FILE).read_text():
+        run_folder.write_settings(out, settled)  # the CPU's bf16 default, settled on the model
     again = _train_command(args)
     stop = StopOnSignal()
     trainer.add_callback(stop)

@@ -97,7 +97,7 @@ def answer_logprob(model, tokenizer, rows) -> float:
     return sum(means) / len(means)
 
 
-def _config(output_dir: Path, alpha: float, max_steps: int, seed: int) -> ORPOConfig:
+def _config(output_dir: Path, alpha: float, max_steps: int, seed: int, bf16: bool | None) -> ORPOConfig:
     return demo_config(
         output_dir,
         alpha=alpha,
@@ -110,6 +110,7 @@ def _config(output_dir: Path, alpha: float, max_steps: int, seed: int) -> ORPOCo
         logging_steps=max(1, max_steps // 20),
         max_length=192,
         max_prompt_length=64,
+        bf16=bf16,
     )
 
 
@@ -122,9 +123,9 @@ def _score(name, model, tokenizer, trainer, alpha, test, unrelated) -> Scored:
     return Scored(name, metrics, answers)
 
 
-def _trainer(name, output_dir, alpha, max_steps, seed, train, test):
+def _trainer(name, output_dir, alpha, max_steps, seed, train, test, bf16):
     model, tokenizer = load_model_and_tokenizer(name)
-    args = _config(output_dir, alpha, max_steps, seed)
+    args = _config(output_dir, alpha, max_steps, seed, bf16)
     trainer = ORPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, tokenizer=tokenizer)
     bar_only(trainer)
     return model, tokenizer, trainer
@@ -136,9 +137,11 @@ def run_exercise(
     max_steps: int | None = None,
     seed: int = 0,
     alpha: float | None = None,
+    bf16: bool | None = None,
 ) -> dict:
     """Train ORPO and SFT-only from ``model``, score them and the untrained model; returns the comparison
-    written to ``comparison.json``."""
+    written to ``comparison.json``. ``bf16``: the precision (default: ORPOConfig's, bf16 where the CPU has
+    it)."""
     max_steps, alpha = run_options(max_steps, alpha, STEPS, ALPHA)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +155,7 @@ def run_exercise(
     )
     scored = []
     for name, run_alpha in (("orpo", alpha), ("sft", 0.0)):
-        base, tokenizer, trainer = _trainer(model, out / name, run_alpha, max_steps, seed, train, test)
+        base, tokenizer, trainer = _trainer(model, out / name, run_alpha, max_steps, seed, train, test, bf16)
         if not scored:
             if "smollm2-135m" not in base.name_or_path.lower():
                 say(

@@ -84,7 +84,7 @@ def greedy_answers(model, tokenizer, prompts: list[str], batch_size: int = 64) -
 
 
 def _train_one(
-    name, alpha, eval_alpha, output_dir: Path, max_steps, seed, train, test, tokenizer
+    name, alpha, eval_alpha, output_dir: Path, max_steps, seed, train, test, tokenizer, bf16=None
 ) -> RunResult:
     args = demo_config(
         output_dir / name,
@@ -99,6 +99,7 @@ def _train_one(
         logging_steps=max(1, max_steps // 30),
         max_length=64,
         max_prompt_length=32,
+        bf16=bf16,
     )
     model = tiny_model(seed=seed)
     trainer = ORPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, tokenizer=tokenizer)
@@ -144,8 +145,10 @@ def run_quickstart(
     max_steps: int | None = None,
     seed: int = 0,
     alpha: float | None = None,
+    bf16: bool | None = None,
 ) -> dict:
-    """Run the whole demo; returns the comparison dict written to ``comparison.json``."""
+    """Run the whole demo; returns the comparison dict written to ``comparison.json``. ``bf16``: the
+    precision (default: ORPOConfig's, bf16 where the CPU has it)."""
     max_steps, alpha = run_options(max_steps, alpha, DEMO_STEPS, DEMO_ALPHA)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +165,9 @@ def run_quickstart(
         for name, run_alpha in (("orpo", alpha), ("sft", 0.0)):
             what = f"ORPO (alpha={alpha:g})" if name == "orpo" else "SFT-only baseline (alpha=0)"
             say(f"training {what} ...")
-            runs.append(_train_one(name, run_alpha, alpha, out, max_steps, seed, train, test, tokenizer))
+            runs.append(
+                _train_one(name, run_alpha, alpha, out, max_steps, seed, train, test, tokenizer, bf16)
+            )
     orpo, sft = runs
 
     comparison = {run.name: run.metrics for run in runs}
