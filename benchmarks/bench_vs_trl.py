@@ -2,8 +2,12 @@
 
 Same model (built from a config with a fixed seed, random init), same data, same hyper-parameters,
 same objective (orpo runs with ``nll_include_prompt=True``, TRL's NLL convention; alpha = TRL's
-``beta``), fp32, no gradient checkpointing. Each run is its own subprocess, alternating
-orpo, TRL, orpo, TRL, ...; the table shows the best and median of each, and ratios orpo/TRL.
+``beta``), no gradient checkpointing. Precision: each trainer's default ("orpo": bf16 where the CPU
+computes it natively and the model is wide enough, else fp32; "trl": fp32, since TRL's own default
+``bf16=True`` stops on a CPU) or fixed ("orpo-fp32", "orpo-bf16", "trl-bf16": ``bf16=True, use_cpu=True``).
+Each run is its own subprocess, alternating orpo, TRL, orpo, TRL, ...; the table shows the best and median
+of each, and ratios orpo/TRL against every TRL run listed. orpo's CPU runs also print the matmul roofline
+(benchmarks/roofline.py): the steady step's matmul FLOP/s against the same GEMMs alone, in one process.
 
 Usage::
 
@@ -11,6 +15,7 @@ Usage::
     python benchmarks/bench_vs_trl.py --scenario small-vocab
     python benchmarks/bench_vs_trl.py --all --repeats 3 --json .benchmarks/vs_trl.json
     python benchmarks/bench_vs_trl.py --scenario micro --check-loss   # seconds
+    python benchmarks/bench_vs_trl.py --scenario smollm2-135m --impls orpo orpo-fp32 trl-bf16 trl   # issue 29
 
 ``--check-loss`` also compares the two trainers' loss on the same first batch (one process, two
 copies of the same model). Data: random letters, one token each under the shipped byte-level
@@ -169,7 +174,14 @@ ORPO_VARIANTS = {
     "orpo-flex": (None, None, True),
     # the default plus use_liger_kernel (Liger's Triton RMSNorm / SwiGLU / RoPE; GPU only)
     "orpo-liger": (None, None, True),
+    # the default layout at a fixed precision (the default above is ORPOConfig's: bf16 where the CPU has it)
+    "orpo-fp32": (None, None, True),
+    "orpo-bf16": (None, None, True),
 }
+# The precision of each run: None is the trainer's default (orpo: bf16 where the device computes it natively
+# and the model is wide enough; TRL on a CPU: fp32, since its own default bf16=True stops there).
+PRECISION = {"orpo-fp32": False, "orpo-bf16": True, "trl-bf16": True}
+TRL_IMPLS = ("trl", "trl-bf16")
 
 
 def pretrained_folder(scenario: Scenario) -> str | None:
@@ -223,7 +235,7 @@ def scenario_model(scenario: Scenario, vocab: int, seed: int = 0, attn_implement
 
 
 def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list[dict], seed: int = 0):
-    """A trainer of ``impl`` (one of ``ORPO_VARIANTS`` or 'trl') on a fresh seed-built model."""
+    """A trainer of ``impl`` (one of ``ORPO_VARIANTS``, 'trl' or 'trl-bf16') on a fresh seed-built model."""
     from datasets import Dataset
 
     from orpo.demo import demo_tokenizer
@@ -242,7 +254,6 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
         report_to="none",
         disable_tqdm=True,
         seed=seed,
-        bf16=scenario.gpu,
         gradient_checkpointing=False,
         max_length=scenario.max_length,
         dataloader_num_workers=0,
@@ -255,6 +266,7 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
         if impl == "orpo-budget":  # one epoch over the same rows, in budget-sized batches
             common.update(max_steps=-1, num_train_epochs=1, logging_steps=1000)
         args = ORPOConfig(
+            bf16=True if scenario.gpu else PRECISION.get(impl),
             max_tokens_per_batch=scenario.token_budget if impl == "orpo-budget" else None,
             torch_compile=impl == "orpo-compiled",
             use_liger_kernel=impl == "orpo-liger",
@@ -273,7 +285,8 @@ def build(impl: str, scenario: Scenario, vocab: int, output_dir: str, rows: list
     from trl.experimental.orpo import ORPOConfig as TRLConfig
     from trl.experimental.orpo import ORPOTrainer as TRLTrainer
 
-    args = TRLConfig(beta=ALPHA, **common)
+    bf16 = scenario.gpu or PRECISION.get(impl, False)
+    args = TRLConfig(beta=ALPHA, bf16=bf16, use_cpu=bf16 and not scenario.gpu, **common)
     return TRLTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
@@ -339,7 +352,14 @@ def train_once(impl: str, scenario: Scenario, vocab: int) -> dict:
         "padding_fraction": next(
             (h["padding_fraction"] for h in trainer.state.log_history if "padding_fraction" in h), None
         ),
+        "bf16": bool(trainer.args.bf16),
     }
+    if impl in ORPO_VARIANTS and not scenario.gpu and len(step_ends) > 1:
+        from roofline import matmul_roofline
+
+        # the steady step (after the first, which also runs the layout checks) against bare GEMMs
+        steady = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
+        result["roofline"] = matmul_roofline(trainer, steady)
     if scenario.warmup:
         # Steady state: the steps after the warm-up ones (compilation, allocator warm-up), at the mean
         # tokens per step.
@@ -406,6 +426,9 @@ def summarise(runs: list[dict]) -> dict:
         out[f"median_{key}"] = statistics.median(r[key] for r in runs)
     out["median_peak_increase_mib"] = statistics.median(r["peak_increase_mib"] for r in runs)
     out["padding_fraction"] = runs[0].get("padding_fraction")
+    out["bf16"] = runs[0].get("bf16")
+    if runs[0].get("roofline") is not None:  # of the fastest run
+        out["roofline"] = min(runs, key=lambda r: r["seconds"])["roofline"]
     if runs[0].get("steady_tokens_per_s") is not None:  # the best steady-state run (+ MFU on a GPU)
         best = max(runs, key=lambda r: r["steady_tokens_per_s"])
         keys = (
@@ -434,7 +457,7 @@ def main() -> None:
         "--impls",
         nargs="+",
         default=["orpo", "trl"],
-        choices=[*ORPO_VARIANTS, "trl"],
+        choices=[*ORPO_VARIANTS, *TRL_IMPLS],
         help="trainers to compare (default: orpo trl); ratios are against the last one",
     )
     parser.add_argument("--check-loss", action="store_true", help="also compare the loss on the same batch")
@@ -504,26 +527,40 @@ def print_result(key: str, result: dict, repeats: int) -> None:
     impls = [name for name in result if name not in ("scenario", "loss_check")]
     print(f"\n{key}: {repeats} alternating runs each")
     print(
-        f"{'':>16} {'best s':>8} {'median s':>9} {'tokens/s':>9} {'samples/s':>10} {'peak MiB':>9} {'padding':>8}"
+        f"{'':>16} {'best s':>8} {'median s':>9} {'tokens/s':>9} {'samples/s':>10} {'peak MiB':>9} {'padding':>8} "
+        f"{'dtype':>5}"
     )
     for name in impls:
         s = result[name]
         padding = "-" if s.get("padding_fraction") is None else f"{s['padding_fraction']:.1%}"
         print(
             f"{name:>16} {s['best_seconds']:>8.2f} {s['median_seconds']:>9.2f} {s['best_tokens_per_s']:>9.0f} "
-            f"{s['best_samples_per_s']:>10.2f} {s['median_peak_increase_mib']:>9.0f} {padding:>8}"
+            f"{s['best_samples_per_s']:>10.2f} {s['median_peak_increase_mib']:>9.0f} {padding:>8} "
+            f"{'bf16' if s.get('bf16') else 'fp32':>5}"
         )
-    base_name = impls[-1]
-    base = result[base_name]
-    label = "TRL" if base_name == "trl" else base_name
-    for name in impls[:-1]:
-        ours = result[name]
-        speed = base["best_seconds"] / ours["best_seconds"]
-        memory = ours["median_peak_increase_mib"] / max(base["median_peak_increase_mib"], 1.0)
-        print(
-            f"speed {name}/{label} {speed:.2f}x (best), median {base['median_seconds'] / ours['median_seconds']:.2f}x; "
-            f"peak memory increase {name}/{label} {memory:.2f}"
-        )
+    # each orpo variant against each TRL run there is (else against the last one listed)
+    bases = [name for name in impls if name in TRL_IMPLS] or impls[-1:]
+    labels = {"trl": "TRL fp32", "trl-bf16": "TRL bf16"}
+    for base_name in bases:
+        base = result[base_name]
+        label = labels.get(base_name, base_name)
+        for name in impls:
+            if name in bases:
+                continue
+            ours = result[name]
+            speed = base["best_seconds"] / ours["best_seconds"]
+            memory = ours["median_peak_increase_mib"] / max(base["median_peak_increase_mib"], 1.0)
+            print(
+                f"speed {name}/{label} {speed:.2f}x (best), median {base['median_seconds'] / ours['median_seconds']:.2f}x; "
+                f"peak memory increase {name}/{label} {memory:.2f}"
+            )
+    for name in impls:
+        if (roof := result[name].get("roofline")) is not None:
+            print(
+                f"{name} matmul roofline ({roof['matmul_dtype']}): the step's matmuls {roof['step_matmul_gflop']:.0f} "
+                f"GFLOP in {roof['step_seconds']:.2f} s = {roof['achieved_matmul_gflops']:.0f} GFLOP/s; the same "
+                f"GEMMs alone {roof['ceiling_gflops']:.0f} GFLOP/s: {roof['ceiling_fraction']:.1%} of the ceiling"
+            )
     if result[impls[0]].get("steady_tokens_per_s") is not None:
         device = result[impls[0]].get("device", "CPU")
         print(f"{device}, steady state after the warm-up steps:")
@@ -536,6 +573,7 @@ def print_result(key: str, result: dict, repeats: int) -> None:
                 f"{name:>16} {g['steady_tokens_per_s']:>9.0f} tokens/s  {g['achieved_tflops']:.3g} model TFLOP/s{gpu}"
             )
         base_steady = result[impls[-1]]["steady_tokens_per_s"]
+        label = labels.get(impls[-1], impls[-1])
         for name in impls[:-1]:
             print(f"steady speed {name}/{label} {result[name]['steady_tokens_per_s'] / base_steady:.2f}x")
     if "loss_check" in result:

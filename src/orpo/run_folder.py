@@ -303,7 +303,9 @@ def check_resumed_settings(
     new = (yaml.safe_load(new) or {}) if isinstance(new, str) else new
     # a run saved before nll_include_prompt's default changed (issue 27) trained without the prompt's NLL
     saved.setdefault("nll_include_prompt", defaults.NLL_INCLUDE_PROMPT_UNRECORDED)
-    keys = ({*new} if only_new_keys else {*saved, *new}) - {"output_dir"}
+    # bf16's default follows the hardware and the model (settled once the model is loaded, after this check):
+    # a resume on another machine may train in another precision, as a new run there would
+    keys = ({*new} if only_new_keys else {*saved, *new}) - {"output_dir", "bf16"}
     before, after = _effective(saved, keys), _effective(new, keys)
     changed = sorted(k for k in keys if before.get(k) != after.get(k))
     fixed = [k for k in changed if k in FIXED_ON_RESUME]

@@ -97,7 +97,9 @@ def answer_logprob(model, tokenizer, rows) -> float:
     return sum(means) / len(means)
 
 
-def _config(output_dir: Path, alpha: float, max_steps: int, seed: int, bf16: bool | None) -> ORPOConfig:
+def _config(
+    output_dir: Path, alpha: float, max_steps: int, seed: int, bf16: bool | None = None
+) -> ORPOConfig:
     return demo_config(
         output_dir,
         alpha=alpha,
