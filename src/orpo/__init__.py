@@ -19,6 +19,8 @@ tests/test_import_map.py reads this list and checks every import of the package 
 - training: ``cpu_heap`` (malloc's heap kept warm while a run trains on the CPU), ``checkpoints`` (atomic checkpoints), ``run_folder`` (the output folder's one owner: lock, the
   earlier-run rule, settings file, resume check), ``generation``, ``model_card`` (the README.md beside every
   saved model), ``plot``, ``trainer`` (ORPOTrainer: Trainer overrides only);
+- export: ``export`` (a saved model as one GGUF file for llama.cpp, Ollama and LM Studio: ``export_gguf``; knows
+  nothing of training);
 - demos: ``demo`` (the shipped tiny model, tokenizer and data; ``orpo quickstart`` and its SmolLM2 exercise with
   their shared helpers);
 - command line: ``cli`` (one module per command, ``run_config``, ``axolotl``), ``__main__``.
@@ -41,6 +43,7 @@ _EXPORTS = {
     "ORPOTrainer": "orpo.trainer",
     "OrpoError": "orpo.errors",
     "clone_chat_template": "orpo.chat_format",
+    "export_gguf": "orpo.export",
     "setup_chat_format": "orpo.chat_format",
     "log1mexp": "orpo.loss",
     "orpo_loss": "orpo.loss",
@@ -50,6 +53,7 @@ __all__ = [
     "ORPOTrainer",
     "OrpoError",
     "clone_chat_template",
+    "export_gguf",
     "log1mexp",
     "orpo_loss",
     "setup_chat_format",
@@ -59,6 +63,7 @@ if TYPE_CHECKING:
     from orpo.chat_format import clone_chat_template, setup_chat_format
     from orpo.config import ORPOConfig
     from orpo.errors import OrpoError
+    from orpo.export import export_gguf
     from orpo.loss import log1mexp, orpo_loss
     from orpo.trainer import ORPOTrainer
 

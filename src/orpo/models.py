@@ -121,6 +121,33 @@ def check_adapter_base(path: str | Path) -> None:
         )
 
 
+def merge_adapter(adapter: str | Path, trust_remote_code: bool = False):
+    """A LoRA adapter folder folded into its base model (loaded the way orpo loads any model: a hub name, a
+    folder or a GGUF file): ``(merged model, the adapter's tokenizer or None)``."""
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise OrpoError("a LoRA adapter needs peft to merge: pip install 'orpo[peft]'") from err
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise OrpoError(f"{adapter}: no adapter_config.json (is this a LoRA adapter directory?)")
+    check_adapter_base(adapter)
+    base_name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = load_causal_lm(base_name, {"trust_remote_code": trust_remote_code})
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter))
+    except (OSError, ValueError) as err:
+        raise OrpoError(
+            f"could not load the adapter in {adapter} onto its base model {base_name}: {err}"
+        ) from err
+    tokenizer = (
+        load_tokenizer(str(adapter), trust_remote_code)
+        if (adapter / "tokenizer_config.json").is_file()
+        else None
+    )
+    return model.merge_and_unload(), tokenizer
+
+
 def local_or_hub(name: str) -> str:
     """A model or tokenizer name as the loaders should get it: an existing local path, absolute (so a LoRA
     adapter records where its base is, usable from any directory); one written as a path (starting with
@@ -233,9 +260,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, gguf_file
     gguf = gguf_location(name_or_path, gguf_file)
     try:
         if gguf is not None:
-            return AutoTokenizer.from_pretrained(
-                gguf[0], gguf_file=gguf[1], trust_remote_code=trust_remote_code
-            )
+            return _gguf_tokenizer(gguf, trust_remote_code)
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         message = (
@@ -243,6 +268,23 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, gguf_file
             or f"could not load a tokenizer from '{name_or_path}': {err}"
         )
         raise OrpoError(message) from err
+
+
+def _gguf_tokenizer(location: tuple[str, str], trust_remote_code: bool):
+    try:
+        return AutoTokenizer.from_pretrained(
+            location[0], gguf_file=location[1], trust_remote_code=trust_remote_code
+        )
+    except BaseException as err:
+        # transformers rebuilds the tokenizer from the file's merges, and the tokenizers library panics (a
+        # BaseException) on a merge list it cannot use, such as the single placeholder merge of a tokenizer
+        # without merges (the embedded demo's: llama.cpp needs the list).
+        if type(err).__name__ != "PanicException":
+            raise
+        raise OrpoError(
+            f"transformers cannot rebuild the tokenizer stored in {Path(*location)} ({err}); load the "
+            "tokenizer from the model's folder instead (--tokenizer DIR)"
+        ) from None
 
 
 def check_decoder_only(model) -> None:

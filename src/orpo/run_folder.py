@@ -43,6 +43,12 @@ PROMPT_FORMAT_FILE = "orpo_prompt_format.json"
 RESUME_ASKED = "resume_from_checkpoint=True"  # how the Python API asks for a resume (the CLI: --resume)
 MODEL_FILES = ("model.safetensors", "adapter_model.safetensors")  # a finished run's model
 
+
+def gguf_file(out: str | Path, gguf_type: str) -> Path:
+    """Where a run's ``gguf:`` export goes: beside the final model."""
+    return Path(out) / f"model-{gguf_type}.gguf"
+
+
 # Settings a resumed run must share with the run it continues: the model and data it trains on, how batches
 # are made (the data order replays from the checkpoint), the objective, and the optimizer and schedule (their
 # state comes from the checkpoint, so a new value would be silently ignored).

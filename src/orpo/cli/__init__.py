@@ -1,5 +1,5 @@
 """The ``orpo`` command line: one module per command (``train``, ``eval``, ``generate``, ``plot``, ``merge``,
-``check-data``, ``quickstart``), each with its own arguments (``add_parser``) and handler (``run``);
+``export``, ``check-data``, ``quickstart``), each with its own arguments (``add_parser``) and handler (``run``);
 :mod:`.run_config` reads config files and :mod:`.axolotl` translates Axolotl's. Parsing imports nothing
 heavy: ``orpo --help`` and usage errors answer without loading torch or transformers."""
 
@@ -10,10 +10,10 @@ import contextlib
 import sys
 
 from orpo import __version__
-from orpo.cli import check_data, evaluate, generate, merge, plot, quickstart, train
+from orpo.cli import check_data, evaluate, export, generate, merge, plot, quickstart, train
 from orpo.errors import OrpoError, UsageError
 
-COMMANDS = (train, evaluate, generate, plot, merge, quickstart, check_data)
+COMMANDS = (train, evaluate, generate, plot, merge, export, quickstart, check_data)
 _BNB_CPU_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
 
 

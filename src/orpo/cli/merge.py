@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from orpo.cli.options import add_trust_remote_code
-from orpo.errors import OrpoError, UsageError
+from orpo.errors import UsageError
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -26,19 +26,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
-    try:
-        from peft import PeftModel
-    except ImportError as err:
-        raise OrpoError("orpo merge needs peft: pip install 'orpo[peft]'") from err
-    from orpo.models import check_adapter_base, load_causal_lm, load_tokenizer
+    from orpo.models import merge_adapter
+    from orpo.run_folder import record_prompt_format, trained_with_chat_template
 
     adapter = Path(args.adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise OrpoError(f"{adapter}: no adapter_config.json (is this a LoRA adapter directory?)")
-    check_adapter_base(adapter)
     output = Path(args.output)
     if output.resolve() == adapter.resolve():
         raise UsageError(
@@ -46,23 +39,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if output.is_dir() and any(output.iterdir()) and not args.overwrite:
         raise UsageError(f"--output {output} is not empty; choose a new directory, or pass --overwrite")
-    base_name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    # The base through orpo's loader (a hub name, a folder or a GGUF file), then the adapter on it.
-    from orpo.run_folder import record_prompt_format, trained_with_chat_template
-
-    base = load_causal_lm(base_name, {"trust_remote_code": args.trust_remote_code})
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter))
-    except (OSError, ValueError) as err:
-        raise OrpoError(
-            f"could not load the adapter in {adapter} onto its base model {base_name}: {err}"
-        ) from err
-    merged = model.merge_and_unload()
+    merged, tokenizer = merge_adapter(adapter, args.trust_remote_code)
     merged.save_pretrained(args.output)
-    if (adapter / "tokenizer_config.json").is_file():
-        load_tokenizer(str(adapter), args.trust_remote_code).save_pretrained(args.output)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output)
     trained = trained_with_chat_template(adapter)
     if trained is not None:  # generate prompts the merged model as the adapter was trained
         record_prompt_format(args.output, trained)
-    print(f"merged {adapter} into its base model ({base_name}); saved to {args.output}/")
+    print(f"merged {adapter} into its base model; saved to {args.output}/")
     return 0

@@ -60,7 +60,16 @@ MODEL_INIT_KEYS = (
     "load_in_4bit",
     "load_in_8bit",
 )
-RUN_KEYS = ("model", "tokenizer", "chat_template", "special_tokens", "datasets", "eval_datasets", "peft")
+RUN_KEYS = (
+    "model",
+    "tokenizer",
+    "chat_template",
+    "special_tokens",
+    "datasets",
+    "eval_datasets",
+    "peft",
+    "gguf",
+)
 # Other tools' switches of the training method: ignored with a note when they ask for ORPO (the values
 # here), an error when they ask for something else (a DPO config must not quietly train ORPO).
 METHOD_SWITCHES = {
@@ -90,6 +99,7 @@ class RunConfig:
     datasets: list = field(default_factory=list)
     eval_datasets: list = field(default_factory=list)
     peft: dict | None = None
+    gguf: str | None = None  # a GGUF type: the final model is also written as <output_dir>/model-<type>.gguf
     lora: Any = None  # the peft block as a peft.LoraConfig, built once while checking the config
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -325,7 +335,10 @@ def _run_keys(values: dict[str, Any], model_options: dict, notes: list[str], pro
         "model": model or {},
         "datasets": _dataset_specs(datasets, notes, problems) if datasets else [],
         "eval_datasets": _dataset_specs(values.pop("eval_datasets", None) or [], notes, problems),
-        **{key: values.pop(key, None) for key in ("tokenizer", "chat_template", "special_tokens", "peft")},
+        **{
+            key: values.pop(key, None)
+            for key in ("tokenizer", "chat_template", "special_tokens", "peft", "gguf")
+        },
     }
     for key, what in (
         ("tokenizer", "a name or path"),
@@ -333,6 +346,10 @@ def _run_keys(values: dict[str, Any], model_options: dict, notes: list[str], pro
     ):
         if run[key] is not None and not isinstance(run[key], str):
             problems.append(f"'{key}' must be {what}, got {type(run[key]).__name__} {run[key]!r}")
+    from orpo.export import TYPES as GGUF_TYPES
+
+    if run["gguf"] is not None and run["gguf"] not in GGUF_TYPES:
+        problems.append(f"'gguf' must be a GGUF type ({', '.join(GGUF_TYPES)}), got {run['gguf']!r}")
     tokens = run["special_tokens"]
     if tokens is not None and not (
         isinstance(tokens, dict) and all(isinstance(v, str) for v in tokens.values())
@@ -513,7 +530,7 @@ def to_yaml(run: RunConfig) -> str:
             value = getattr(run.args, f.name)
             changed[f.name] = value.value if hasattr(value, "value") else value
     document = {"model": run.model, "datasets": run.datasets, **changed}
-    for key in ("eval_datasets", "tokenizer", "chat_template", "special_tokens", "peft"):
+    for key in ("eval_datasets", "tokenizer", "chat_template", "special_tokens", "peft", "gguf"):
         if getattr(run, key):
             document[key] = getattr(run, key)
     return yaml.safe_dump(json.loads(json.dumps(document, default=str)), sort_keys=False)

@@ -247,6 +247,15 @@ def _finish(trainer, run, result) -> None:
     from orpo.run_folder import SETTINGS_FILE
 
     print(f"model saved to {out}/ (safetensors + tokenizer); resolved config in {out}/{SETTINGS_FILE}")
+    if run.gguf and trainer.is_world_process_zero():
+        from orpo.export import export_gguf
+        from orpo.run_folder import gguf_file
+
+        print(
+            export_gguf(
+                out, gguf_file(out, run.gguf), run.gguf, progress=not run.args.disable_tqdm
+            ).describe()
+        )
     print("final metrics: " + ", ".join(f"{k}={v}" for k, v in final.items()))
 
 
