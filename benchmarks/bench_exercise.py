@@ -12,9 +12,7 @@ pretrained ones).
 
 from __future__ import annotations
 
-import argparse
-import tempfile
-import time
+from demo_runs import each_run
 
 from orpo.demo.exercise import run_exercise
 
@@ -27,9 +25,6 @@ SHOWN = (
     "unrelated_logp",
     "train_seconds",
 )
-
-
-PRECISIONS = {"default": None, "fp32": False, "bf16": True}
 
 
 def check(comparison: dict, wall: float) -> dict[str, bool]:
@@ -45,37 +40,17 @@ def check(comparison: dict, wall: float) -> dict[str, bool]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument(
-        "--precision",
-        nargs="+",
-        choices=["default", "fp32", "bf16"],
-        default=["default"],
-        help="run each seed under each (default: ORPOConfig's, bf16 where the CPU has it)",
-    )
-    args = parser.parse_args()
-    for seed in args.seeds:
-        for precision in args.precision:
-            with tempfile.TemporaryDirectory() as out:
-                start = time.perf_counter()
-                comparison = run_exercise(
-                    output_dir=out, max_steps=args.max_steps, seed=seed, bf16=PRECISIONS[precision]
-                )
-                wall = time.perf_counter() - start
-            print(f"\nseed {seed}, precision {precision}: wall {wall:.0f} s")
-            for key in SHOWN:
-                cells = "   ".join(
-                    f"{name} {comparison[name][key]:>8.4f}"
-                    for name in ("before", "sft", "orpo")
-                    if key in comparison[name]
-                )
-                print(f"  {key:<26} {cells}")
-            for target, ok in check(comparison, wall).items():
-                print(f"  [{'pass' if ok else 'FAIL'}] {target}")
+    for seed, precision, comparison, wall in each_run(__doc__, run_exercise):
+        print(f"\nseed {seed}, precision {precision}: wall {wall:.0f} s")
+        for key in SHOWN:
+            cells = "   ".join(
+                f"{name} {comparison[name][key]:>8.4f}"
+                for name in ("before", "sft", "orpo")
+                if key in comparison[name]
+            )
+            print(f"  {key:<26} {cells}")
+        for target, ok in check(comparison, wall).items():
+            print(f"  [{'pass' if ok else 'FAIL'}] {target}")
 
 
 if __name__ == "__main__":

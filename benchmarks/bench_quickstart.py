@@ -10,13 +10,9 @@ margin larger; ORPO exact match >= 0.5; wall time <= 150 s.
 
 from __future__ import annotations
 
-import argparse
-import tempfile
-import time
+from demo_runs import each_run
 
 from orpo.demo.quickstart import run_quickstart
-
-PRECISIONS = {"default": None, "fp32": False, "bf16": True}
 
 
 def check(comparison: dict, wall: float) -> dict[str, bool]:
@@ -33,41 +29,21 @@ def check(comparison: dict, wall: float) -> dict[str, bool]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument(
-        "--precision",
-        nargs="+",
-        choices=["default", "fp32", "bf16"],
-        default=["default"],
-        help="run each seed under each (default: ORPOConfig's, bf16 where the CPU has it)",
-    )
-    args = parser.parse_args()
-    for seed in args.seeds:
-        for precision in args.precision:
-            with tempfile.TemporaryDirectory() as out:
-                start = time.perf_counter()
-                comparison = run_quickstart(
-                    output_dir=out, max_steps=args.max_steps, seed=seed, bf16=PRECISIONS[precision]
-                )
-                wall = time.perf_counter() - start
-            orpo, sft = comparison["orpo"], comparison["sft"]
-            print(f"\nseed {seed}, precision {precision}: wall {wall:.1f} s")
-            for key in (
-                "eval_rewards/accuracies",
-                "eval_rewards/margins",
-                "eval_logps/chosen",
-                "eval_logps/rejected",
-                "eval_nll_loss",
-                "exact_match",
-                "train_seconds",
-            ):
-                print(f"  {key:<26} orpo {orpo[key]:>9.4f}   sft {sft[key]:>9.4f}")
-            for target, ok in check(comparison, wall).items():
-                print(f"  [{'pass' if ok else 'FAIL'}] {target}")
+    for seed, precision, comparison, wall in each_run(__doc__, run_quickstart):
+        orpo, sft = comparison["orpo"], comparison["sft"]
+        print(f"\nseed {seed}, precision {precision}: wall {wall:.1f} s")
+        for key in (
+            "eval_rewards/accuracies",
+            "eval_rewards/margins",
+            "eval_logps/chosen",
+            "eval_logps/rejected",
+            "eval_nll_loss",
+            "exact_match",
+            "train_seconds",
+        ):
+            print(f"  {key:<26} orpo {orpo[key]:>9.4f}   sft {sft[key]:>9.4f}")
+        for target, ok in check(comparison, wall).items():
+            print(f"  [{'pass' if ok else 'FAIL'}] {target}")
 
 
 if __name__ == "__main__":
