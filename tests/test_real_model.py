@@ -162,6 +162,9 @@ def test_the_default_layout_equals_padded_rows(tmp_path, smollm2):
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
         with torch.no_grad():
             results[name] = (trainer.layout.description, trainer.compute_loss(model.eval(), batch).item())
+        # The head stays separated under the default precision (bf16 autocast on a CPU that has it): its
+        # check against the model's own logits allows bf16's rounding of logits this large (|z| ~ 25).
+        assert trainer.head.plan is not None
     assert results["default"][0] == "shared prompt prefix, pairs packed into rows"
     assert results["default"][1] == pytest.approx(results["padded"][1], rel=1e-5)
 

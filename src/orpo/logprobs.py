@@ -51,11 +51,13 @@ def segment_chunks(
     return chunks
 
 
-def rounding_tolerance(low_precision: bool) -> float:
+def rounding_tolerance(low_precision: bool, logit_scale: float = 0.0) -> float:
     """How far two exact computations of the same log-probs may differ by rounding alone (max |Δ log p|):
     a batch layout against the sequences alone, or the separated LM head against the model's own logits.
-    Any real difference (a leaking mask, an unknown logit transform) is far larger."""
-    return 5e-2 if low_precision else 1e-4
+    In bf16 a logit is rounded to 2^-8 of its size, so logits as large as ``logit_scale`` (max |logit|: ~25
+    for SmolLM2) move log-probs by a few hundredths on their own. Any real difference (a leaking mask, an
+    unknown logit transform such as a scale or a soft cap) is far larger."""
+    return max(5e-2, 4 * 2.0**-8 * logit_scale) if low_precision else 1e-4
 
 
 def _chunk_logits(
