@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 from orpo.cli import main
 from orpo.demo import demo_tokenizer, tiny_model
@@ -30,6 +30,8 @@ def _model(kind: str, seed: int = 0):
         config = LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     elif kind == "llama-untied":
         config = LlamaConfig(**SMALL, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    elif kind == "mistral":  # llama.cpp runs it as llama
+        config = MistralConfig(**SMALL, num_attention_heads=4, num_key_value_heads=1, sliding_window=None)
     else:  # Qwen2: q/k/v biases, no permuted rotary layout in llama.cpp
         config = Qwen2Config(**SMALL, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     config.eos_token_id, config.pad_token_id, config.bos_token_id = 2, 0, None
@@ -42,7 +44,9 @@ def _model(kind: str, seed: int = 0):
 
 
 def _saved(tmp_path, kind: str):
-    folder = tmp_path / kind
+    # Not named after the kind: transformers' GGUF reader takes a general.name containing "mistral" for
+    # its own mistral loader, which gguf-py does not map (llama.cpp reads only general.architecture).
+    folder = tmp_path / f"saved-{kind.replace('mistral', 'm')}"
     model = _model(kind)
     model.save_pretrained(folder)
     demo_tokenizer().save_pretrained(folder)
@@ -61,7 +65,7 @@ def _tensor_types(path) -> dict[str, str]:
 IDS = torch.tensor([[1, 87, 85, 71, 84, 201, 74, 75, 2, 201, 1, 67, 85, 85, 75, 85, 86]])
 
 
-@pytest.mark.parametrize("kind", ["llama-tied-gqa", "llama-untied", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama-tied-gqa", "llama-untied", "mistral", "qwen2"])
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
 def test_exported_logits_match_the_model(tmp_path, kind, gguf_type):
     model, folder = _saved(tmp_path, kind)

@@ -84,9 +84,10 @@ def test_smollm2_as_q4_1_equals_the_file_llama_cpp_made(tmp_path, smollm2):
         assert mine_fields[key].contents() == their_fields[key].contents(), key
 
 
-def test_train_export_reload_generate(tmp_path, capsys):
-    """orpo train on SmolLM2 -> orpo export (the default type) -> the file reloads and answers through
-    orpo generate as the saved folder does."""
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """SmolLM2 after one ``orpo train`` step, saved as orpo saves it."""
+    tmp = tmp_path_factory.mktemp("trained")
     rows = [
         {
             "prompt": "Question: What is the capital of France?\nAnswer:\n",
@@ -95,18 +96,25 @@ def test_train_export_reload_generate(tmp_path, capsys):
         },
         {"prompt": "Name a primary colour.\n", "chosen": "Red is one.", "rejected": "Green."},
     ]
-    data = tmp_path / "rows.jsonl"
+    data = tmp / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    out = tmp_path / "run"
+    out = tmp / "run"
     argv = ["train", "--model", str(smollm2_gguf()), "--dataset", str(data), "--output-dir", str(out)]
     argv += ["--max_steps", "1", "--per_device_train_batch_size", "2", "--learning_rate", "1e-5"]
     argv += ["--disable_tqdm", "true", "--save_strategy", "no"]
-    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    assert main(argv) == 0
+    return out
+
+
+def test_train_export_reload_generate(tmp_path, trained, capsys):
+    """orpo train on SmolLM2 -> orpo export (the default type) -> the file reloads and answers through
+    orpo generate as the saved folder does."""
     gguf_path = tmp_path / "trained.gguf"
-    assert main(["export", str(out), "--gguf", str(gguf_path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(trained), "--gguf", str(gguf_path), "--quiet"]) == 0
     assert f"wrote {gguf_path}: q8_0" in capsys.readouterr().out
     answers = []
-    for model in (out, gguf_path):
+    for model in (trained, gguf_path):
         argv = ["generate", "--model", str(model), "--prompt", PROMPTS[0], "--chat-template"]
         assert main([*argv, "--max-new-tokens", "12"]) == 0
         answers.append(capsys.readouterr().out)
@@ -157,12 +165,17 @@ def _llama_cpp(folder: Path, model: Path, request: dict) -> dict:
 NEAR_TIE = {"f16": 0.0, "q8_0": 0.2}
 
 
-@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
-def test_llama_cpp_tokenizes_and_decodes_as_transformers(tmp_path, smollm2, llama_cpp, gguf_type):
+@pytest.mark.parametrize(
+    ("which", "gguf_type"), [("pretrained", "f16"), ("pretrained", "q8_0"), ("trained", "q8_0")]
+)
+def test_llama_cpp_tokenizes_and_decodes_as_transformers(tmp_path, request, llama_cpp, which, gguf_type):
+    """The exported file in llama.cpp against transformers on the folder it came from: SmolLM2 as shipped,
+    and after orpo train (the path a user takes: train, export, run)."""
+    folder = request.getfixturevalue("smollm2" if which == "pretrained" else "trained")
     out = tmp_path / f"smollm2-{gguf_type}.gguf"
-    export_gguf(smollm2, out, gguf_type, progress=False)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    assert main(["export", str(folder), "--gguf", str(out), "--type", gguf_type, "--quiet"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenized = _llama_cpp(llama_cpp, out, {"tokenize": TEXTS, "n_predict": 0})
     assert tokenized["tokens"]["special"] == [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS]
     assert (

@@ -245,3 +245,47 @@ def test_the_adapter_is_seeded_without_touching_the_global_generator(tmp_path):
         assert torch.equal(torch.random.get_rng_state(), before)
         adapters.append({n: p.detach().clone() for n, p in wrapped.named_parameters() if "lora_A" in n})
     assert adapters[0] and all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
+
+
+def test_merge_is_staged_keeps_the_runs_settings_and_refuses_the_base_folder(
+    tmp_path, tokenizer, monkeypatch
+):
+    """Issue 31 items 8 and 9: a killed merge leaves no folder that loads as the merged model; the merged
+    model carries the adapter run's settings (orpo eval scores both alike); the adapter's base folder is
+    never the target (the adapter loads onto it)."""
+    import yaml
+    from datasets import Dataset
+    from transformers import PreTrainedModel
+
+    base_dir = _saved_base(tmp_path, tokenizer)
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    args = _args(tmp_path, max_steps=1, orpo_alpha=1.0, max_length=64)
+    trainer = ORPOTrainer(
+        model=str(base_dir),
+        args=args,
+        train_dataset=Dataset.from_list(toy_rows(8)),
+        tokenizer=tokenizer,
+        peft_config=lora,
+    )
+    trainer.train()
+    run = tmp_path / "run"
+    trainer.save_model(str(run))
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(run), "--output", str(merged)]) == 0
+    settings = yaml.safe_load((merged / "orpo_config.yaml").read_text())
+    assert settings == yaml.safe_load((run / "orpo_config.yaml").read_text())
+    assert settings["orpo_alpha"] == 1.0 and settings["max_length"] == 64
+
+    base_weights = (base_dir / "model.safetensors").read_bytes()
+    assert main(["merge", "--adapter", str(run), "--output", str(base_dir), "--overwrite"]) == 2
+    assert (base_dir / "model.safetensors").read_bytes() == base_weights
+
+    original = PreTrainedModel.save_pretrained
+
+    def killed_after_writing(self, *a, **k):
+        original(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", killed_after_writing)
+    assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "killed")]) != 0
+    assert sorted(p.name for p in tmp_path.iterdir() if "killed" in p.name) == []

@@ -167,3 +167,55 @@ def test_resuming_a_checkpoint_of_another_folder_records_that_runs_settings(tmp_
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     settings = yaml.safe_load((tmp_path / "next" / run_folder.SETTINGS_FILE).read_text())
     assert settings["recorded_by"] == "the first run" and settings["max_steps"] == 3
+
+
+# ---- what is the user's: entries no run wrote are neither replaced nor removed (issue 31, items 1 and 2) ----
+
+
+def test_a_users_own_config_json_is_never_overwritten(tmp_path, tokenizer, toy_dataset):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match=r"holds config.json that no run of orpo wrote"):
+            _trainer(tmp_path, tokenizer, toy_dataset, overwrite_output_dir=overwrite).train()
+    assert (out / "config.json").read_text() == '{"mine": true}'
+
+
+def test_foreign_entries_are_refused_unless_told_and_then_kept(tmp_path, tokenizer, toy_dataset):
+    out = tmp_path / "out"
+    _trainer(tmp_path, tokenizer, toy_dataset, save_strategy="steps", save_steps=1).train()
+    (out / "checkpoint-best").mkdir()
+    (out / "checkpoint-best" / "weights.bin").write_text("mine")
+    (out / "checkpoint-notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"no run of orpo wrote \(checkpoint-best/, checkpoint-notes.txt\)"):
+        _trainer(tmp_path, tokenizer, toy_dataset).train()
+    # Told: the run starts over there; the earlier run's checkpoints go, the user's entries stay.
+    _trainer(tmp_path, tokenizer, toy_dataset, overwrite_output_dir=True).train()
+    assert (out / "checkpoint-best" / "weights.bin").read_text() == "mine"
+    assert (out / "checkpoint-notes.txt").read_text() == "mine"
+    assert run_folder.checkpoints_in(out) == []  # the earlier run's checkpoint-1, -2 removed
+
+
+def test_the_command_line_refuses_an_output_dir_inside_a_data_folder(tmp_path, capsys):
+    from orpo.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    source = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+    (data / "rows.jsonl").write_text(source * 4)
+    for out in (data, data / "run"):
+        argv = [
+            "train",
+            "--model",
+            "demo",
+            "--dataset",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--max_steps",
+            "1",
+        ]
+        assert main(argv) == 2
+        assert f"output_dir {out} is inside the data folder {data}" in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == ["rows.jsonl"]

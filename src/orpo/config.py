@@ -311,7 +311,8 @@ class ORPOConfig(TrainingArguments):
     divergence_factor: float | None = field(
         default=10.0,
         metadata={
-            "help": "A step loss above this many times the first step's is a diverged run: with "
+            "help": "A step loss above this many times the median of the earlier steps' losses (from the "
+            "fourth step on) is a diverged run: with "
             "nan_policy 'error' training stops (the weights before that step saved), with 'skip' a warning. "
             "null: no check."
         },

@@ -177,27 +177,35 @@ class NonFiniteLosses:
 
 class Divergence:
     """A run whose loss stays finite but explodes (``learning_rate: 10`` on the demo climbs from ~5.6 to
-    thousands, and the non-finite guard never fires): a step loss above ``factor`` times the first step's (the
-    loss where training started) is reported once. The trainer applies ``nan_policy``: ``error`` stops with
+    thousands, and the non-finite guard never fires): a step loss above ``factor`` times a reference is
+    reported once. The reference is the larger of the median of the earlier steps' losses and ``floor``, the
+    loss of a model that guesses uniformly (ln V for the NLL, plus alpha * ln 2 for the odds term): a
+    first batch that happens to be easy (a loss 30x below the rest) sets no bar a healthy run then trips,
+    while an exploding run passes far above both. The trainer applies ``nan_policy``: ``error`` stops with
     the weights from before that step saved, ``skip`` warns and trains on. ``factor`` None: no check."""
 
-    def __init__(self, factor: float | None):
+    def __init__(self, factor: float | None, floor: float = 0.0):
         self.factor = factor
-        self.start: float | None = None
+        self.floor = floor
+        self.losses: list[float] = []
         self.reported = False
 
     def observe(self, loss: float, step: int) -> str | None:
         if self.factor is None or self.reported or not math.isfinite(loss):
             return None
-        if self.start is None:
-            self.start = loss
+        earlier = sorted(self.losses)
+        self.losses.append(loss)
+        if not earlier:
             return None
-        if self.start <= 0 or loss <= self.factor * self.start:
+        middle = len(earlier) // 2
+        median = earlier[middle] if len(earlier) % 2 else (earlier[middle - 1] + earlier[middle]) / 2
+        reference = max(median, self.floor)
+        if reference <= 0 or loss <= self.factor * reference:
             return None
         self.reported = True
+        what = "the median of the earlier steps' losses" if median >= self.floor else "a uniform guess's loss"
         return (
-            f"the loss diverged: {loss:.4g} at step {step}, {loss / self.start:.0f}x the first step's "
-            f"({self.start:.4g})"
+            f"the loss diverged: {loss:.4g} at step {step}, {loss / reference:.0f}x {what} ({reference:.4g})"
         )
 
 
@@ -208,10 +216,12 @@ class StepHealth:
     override, which Trainer calls right before ``optimizer.step()``. Each check returns what to stop with,
     ``(problem, advice)`` (the caller saves the weights from before the step and says where), or None."""
 
-    def __init__(self, nan_policy: str, num_processes: int, divergence_factor: float | None):
+    def __init__(
+        self, nan_policy: str, num_processes: int, divergence_factor: float | None, uniform_loss: float = 0.0
+    ):
         self.policy = nan_policy
         self.losses = NonFiniteLosses(nan_policy, num_processes)
-        self.divergence = Divergence(divergence_factor)
+        self.divergence = Divergence(divergence_factor, uniform_loss)
 
     def before_update(self, accelerator, step: int) -> tuple[str, str] | None:
         problem, step_loss = self.losses.step_problem(accelerator, step)

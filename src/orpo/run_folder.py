@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from orpo import defaults
-from orpo.checkpoints import newest_complete_checkpoint, remove_incomplete_checkpoints
+from orpo.checkpoints import STAGING_DIR, newest_complete_checkpoint, remove_incomplete_checkpoints
 from orpo.errors import OrpoError, UsageError
 
 logger = logging.getLogger("orpo")
@@ -133,6 +133,102 @@ def release(out: str | Path) -> None:
         handle.close()
 
 
+# What runs write in their output_dir (Trainer, the tokenizer, orpo, the demos): the only entries a new run
+# there may replace or remove. Anything else is the user's.
+RUN_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+        "tokenizer.model",
+        "training_args.bin",
+        "trainer_state.json",
+        "all_results.json",
+        "train_results.json",
+        "eval_results.json",
+        "README.md",  # the model card
+        "runs",  # TensorBoard's default logging_dir
+        "log_history.json",  # the demos'
+        SETTINGS_FILE,
+        PROMPT_FORMAT_FILE,
+        LOCK_FILE,
+        STAGING_DIR,
+    }
+)
+RUN_FILE_PATTERNS = ("model-*-of-*.safetensors", "model-*.gguf", "model-*.gguf.partial")
+# Files that show a run was here (else a config.json or README.md in the folder is the user's own).
+RUN_MARKERS = (SETTINGS_FILE, "trainer_state.json", *MODEL_FILES)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint folder as Trainer names them (``checkpoint-<step>``); ``checkpoint-best/`` is not one."""
+    return path.is_dir() and path.name.startswith("checkpoint-") and path.name.split("-", 1)[1].isdigit()
+
+
+def _written_by_a_run(path: Path) -> bool:
+    return path.name in RUN_FILES or is_checkpoint(path) or any(path.match(p) for p in RUN_FILE_PATTERNS)
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The entries of ``out`` no run wrote: names no run writes, and, in a folder no run has been in, the
+    ones it would write (a user's own config.json or README.md)."""
+    if not out.is_dir():
+        return []
+    entries = sorted(out.iterdir())
+    been_here = any((out / name).exists() for name in RUN_MARKERS) or any(map(is_checkpoint, entries))
+    return [
+        p.name + ("/" if p.is_dir() else "")
+        for p in entries
+        if not _written_by_a_run(p) or (not been_here and p.name not in (LOCK_FILE, STAGING_DIR))
+    ]
+
+
+def check_foreign_entries(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding what a run would replace but did not write (it would be overwritten), and,
+    unless ``overwrite`` says the folder is meant, any other entry a run did not write (it is kept)."""
+    foreign = foreign_entries(out)
+    if not foreign:
+        return
+    clashing = [name for name in foreign if _written_by_a_run(out / name.rstrip("/"))]
+    listed = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+    if clashing:
+        raise UsageError(
+            f"output_dir {out} holds {', '.join(clashing)} that no run of orpo wrote, which a run would "
+            "overwrite; move them or choose another output_dir (--output-dir)"
+        )
+    if not overwrite:
+        raise UsageError(
+            f"output_dir {out} holds entries that no run of orpo wrote ({listed}); orpo only writes and "
+            "removes its own files: choose another output_dir (--output-dir), or pass overwrite_output_dir "
+            "(--overwrite_output_dir true) to train there anyway, leaving them as they are"
+        )
+    logger.warning(f"output_dir {out}: keeping {listed}, which no run of orpo wrote")
+
+
+def check_outside_data(out: Path, sources) -> None:
+    """A run writes .json files and checkpoints into ``out``: inside a data folder they would become part of
+    the data the next time it is read. ``sources``: dataset specs (a path, or a mapping with ``path``)."""
+    target = out.resolve()
+    for spec in sources:
+        path = Path(spec["path"] if isinstance(spec, dict) else spec)
+        if path.is_dir() and (target == path.resolve() or path.resolve() in target.parents):
+            raise UsageError(
+                f"output_dir {out} is inside the data folder {path}: the run's files would be read as data "
+                "next time; choose an output_dir outside it (--output-dir)"
+            )
+
+
 def earlier_run(out: Path) -> str | None:
     """What of an earlier run the folder holds (its model, its checkpoints), or None."""
     checkpoints = checkpoints_in(out)
@@ -142,7 +238,7 @@ def earlier_run(out: Path) -> str | None:
 
 
 def checkpoints_in(out: Path) -> list[Path]:
-    return sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+    return sorted(filter(is_checkpoint, out.glob("checkpoint-*"))) if out.is_dir() else []
 
 
 def check_folder(
@@ -166,6 +262,7 @@ def check_folder(
         if not checkpoints_in(out):
             raise OrpoError(f"{asked}: no checkpoint to resume from in {out}")
         return
+    check_foreign_entries(out, overwrite)
     what = earlier_run(out)
     if what is None:
         return

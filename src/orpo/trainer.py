@@ -14,6 +14,7 @@ relies on are listed in :mod:`orpo.private_api` (a test checks the installed tra
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -127,6 +128,9 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         except ValueError as err:  # Trainer's own checks of the settings (e.g. evaluation, no eval data)
             raise OrpoError(f"invalid training settings: {err}") from err
         self._set_up_batches_and_head(data_collator)
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if vocab:  # the divergence check's floor: the loss of a uniform guess over the vocabulary
+            self._health.divergence.floor = math.log(vocab) + args.orpo_alpha * math.log(2)
 
     @property
     def tokenizer(self):

@@ -26,10 +26,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import shutil
     from pathlib import Path
 
+    from orpo import run_folder
     from orpo.models import merge_adapter
-    from orpo.run_folder import record_prompt_format, trained_with_chat_template
 
     adapter = Path(args.adapter)
     output = Path(args.output)
@@ -37,14 +40,39 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--output {output} is the adapter's own directory; the merged model needs another one"
         )
-    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
-        raise UsageError(f"--output {output} is not empty; choose a new directory, or pass --overwrite")
+    if (adapter / "adapter_config.json").is_file():
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        if base and Path(base).exists() and Path(base).resolve() == output.resolve():
+            raise UsageError(
+                f"--output {output} is the adapter's base model, which the adapter loads onto; the merged "
+                "model needs another directory"
+            )
+    if output.is_dir() and any(output.iterdir()):
+        if not args.overwrite:
+            raise UsageError(f"--output {output} is not empty; choose a new directory, or pass --overwrite")
+        if foreign := run_folder.foreign_entries(output):
+            raise UsageError(
+                f"--output {output} holds entries orpo did not write ({', '.join(foreign[:6])}); --overwrite "
+                "replaces only a model folder orpo wrote: choose another --output"
+            )
     merged, tokenizer = merge_adapter(adapter, args.trust_remote_code)
-    merged.save_pretrained(args.output)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.output)
-    trained = trained_with_chat_template(adapter)
-    if trained is not None:  # generate prompts the merged model as the adapter was trained
-        record_prompt_format(args.output, trained)
+    # Written beside the target and renamed into place when complete: a killed merge leaves no folder that
+    # loads as if it were the merged model.
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    try:
+        merged.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        # The run's settings go with its weights: orpo eval scores the merged model as the adapter's run.
+        if (adapter / run_folder.SETTINGS_FILE).is_file():
+            shutil.copy2(adapter / run_folder.SETTINGS_FILE, staging / run_folder.SETTINGS_FILE)
+        trained = run_folder.trained_with_chat_template(adapter)
+        if trained is not None:  # generate prompts the merged model as the adapter was trained
+            run_folder.record_prompt_format(staging, trained)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"merged {adapter} into its base model; saved to {args.output}/")
     return 0

@@ -113,6 +113,7 @@ def _resolve_run(args: argparse.Namespace):
     from orpo import run_folder
 
     rank = int(os.environ.get("RANK", "0"))
+    run_folder.check_outside_data(out, [*run.datasets, *run.eval_datasets])  # before the lock file goes in
     # An existing directory is locked first: a run in progress there is the reason to refuse, whatever it holds.
     lock_first = out.is_dir() and os.access(out, os.W_OK)
     args.locked_dir = out  # released when the command ends (run)
