@@ -219,3 +219,37 @@ def test_the_command_line_refuses_an_output_dir_inside_a_data_folder(tmp_path, c
         assert main(argv) == 2
         assert f"output_dir {out} is inside the data folder {data}" in capsys.readouterr().err
     assert sorted(p.name for p in data.iterdir()) == ["rows.jsonl"]
+
+
+def test_a_resume_onto_data_edited_in_place_is_refused(tmp_path, capsys):
+    """Issue 31 item 3: the same path, every preference flipped: the content hash of the tokenized rows,
+    recorded in the settings file, differs, and --resume says so; the same rows resume."""
+    import json
+
+    from orpo.cli import main
+
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    argv = ["train", "--model", "demo", "--dataset", str(data), "--output-dir", str(out)]
+    argv += [
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_steps",
+        "2",
+        "--disable_tqdm",
+        "true",
+    ]
+    assert main([*argv, "--max_steps", "2"]) == 0
+    saved = yaml.safe_load((out / "orpo_config.yaml").read_text())
+    assert len(saved[run_folder.DATA_FINGERPRINT]) == 32
+    flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+    data.write_text("".join(json.dumps(r) + "\n" for r in flipped))
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    assert "the training data's rows changed" in capsys.readouterr().err
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([*argv, "--resume"]) == 0

@@ -49,6 +49,10 @@ def gguf_file(out: str | Path, gguf_type: str) -> Path:
     return Path(out) / f"model-{gguf_type}.gguf"
 
 
+# The content hash of the tokenized training rows (the trainer records it): a resume onto data edited in
+# place, under the same path, is refused like a changed setting.
+DATA_FINGERPRINT = "train_data_fingerprint"
+
 # Settings a resumed run must share with the run it continues: the model and data it trains on, how batches
 # are made (the data order replays from the checkpoint), the objective, and the optimizer and schedule (their
 # state comes from the checkpoint, so a new value would be silently ignored).
@@ -78,6 +82,7 @@ FIXED_ON_RESUME = (
     "warmup_steps",
     "weight_decay",
     "optim",
+    DATA_FINGERPRINT,
 )
 # Recorded by the trainer besides those (the command line records its whole resolved config).
 ALSO_RECORDED = ("max_steps", "num_train_epochs", "bf16", "fp16")
@@ -166,7 +171,12 @@ RUN_FILES = frozenset(
         STAGING_DIR,
     }
 )
-RUN_FILE_PATTERNS = ("model-*-of-*.safetensors", "model-*.gguf", "model-*.gguf.partial")
+RUN_FILE_PATTERNS = (
+    "model-*-of-*.safetensors",
+    "model-*.gguf",
+    "model-*.gguf.partial",
+    f".{SETTINGS_FILE}.*",  # a settings file being replaced
+)
 # Files that show a run was here (else a config.json or README.md in the folder is the user's own).
 RUN_MARKERS = (SETTINGS_FILE, "trainer_state.json", *MODEL_FILES)
 
@@ -297,14 +307,16 @@ def checkpoint_to_resume(out: str | Path, asked: str = RESUME_ASKED, warn=logger
     return checkpoint
 
 
-def enter(out: Path, args, resume, first: bool) -> tuple[bool, str | None]:
+def enter(
+    out: Path, args, resume, first: bool, data_fingerprint: str | None = None
+) -> tuple[bool, str | None]:
     """A trainer's start in ``out`` (``ORPOTrainer.train``): lock it (the ``first`` process), check what it holds
     and the resume, record the settings. Returns whether the lock was taken here (to release when training
     ends) and the checkpoint to resume from (``resume``: None / False, True, or a checkpoint's path). Nothing
     stays locked when a check refuses."""
     took_lock = out.is_dir() and lock(out, args.process_index)  # before looking: a live run is the refusal
     try:
-        resume = _enter(out, args, resume, first)
+        resume = _enter(out, args, resume, first, data_fingerprint)
         if first:
             took_lock = lock(out, args.process_index) or took_lock  # a folder made just now
     except BaseException:
@@ -314,7 +326,7 @@ def enter(out: Path, args, resume, first: bool) -> tuple[bool, str | None]:
     return took_lock, resume
 
 
-def _enter(out: Path, args, resume, first: bool) -> str | None:
+def _enter(out: Path, args, resume, first: bool, data_fingerprint: str | None) -> str | None:
     overwrite, resuming = args.overwrite_output_dir, resume not in (None, False)
     if resume is True:  # the newest complete checkpoint here (a path names one itself)
         check_folder(out, True, overwrite, refuse_earlier_run=False, first=first)
@@ -323,13 +335,17 @@ def _enter(out: Path, args, resume, first: bool) -> str | None:
     if not resuming or run_dir.resolve() != out.resolve():  # a new run here (resumed from elsewhere or not)
         check_folder(out, False, overwrite, refuse_earlier_run=False, first=first)
     settings = settings_of(args)
+    if data_fingerprint is not None:
+        settings[DATA_FINGERPRINT] = data_fingerprint
     if resuming and (changed := check_resumed_settings(run_dir, settings, only_new_keys=True)):
         logger.info(f"resuming with {', '.join(changed)} from these arguments")
     if first:
         out.mkdir(parents=True, exist_ok=True)
-        if not settings_written(out):  # orpo train wrote its resolved config already
+        if not settings_written(out):
             saved = (read_settings(run_dir) or {}) if resuming else {}
             write_settings(out, {**saved, **settings})
+        elif data_fingerprint is not None:  # orpo train wrote its resolved config already: add the data's
+            write_settings(out, {**(read_settings(out) or {}), DATA_FINGERPRINT: data_fingerprint})
     return resume
 
 
@@ -349,9 +365,14 @@ def settings_of(args) -> dict:
 
 
 def write_settings(out: str | Path, settings: dict | str) -> None:
-    """The run's settings file: ``settings`` as YAML (a dict) or the YAML text itself."""
+    """The run's settings file: ``settings`` as YAML (a dict) or the YAML text itself. The training data's
+    fingerprint, once the trainer recorded it, stays (the command line rewrites its resolved config, which
+    knows nothing of it, before a resume is checked against it)."""
     text = settings if isinstance(settings, str) else yaml.safe_dump(settings, sort_keys=False)
     path = Path(out, SETTINGS_FILE)
+    recorded = (read_settings(out) or {}).get(DATA_FINGERPRINT) if path.is_file() else None
+    if recorded is not None and DATA_FINGERPRINT not in (yaml.safe_load(text) or {}):
+        text = text.rstrip("\n") + "\n" + yaml.safe_dump({DATA_FINGERPRINT: recorded})
     partial = path.with_name(f".{SETTINGS_FILE}.{os.getpid()}")
     partial.write_text(text)
     os.replace(partial, path)  # whole or not there: the other processes of a run read it meanwhile
@@ -409,11 +430,20 @@ def check_resumed_settings(
     # bf16's default follows the hardware and the model (settled once the model is loaded, after this check):
     # a resume on another machine may train in another precision, as a new run there would
     keys = ({*new} if only_new_keys else {*saved, *new}) - {"output_dir", "bf16"}
+    if (
+        DATA_FINGERPRINT not in new or DATA_FINGERPRINT not in saved
+    ):  # the command line's own check, an older run
+        keys.discard(DATA_FINGERPRINT)
     before, after = _effective(saved, keys), _effective(new, keys)
     changed = sorted(k for k in keys if before.get(k) != after.get(k))
     fixed = [k for k in changed if k in FIXED_ON_RESUME]
     if fixed:
-        differences = "; ".join(f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in fixed)
+        differences = "; ".join(
+            "the training data's rows changed (their content hash differs: edited in place?)"
+            if k == DATA_FINGERPRINT
+            else f"{k}: {saved.get(k)!r} -> {new.get(k)!r}"
+            for k in fixed
+        )
         raise UsageError(
             f"{asked} continues the run in {folder} as it was set up, but these settings differ from its "
             f"{SETTINGS_FILE}: {differences}. Resume with the same settings, or start a new run"

@@ -31,7 +31,7 @@ from orpo.cpu_heap import heap_kept
 from orpo.data import load_run_pairs
 from orpo.data.batching import token_budget_loader, with_pair_lengths
 from orpo.data.collator import check_collator, collator_for
-from orpo.data.tokenize import ROW_INDEX, TOKENIZED_COLUMNS
+from orpo.data.tokenize import ROW_INDEX, TOKENIZED_COLUMNS, rows_fingerprint
 from orpo.errors import OrpoError
 from orpo.generation import eval_samples, publish_generations
 from orpo.guards import StepHealth, require_distributed_launch
@@ -145,7 +145,11 @@ class ORPOTrainer(AtomicCheckpoints, Trainer):
         require_distributed_launch(self.args.world_size)
         out = Path(self.args.output_dir)
         took_lock, resume_from_checkpoint = run_folder.enter(
-            out, self.args, resume_from_checkpoint, first=self.is_world_process_zero()
+            out,
+            self.args,
+            resume_from_checkpoint,
+            first=self.is_world_process_zero(),
+            data_fingerprint=rows_fingerprint(self.train_dataset),
         )
         try:
             with heap_kept(active=self.args.device.type == "cpu"):

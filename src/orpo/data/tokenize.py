@@ -220,6 +220,17 @@ def tokenization_key(dataset: Dataset, tokenizer, limits: TruncationLimits) -> s
     return digest.hexdigest()[:32]
 
 
+def rows_fingerprint(dataset) -> str | None:
+    """A content hash of a tokenized dataset's rows (its token columns, in order): the same rows give the same
+    hash wherever they were read from, and rows edited in place another. None for a streamed dataset."""
+    if not isinstance(dataset, Dataset) or not all(c in dataset.column_names for c in TOKENIZED_COLUMNS):
+        return None
+    digest = hashlib.sha256()
+    for batch in dataset.select_columns(list(TOKENIZED_COLUMNS)).flatten_indices().data.table.to_batches():
+        digest.update(memoryview(batch.serialize()))
+    return digest.hexdigest()[:32]
+
+
 def tokenize_dataset(
     dataset: Dataset,
     tokenizer,
