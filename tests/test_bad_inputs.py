@@ -329,3 +329,27 @@ def test_a_read_only_output_directory_is_refused_before_the_model_loads(tmp_path
     argv = ["train", "--model", "demo", "--dataset", "demo:test", "--output-dir", str(out), *RUN]
     assert main(argv) == 1
     assert "is not writable" in capsys.readouterr().err
+
+
+def test_a_hostile_chat_template_is_one_line_naming_the_row(tmp_path):
+    """Issue 31 item 17: the Jinja sandbox refuses a template reaching for Python internals; that is an
+    OrpoError naming the source and row, not a SecurityError traceback."""
+    from datasets import Dataset
+
+    from orpo.data import TruncationLimits, load_pairs
+    from orpo.demo import demo_tokenizer
+    from orpo.errors import OrpoError
+
+    tokenizer = demo_tokenizer()
+    tokenizer.chat_template = "{% set x = messages.__class__.__base__ %}{{ x.__subclasses__() }}"
+    rows = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": "hi"}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            }
+        ]
+    )
+    with pytest.raises(OrpoError, match=r"row 1: the tokenizer's chat template failed \(SecurityError"):
+        load_pairs(rows, tokenizer, TruncationLimits(max_length=64), name="rows")

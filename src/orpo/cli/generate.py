@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from orpo.cli.options import add_trust_remote_code, non_negative, positive_int, probability, remote_code
-from orpo.errors import UsageError
+from orpo.errors import OrpoError, UsageError
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
+    from jinja2 import TemplateError
     from transformers import TextStreamer
 
     from orpo.models import load_model_and_tokenizer
@@ -77,7 +78,13 @@ def run(args: argparse.Namespace) -> int:
         text = prompt
         if use_template:
             messages = [{"role": "user", "content": prompt}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except TemplateError as err:
+                raise OrpoError(
+                    f"the chat template of {args.tokenizer or args.model} failed ({type(err).__name__}: {err}); "
+                    "pass --no-chat-template, or fix the template"
+                ) from None
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not use_template)
         if len(prompts) > 1:
             print(f"> {prompt}")

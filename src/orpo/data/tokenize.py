@@ -100,6 +100,23 @@ class PairTokenizer:
             ids = ids[1:]
         return ids
 
+    def _template(self, messages: list, index: int, **options) -> str:
+        """The chat template's rendering of ``messages``; a template that fails (or that the Jinja sandbox
+        refuses: a template reaching for Python internals) is one error naming the row, not a traceback."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, **options)
+        except Exception as err:
+            # The sandbox's refusal can surface as the error it caused (an AttributeError on what it hid).
+            cause = err if isinstance(err, TemplateError) else err.__context__
+            if not isinstance(cause, TemplateError):
+                raise
+            raise OrpoError(
+                f"{self.source}, row {index + 1}: the tokenizer's chat template failed "
+                f"({type(cause).__name__}: {cause}); fix or replace the template (chat_template in the config)"
+            ) from None
+
     def _render_conversation(self, row: dict, index: int) -> tuple[str, str, str]:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise OrpoError(
@@ -107,10 +124,10 @@ class PairTokenizer:
                 "template; add `chat_template: chatml` (or a Jinja template or file) to the config, set "
                 "tokenizer.chat_template in Python, or use a chat model's tokenizer"
             )
-        prompt = self.tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        prompt = self._template(row["prompt"], index, add_generation_prompt=True)
         responses = []
         for name in ("chosen", "rejected"):
-            full = self.tokenizer.apply_chat_template(row["prompt"] + row[name], tokenize=False)
+            full = self._template(row["prompt"] + row[name], index)
             if not full.startswith(prompt):
                 raise OrpoError(
                     f"{self.source}, row {index + 1}: the chat template does not render the prompt as a "
