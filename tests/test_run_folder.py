@@ -253,3 +253,34 @@ def test_a_resume_onto_data_edited_in_place_is_refused(tmp_path, capsys):
     assert "the training data's rows changed" in capsys.readouterr().err
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main([*argv, "--resume"]) == 0
+
+
+def test_a_damaged_settings_file_is_one_line(tmp_path, capsys):
+    """Issue 31 item 16: orpo eval names the file and scores with the flags; --resume names the file."""
+    from orpo.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "demo", "--dataset", "demo:train", "--output-dir", str(out)]
+    argv += [
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_steps",
+        "1",
+        "--disable_tqdm",
+        "true",
+    ]
+    assert main(argv) == 0
+    (out / "orpo_config.yaml").write_text("orpo_alpha: [1, 2\nmax_length: {")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", "demo:test", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"{out / 'orpo_config.yaml'} is damaged (line" in err and "scoring with the flags and defaults" in err
+    )
+    assert main([*argv, "--resume"]) == 1
+    assert f"{out / 'orpo_config.yaml'} is damaged" in capsys.readouterr().err
+    (out / "orpo_config.yaml").write_text("- just\n- a list\n")
+    assert main([*argv, "--resume"]) == 1
+    assert "holds a list, not the settings mapping" in capsys.readouterr().err

@@ -390,7 +390,21 @@ def read_settings(folder: str | Path) -> dict | None:
     path = Path(folder, SETTINGS_FILE)
     if not path.is_file():
         return None
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise OrpoError(
+            f"{path} is damaged{line}: {getattr(err, 'problem', None) or err}; restore it, or delete it to "
+            "use no recorded settings"
+        ) from None
+    if not isinstance(settings, dict):
+        raise OrpoError(
+            f"{path} is damaged: it holds a {type(settings).__name__}, not the settings mapping; restore it, "
+            "or delete it to use no recorded settings"
+        )
+    return settings
 
 
 def _field_defaults() -> dict:

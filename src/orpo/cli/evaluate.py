@@ -107,10 +107,15 @@ def _settings(args: argparse.Namespace) -> tuple[dict, str]:
     orpo train and the quickstart save beside the model), else the default; and where alpha came from."""
     from pathlib import Path
 
+    from orpo.errors import OrpoError
     from orpo.run_folder import SETTINGS_FILE, read_settings
 
     saved_file = Path(args.model) / SETTINGS_FILE
-    saved = read_settings(args.model) or {}
+    try:
+        saved = read_settings(args.model) or {}
+    except OrpoError as err:  # score with the flags and defaults, saying why
+        print(f"warning: {err}; scoring with the flags and defaults instead", file=sys.stderr)
+        saved = {}
     settings = {
         "orpo_alpha": defaults.ALPHA,
         "orpo_beta": defaults.BETA,
