@@ -353,3 +353,51 @@ def test_a_hostile_chat_template_is_one_line_naming_the_row(tmp_path):
     )
     with pytest.raises(OrpoError, match=r"row 1: the tokenizer's chat template failed \(SecurityError"):
         load_pairs(rows, tokenizer, TruncationLimits(max_length=64), name="rows")
+
+
+@pytest.fixture
+def probing(monkeypatch):
+    """orpo.hub's probe as it runs on a machine with no HF_HUB_OFFLINE (the tests set it), at an endpoint."""
+    from huggingface_hub import constants
+
+    from orpo import hub
+
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(hub, "_go_offline", lambda: None)
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    hub.offline_reason.cache_clear()
+
+    def probe(endpoint: str):
+        monkeypatch.setattr(hub, "_endpoint", lambda: endpoint)
+        hub.offline_reason.cache_clear()
+        return hub.offline_reason()
+
+    yield probe
+    hub.offline_reason.cache_clear()
+
+
+def test_a_hub_mirror_that_never_answers_is_offline_within_seconds(probing):
+    """Issue 31 item 10: a server that accepts connections and sleeps; the probe's request times out."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    held = []
+    threading.Thread(target=lambda: held.append(server.accept()), daemon=True).start()
+    start = time.monotonic()
+    reason = probing(f"http://127.0.0.1:{server.getsockname()[1]}")
+    assert "does not answer within 3 s" in reason and time.monotonic() - start < 10
+    server.close()
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:99999", "http://[::1", "localhost:8080"])
+def test_a_malformed_hf_endpoint_is_one_line(probing, endpoint):
+    """Issue 31 item 15."""
+    from orpo.errors import OrpoError
+
+    with pytest.raises(OrpoError, match=r"HF_ENDPOINT .* is not a valid URL"):
+        probing(endpoint)
