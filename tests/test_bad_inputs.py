@@ -401,3 +401,25 @@ def test_a_malformed_hf_endpoint_is_one_line(probing, endpoint):
 
     with pytest.raises(OrpoError, match=r"HF_ENDPOINT .* is not a valid URL"):
         probing(endpoint)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_unusable_tokenization_cache_is_a_warning_and_training_goes_on(
+    tmp_path, monkeypatch, caplog, where
+):
+    """Issue 31 item 13: $ORPO_CACHE_DIR is a file, or below one: the rows are tokenized without the cache,
+    with one warning naming the folder."""
+    from datasets import Dataset
+
+    from orpo.data import TruncationLimits, load_pairs
+    from orpo.demo import demo_tokenizer
+
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    cache = blocker if where == "a file" else blocker / "inside"
+    monkeypatch.setenv("ORPO_CACHE_DIR", str(cache))
+    rows = Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3)
+    with caplog.at_level("WARNING", logger="orpo"):
+        tokenized, _ = load_pairs(rows, demo_tokenizer(), TruncationLimits(max_length=32), name="rows")
+    assert len(tokenized) == 3
+    assert f"the tokenization cache {cache} cannot be used" in caplog.text and "ORPO_CACHE_DIR" in caplog.text

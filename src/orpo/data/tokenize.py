@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,6 +249,29 @@ def rows_fingerprint(dataset) -> str | None:
     return digest.hexdigest()[:32]
 
 
+def _cache_problem(cache_dir, err: OSError) -> str:
+    return (
+        f"the tokenization cache {cache_dir} cannot be used ({err.strerror or err}; set ORPO_CACHE_DIR to a "
+        "writable folder)"
+    )
+
+
+def _usable_cache_file(cache_dir, dataset, tokenizer, limits) -> str | None:
+    """The cache file for these rows, or None (with a warning saying why) when the cache folder cannot be made
+    or written: a file where the folder should be, a read-only disk. Training does not need the cache."""
+    if cache_dir is None:
+        return None
+    folder = Path(cache_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as err:
+        logger.warning(f"{_cache_problem(cache_dir, err)}; tokenizing without it")
+        return None
+    return str(folder / f"{tokenization_key(dataset, tokenizer, limits)}.arrow")
+
+
 def tokenize_dataset(
     dataset: Dataset,
     tokenizer,
@@ -286,20 +310,27 @@ def tokenize_dataset(
         return out
 
     report = TokenizeReport(source=source, rows_in=len(dataset))
-    cache_file = None
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache_file = str(Path(cache_dir) / f"{tokenization_key(dataset, tokenizer, limits)}.arrow")
-    encoded = dataset.map(
-        encode,
-        batched=True,
-        with_indices=True,
-        remove_columns=dataset.column_names,
-        num_proc=num_proc,
-        desc=f"Tokenizing {source}",
-        cache_file_name=cache_file,
-        load_from_cache_file=cache_file is not None,
-    )
+    cache_file = _usable_cache_file(cache_dir, dataset, tokenizer, limits)
+
+    def tokenize(cache_file):
+        return dataset.map(
+            encode,
+            batched=True,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            num_proc=num_proc,
+            desc=f"Tokenizing {source}",
+            cache_file_name=cache_file,
+            load_from_cache_file=cache_file is not None,
+        )
+
+    try:
+        encoded = tokenize(cache_file)
+    except OSError as err:  # the cache filled the disk, or vanished, while writing: tokenize in memory
+        if cache_file is None:
+            raise
+        logger.warning(f"{_cache_problem(cache_dir, err)}; tokenizing without the cache")
+        encoded = tokenize(None)
     report.prompts_truncated = sum(encoded["_prompt_truncated"])
     report.responses_truncated = sum(encoded["_response_truncated"])
     chosen, rejected = encoded["chosen_input_ids"], encoded["rejected_input_ids"]
