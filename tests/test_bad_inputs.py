@@ -423,3 +423,19 @@ def test_an_unusable_tokenization_cache_is_a_warning_and_training_goes_on(
         tokenized, _ = load_pairs(rows, demo_tokenizer(), TruncationLimits(max_length=32), name="rows")
     assert len(tokenized) == 3
     assert f"the tokenization cache {cache} cannot be used" in caplog.text and "ORPO_CACHE_DIR" in caplog.text
+
+
+def test_max_length_beyond_learned_positions_is_one_line(tmp_path):
+    """Issue 31 item 14: GPT-2's 32 learned positions and max_length 64 (an IndexError mid-step before)."""
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from orpo import ORPOConfig, ORPOTrainer
+    from orpo.demo import demo_tokenizer
+    from orpo.errors import OrpoError
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=259, n_positions=32))
+    args = ORPOConfig(output_dir=str(tmp_path / "o"), max_length=64, report_to="none", bf16=False)
+    rows = Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 2)
+    with pytest.raises(OrpoError, match="max_length 64 is longer than the 32 positions this gpt2 model has"):
+        ORPOTrainer(model=model, args=args, train_dataset=rows, tokenizer=demo_tokenizer())

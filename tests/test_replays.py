@@ -184,7 +184,7 @@ def gpt2_stand_in(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=512,
+        n_positions=1024,  # gpt2's own: the script trains at max_length 1024, which needs them all
         n_embd=64,
         n_layer=2,
         n_head=2,

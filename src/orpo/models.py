@@ -367,6 +367,26 @@ def resolve_tokenizer(tokenizer, processing_class, model, args):
     return tokenizer
 
 
+# Model types whose positions are a learned table of max_position_embeddings rows (GPT-2's kind name it
+# n_positions): a longer row indexes past the table. RoPE and ALiBi models have no such limit.
+LEARNED_POSITION_TYPES = frozenset({"opt", "gpt_neo", "xglm", "biogpt"})
+
+
+def check_position_limit(model, max_length: int | None) -> None:
+    """A max_length beyond a learned position table is an error naming both, not an IndexError mid-step."""
+    config = getattr(model, "config", None)
+    if config is None or max_length is None:
+        return
+    limit = getattr(config, "n_positions", None)
+    if limit is None and getattr(config, "model_type", None) in LEARNED_POSITION_TYPES:
+        limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise OrpoError(
+            f"max_length {max_length} is longer than the {limit} positions this {config.model_type} model has "
+            f"learned embeddings for; set max_length to {limit} or less"
+        )
+
+
 def prepare_model(model, args, peft_config=None):
     """The model the trainer trains: loaded if given by name (``args.model_init_kwargs``), decoder-only,
     wrapped with ``peft_config`` (a 4-/8-bit base must be), dropout off if ``args.disable_dropout``. None
@@ -374,6 +394,7 @@ def prepare_model(model, args, peft_config=None):
     if isinstance(model, str):
         model = load_causal_lm(model, args.model_init_kwargs, args.seed)
     check_decoder_only(model)
+    check_position_limit(model, args.max_length)
     if peft_config is not None:
         model = wrap_peft(model, peft_config, args)
     elif is_quantized(model) and not hasattr(model, "peft_config"):
