@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import signal
+import statistics
 import sys
 
 import torch
@@ -193,12 +194,11 @@ class Divergence:
     def observe(self, loss: float, step: int) -> str | None:
         if self.factor is None or self.reported or not math.isfinite(loss):
             return None
-        earlier = sorted(self.losses)
+        earlier = list(self.losses)
         self.losses.append(loss)
         if not earlier:
             return None
-        middle = len(earlier) // 2
-        median = earlier[middle] if len(earlier) % 2 else (earlier[middle - 1] + earlier[middle]) / 2
+        median = statistics.median(earlier)
         reference = max(median, self.floor)
         if reference <= 0 or loss <= self.factor * reference:
             return None

@@ -70,11 +70,9 @@ def export_gguf(
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    return _export_in_memory(model, tokenizer, path, type, type_name(model), options)
-
-
-def type_name(model) -> str:
-    return f"the {model.__class__.__name__} in memory"
+    return _export_in_memory(
+        model, tokenizer, path, type, f"the {model.__class__.__name__} in memory", options
+    )
 
 
 def _export_in_memory(model, tokenizer, path: Path, type: str, source: str, options: dict):

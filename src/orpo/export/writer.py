@@ -21,10 +21,11 @@ from orpo.export.vocab import write_vocab
 @dataclass
 class TensorPlan:
     gguf_name: str
-    hf_name: str | None  # None: computed here (rope_freqs)
+    hf_name: str | None  # None: computed here (rope_freqs), its values in ``values``
     shape: tuple[int, ...]
     qtype: object
     file: Path | None = None
+    values: np.ndarray | None = None
 
 
 @dataclass
@@ -64,13 +65,11 @@ def export_folder(
     from orpo.models import load_tokenizer
 
     source = source or str(folder)
-    if export_type not in EXPORT_TYPES:
-        raise OrpoError(f"unknown GGUF type {export_type!r}; choose one of {', '.join(EXPORT_TYPES)}")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     arch = architectures.gguf_architecture(config)
-    plan, tied = _plan(folder, config, arch, export_type, source)
+    plan = _plan(folder, config, arch, export_type, source)
     tokenizer = load_tokenizer(str(folder), trust_remote_code)
-    qtype, file_type = EXPORT_TYPES[export_type]
+    file_type = EXPORT_TYPES[export_type][1]
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
@@ -125,7 +124,7 @@ def _weight_files(folder: Path, source: str) -> list[Path]:
     )
 
 
-def _plan(folder: Path, config, arch: str, export_type: str, source: str) -> tuple[list[TensorPlan], bool]:
+def _plan(folder: Path, config, arch: str, export_type: str, source: str) -> list[TensorPlan]:
     """Every tensor's GGUF name, shape and type, checked before anything is written."""
     from safetensors import safe_open
 
@@ -146,6 +145,7 @@ def _plan(folder: Path, config, arch: str, export_type: str, source: str) -> tup
                 None,
                 factors.shape,
                 tensor_type("rope_freqs.weight", factors.shape, export_type, tied),
+                values=factors,
             )
         )
     for hf_name, (shape, file) in sorted(shapes.items()):
@@ -166,7 +166,7 @@ def _plan(folder: Path, config, arch: str, export_type: str, source: str) -> tup
     embedding = next((item for item in plan if item.gguf_name == "token_embd.weight"), None)
     if embedding is None:
         raise OrpoError(f"{source}: no token embedding (model.embed_tokens.weight) among the weights")
-    return plan, tied
+    return plan
 
 
 def _write_tensors(writer, plan: list[TensorPlan], config, arch: str, progress: bool) -> None:
@@ -180,8 +180,8 @@ def _write_tensors(writer, plan: list[TensorPlan], config, arch: str, progress: 
     handles: dict[Path, object] = {}
     try:
         for item in plan:
-            if item.hf_name is None:
-                array = architectures.rope_frequency_factors(config)
+            if item.values is not None:
+                array = item.values
             else:
                 if item.file not in handles:
                     handles[item.file] = safe_open(item.file, framework="pt").__enter__()
